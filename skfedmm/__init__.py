@@ -1,0 +1,28 @@
+"""skfedmm: scikit-learn estimators trained by federated Majorize-Minimization.
+
+Clients compute surrogate statistics on their own rows; the server aggregates
+them exactly and minimizes the surrogate (FedMM), with control variates,
+partial participation and unbiased compression.
+"""
+
+from .compression import QSGD, Compressor, Identity, RandK, make_compressor
+from .dictionary import FederatedDictionaryLearning
+from .engine import FedMM, FedMMState, History, PolynomialDecay
+from .problems import DictionaryLearningProblem, MMProblem
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FederatedDictionaryLearning",
+    "FedMM",
+    "FedMMState",
+    "History",
+    "PolynomialDecay",
+    "MMProblem",
+    "DictionaryLearningProblem",
+    "Compressor",
+    "Identity",
+    "QSGD",
+    "RandK",
+    "make_compressor",
+]

@@ -1,0 +1,255 @@
+r"""Unbiased compressors for client-to-server messages.
+
+A compressor :math:`Q` maps a vector :math:`x \in \mathbb{R}^d` to a random
+vector with
+
+.. math::
+
+    \mathbb{E}[Q(x)] = x, \qquad
+    \mathbb{E}\|Q(x) - x\|^2 \le \omega \|x\|^2,
+
+where:
+
+- :math:`d` is the length of the (flattened) message,
+- :math:`\omega \ge 0` is the compressor's variance constant (:attr:`omega`).
+
+Every compressor also reports the exact number of bits its message takes, so
+that the communication log of a fit is honest.
+
+Users can plug their own compressor by subclassing :class:`Compressor` and
+implementing :meth:`Compressor.omega` and :meth:`Compressor.compress`.
+"""
+
+import math
+from abc import ABC, abstractmethod
+from numbers import Integral, Real
+
+import numpy as np
+
+__all__ = ["Compressor", "Identity", "QSGD", "RandK", "make_compressor"]
+
+
+def _value_bits(x):
+    """Bits of one transmitted floating-point value of ``x``'s dtype."""
+    return 8 * np.asarray(x).dtype.itemsize
+
+
+class Compressor(ABC):
+    """Base class of unbiased message compressors.
+
+    Subclasses implement :meth:`omega` and :meth:`compress`. A compressor
+    holds its hyper-parameters only; every random draw comes from the
+    generator passed to :meth:`compress`, so that fits are reproducible.
+
+    Examples
+    --------
+    A compressor that sends every entry with probability one half, scaled by
+    two (unbiased, :math:`\\omega = 1`):
+
+    >>> import numpy as np
+    >>> from skfedmm.compression import Compressor
+    >>> class Bernoulli(Compressor):
+    ...     def omega(self, d):
+    ...         return 1.0
+    ...     def compress(self, x, rng):
+    ...         keep = rng.random(x.shape) < 0.5
+    ...         bits = int(keep.sum()) * (64 + 32) + 64
+    ...         return np.where(keep, 2 * x, 0), bits
+    """
+
+    @abstractmethod
+    def omega(self, d):
+        """Variance constant of the compressor for messages of length ``d``.
+
+        Parameters
+        ----------
+        d : int
+            Length of the flattened message.
+
+        Returns
+        -------
+        omega : float
+            A constant such that :math:`E\\|Q(x) - x\\|^2 \\le \\omega \\|x\\|^2`.
+        """
+
+    @abstractmethod
+    def compress(self, x, rng):
+        """Compress a 1-D message.
+
+        Parameters
+        ----------
+        x : ndarray of shape (d,)
+            The message.
+        rng : numpy.random.Generator
+            The stream all random draws come from.
+
+        Returns
+        -------
+        x_hat : ndarray of shape (d,)
+            The decoded message as the receiver reconstructs it; same dtype
+            as ``x``.
+        bits : int
+            Exact number of bits of the encoded message.
+        """
+
+    def __repr__(self):
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
+        return f"{type(self).__name__}({params})"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self):
+        return hash((type(self).__name__, tuple(sorted(vars(self).items()))))
+
+
+class Identity(Compressor):
+    """No compression: every entry is sent at its dtype's precision.
+
+    :math:`\\omega = 0`; a message of length :math:`d` takes :math:`32 d` or
+    :math:`64 d` bits.
+    """
+
+    def omega(self, d):
+        return 0.0
+
+    def compress(self, x, rng):
+        return x, x.size * _value_bits(x)
+
+
+class QSGD(Compressor):
+    r"""Stochastic quantization with ``s`` levels (QSGD, Alistarh et al. 2017).
+
+    .. math::
+
+        Q(x)_j = \|x\|_2 \, \mathrm{sign}(x_j) \, \frac{\ell_j}{s},
+
+    where:
+
+    - :math:`\ell_j \in \{0, \dots, s\}` is :math:`\lfloor s |x_j| / \|x\|_2
+      \rfloor` rounded up with probability equal to the fractional part
+      (which makes :math:`Q` unbiased),
+    - :math:`\omega = \min(d / s^2, \sqrt{d} / s)`.
+
+    The message is the norm (one value at the dtype's precision), one sign
+    bit and :math:`\lceil \log_2 (s + 1) \rceil` bits per entry.
+
+    Parameters
+    ----------
+    s : int, default=16
+        Number of quantization levels, at least 1.
+    """
+
+    def __init__(self, s=16):
+        self.s = s
+
+    def _check(self):
+        if not isinstance(self.s, Integral) or isinstance(self.s, bool) or self.s < 1:
+            raise ValueError(f"QSGD needs an integer number of levels s >= 1, got {self.s!r}.")
+
+    def omega(self, d):
+        self._check()
+        return min(d / self.s**2, math.sqrt(d) / self.s)
+
+    def compress(self, x, rng):
+        self._check()
+        d = x.size
+        bits = _value_bits(x) + d * (1 + math.ceil(math.log2(self.s + 1)))
+        norm = np.linalg.norm(x)
+        if norm == 0 or not np.isfinite(norm):
+            return np.zeros_like(x) if norm == 0 else x.copy(), bits
+        scaled = np.abs(x) * (self.s / norm)
+        lower = np.floor(scaled)
+        levels = lower + (rng.random(d) < (scaled - lower))
+        return (np.sign(x) * levels * (norm / self.s)).astype(x.dtype, copy=False), bits
+
+
+class RandK(Compressor):
+    r"""Random-k sparsification.
+
+    Keeps :math:`k` entries chosen uniformly without replacement and scales
+    them by :math:`d / k`, so that :math:`Q` is unbiased with
+    :math:`\omega = d / k - 1`. The message is :math:`k` values and
+    :math:`k` indices of :math:`\lceil \log_2 d \rceil` bits each.
+
+    Parameters
+    ----------
+    k : int, default=None
+        Number of entries kept. Exactly one of ``k`` and ``ratio`` is given.
+    ratio : float in (0, 1], default=None
+        Fraction of entries kept; ``k = max(1, ceil(ratio * d))``.
+    """
+
+    def __init__(self, k=None, ratio=None):
+        self.k = k
+        self.ratio = ratio
+
+    def _k(self, d):
+        if (self.k is None) == (self.ratio is None):
+            raise ValueError("RandK needs exactly one of k and ratio.")
+        if self.k is not None:
+            if not isinstance(self.k, Integral) or isinstance(self.k, bool) or self.k < 1:
+                raise ValueError(f"RandK needs an integer k >= 1, got {self.k!r}.")
+            return min(int(self.k), d)
+        if not isinstance(self.ratio, Real) or not 0 < self.ratio <= 1:
+            raise ValueError(f"RandK needs a ratio in (0, 1], got {self.ratio!r}.")
+        return max(1, min(d, math.ceil(self.ratio * d)))
+
+    def omega(self, d):
+        return d / self._k(d) - 1.0
+
+    def compress(self, x, rng):
+        d = x.size
+        k = self._k(d)
+        bits = k * (_value_bits(x) + max(1, math.ceil(math.log2(d))))
+        if k == d:
+            return x, d * _value_bits(x)
+        keep = rng.choice(d, size=k, replace=False)
+        out = np.zeros_like(x)
+        out[keep] = x[keep] * (d / k)
+        return out, bits
+
+
+_COMPRESSORS = {"identity": Identity, "none": Identity, "qsgd": QSGD, "randk": RandK}
+
+
+def make_compressor(compression):
+    """Build a compressor from the value of an estimator's ``compression``.
+
+    Parameters
+    ----------
+    compression : None, str, (str, dict) or Compressor
+        ``None`` or ``"identity"``: no compression. ``"qsgd"`` or
+        ``"randk"``: those compressors with their default parameters
+        (``QSGD(s=16)``, ``RandK(ratio=0.1)``). ``(name, params)``: the named
+        compressor built with ``params``, e.g. ``("qsgd", {"s": 4})``.
+        A :class:`Compressor` instance is used as is.
+
+    Returns
+    -------
+    compressor : Compressor
+    """
+    if compression is None:
+        return Identity()
+    if isinstance(compression, Compressor):
+        return compression
+    params = {}
+    name = compression
+    if isinstance(compression, tuple) and len(compression) == 2:
+        name, params = compression
+        if not isinstance(params, dict):
+            raise TypeError(f"compression parameters must be a dict, got {type(params).__name__}.")
+    if not isinstance(name, str):
+        raise TypeError(
+            "compression must be None, a name, a (name, params) pair or a Compressor "
+            f"instance, got {compression!r}."
+        )
+    key = name.lower()
+    if key not in _COMPRESSORS:
+        raise ValueError(
+            f"Unknown compressor {name!r}; choose one of {sorted(_COMPRESSORS)} "
+            "or pass a Compressor instance."
+        )
+    if key == "randk" and not params:
+        params = {"ratio": 0.1}
+    return _COMPRESSORS[key](**params)

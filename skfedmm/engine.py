@@ -1,0 +1,907 @@
+r"""The FedMM round loop, independent of any particular MM problem.
+
+One FedMM round (Dieuleveut, Fort, Hegazy, Wai, 2025), with server state
+:math:`(\hat S_t, V_t, \theta_t = T(\hat S_t))` and client control variates
+:math:`V_i`:
+
+.. math::
+
+    \Delta_i &= \bar S_i(\theta_t) - \hat S_t - V_i, \qquad
+    c_i = Q(\Delta_i), \qquad V_i \leftarrow V_i + \alpha c_i
+    \quad (i \in A_t), \\
+    H_t &= V_t + \sum_{i \in A_t} \frac{w_i}{q_i} c_i, \\
+    \hat S_{t+1} &= \Pi(\hat S_t + \gamma_t H_t), \qquad
+    V_{t+1} = V_t + \alpha \sum_{i \in A_t} w_i c_i, \qquad
+    \theta_{t+1} = T(\hat S_{t+1}),
+
+where:
+
+- :math:`A_t` is the set of active clients, :math:`q_i` the probability that
+  client :math:`i` is active;
+- :math:`\bar S_i(\theta)` is client :math:`i`'s mean statistic on a batch of
+  its rows; :math:`w_i` its weight (:math:`\sum_i w_i = 1`);
+- :math:`Q` is an unbiased compressor, :math:`\alpha` the control-variate
+  rate (``cv_rate``), :math:`\gamma_t` the step size;
+- :math:`\Pi` is the problem's ``project`` and :math:`T` its ``minimize``.
+
+The same loop runs the parameter-averaging baseline
+(``aggregation="parameter"``): each active client runs ``local_steps`` MM
+steps on its own rows from :math:`\theta_t` and sends
+:math:`Q(\theta_i - \theta_t)`; the server sets
+:math:`\theta_{t+1} = P(\theta_t + \sum_{i\in A_t} \frac{w_i}{q_i}
+Q(\theta_i - \theta_t))`, with :math:`P` the problem's ``project_parameter``.
+
+References
+----------
+.. [1] A. Dieuleveut, G. Fort, M. Hegazy, H.-T. Wai. Federated
+   Majorize-Minimization: Beyond Parameter Aggregation. arXiv:2507.17534,
+   2025.
+.. [2] A. Dieuleveut, G. Fort, E. Moulines, G. Robin. Federated-EM with
+   heterogeneity mitigation and variance reduction. NeurIPS 2021.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+
+import numpy as np
+from joblib import Parallel, delayed
+
+from .compression import make_compressor
+
+__all__ = ["FedMM", "FedMMState", "History", "PolynomialDecay", "aggregate"]
+
+
+# --------------------------------------------------------------------------
+# Statistic layout: named arrays <-> one flat vector
+# --------------------------------------------------------------------------
+class _Layout:
+    """Flattens a dict of arrays into one vector and back."""
+
+    def __init__(self, stat):
+        if not isinstance(stat, dict) or not stat:
+            raise TypeError(
+                "A problem's statistic must be a non-empty dict of arrays, got "
+                f"{type(stat).__name__}."
+            )
+        self.names = list(stat)
+        self.shapes = [np.shape(stat[k]) for k in self.names]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.size = sum(self.sizes)
+
+    def flatten(self, stat, dtype):
+        out = np.empty(self.size, dtype=dtype)
+        start = 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes):
+            value = np.asarray(stat[name])
+            if value.shape != shape:
+                raise ValueError(
+                    f"Statistic {name!r} has shape {value.shape}, expected {shape}."
+                )
+            out[start : start + size] = value.ravel()
+            start += size
+        return out
+
+    def unflatten(self, flat):
+        out, start = {}, 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes):
+            out[name] = flat[start : start + size].reshape(shape)
+            start += size
+        return out
+
+
+# --------------------------------------------------------------------------
+# Pure aggregation functions (kept apart from the round logic)
+# --------------------------------------------------------------------------
+def aggregate(messages, weights, out=None):
+    """Weighted sum of client messages, in the order given.
+
+    Parameters
+    ----------
+    messages : sequence of ndarray of shape (d,)
+    weights : sequence of float
+    out : ndarray of shape (d,), default=None
+        Accumulator to add to (modified in place); zeros when None.
+
+    Returns
+    -------
+    total : ndarray of shape (d,)
+        ``out + sum_k weights[k] * messages[k]``, summed in order so that the
+        result does not depend on how clients were scheduled.
+    """
+    if out is None:
+        out = np.zeros_like(messages[0])
+    for msg, w in zip(messages, weights):
+        out += w * msg
+    return out
+
+
+# --------------------------------------------------------------------------
+# Step sizes
+# --------------------------------------------------------------------------
+class PolynomialDecay:
+    r"""Step-size schedule :math:`\gamma_t = \gamma_0 / (t + 1)^a`.
+
+    With :math:`1/2 < a \le 1` this is a stochastic-approximation schedule,
+    needed for exact convergence under minibatch noise.
+
+    Parameters
+    ----------
+    gamma0 : float, default=1.0
+        Initial step size, in (0, 1].
+    power : float, default=0.6
+        Decay exponent :math:`a`.
+    """
+
+    def __init__(self, gamma0=1.0, power=0.6):
+        self.gamma0 = gamma0
+        self.power = power
+
+    def __call__(self, t):
+        return self.gamma0 / (t + 1) ** self.power
+
+    def __repr__(self):
+        return f"PolynomialDecay(gamma0={self.gamma0!r}, power={self.power!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, PolynomialDecay) and vars(self) == vars(other)
+
+    def __hash__(self):
+        return hash((self.gamma0, self.power))
+
+
+#: Constant step size used by ``step_size="auto"`` when the rounds are noisy
+#: (partial participation, compression or minibatches); see
+#: ``benchmarks/bench_step_size.py``.
+AUTO_NOISY_STEP = 0.5
+
+
+def _step_schedule(step_size, exact):
+    if isinstance(step_size, str):
+        if step_size != "auto":
+            raise ValueError(f"step_size must be 'auto', a float or a callable, got {step_size!r}.")
+        gamma = 1.0 if exact else AUTO_NOISY_STEP
+        return lambda t: gamma
+    if callable(step_size):
+        return step_size
+    if isinstance(step_size, Real) and not isinstance(step_size, bool):
+        if not 0 < step_size <= 1:
+            raise ValueError(f"A constant step_size must be in (0, 1], got {step_size!r}.")
+        gamma = float(step_size)
+        return lambda t: gamma
+    raise TypeError(f"step_size must be 'auto', a float or a callable, got {step_size!r}.")
+
+
+# --------------------------------------------------------------------------
+# History
+# --------------------------------------------------------------------------
+_HISTORY_FIELDS = (
+    "objective",
+    "full_objective",
+    "mean_field",
+    "param_change",
+    "stat_change",
+    "step_size",
+    "bits_up",
+    "bits_down",
+    "n_active",
+    "time",
+)
+
+
+@dataclass
+class History:
+    """Per-round record of a FedMM fit (design section 6).
+
+    Row 0 is the initialization (the init statistic and, for surrogate
+    aggregation, the initial full round); row ``t`` is round ``t``.
+
+    Attributes
+    ----------
+    objective : ndarray
+        Weighted mean of the losses the active clients report at
+        :math:`\\theta_t` (NaN when no client reported).
+    full_objective : ndarray
+        Exact :math:`W(\\theta_t)` on all rows of all clients, when evaluated
+        (batch rounds, or every ``eval_every`` rounds); NaN otherwise.
+    mean_field : ndarray
+        :math:`\\|H_t\\|_1`, the estimate of :math:`\\bar S(\\theta_t) - \\hat
+        S_t` (zero at a fixed point); NaN for parameter aggregation.
+    param_change : ndarray
+        :math:`\\|\\theta_{t+1} - \\theta_t\\|_2`.
+    stat_change : ndarray
+        :math:`\\|\\hat S_{t+1} - \\hat S_t\\|_2` (NaN for parameter
+        aggregation).
+    step_size : ndarray
+        :math:`\\gamma_t`.
+    bits_up, bits_down : ndarray
+        Bits sent by the clients to the server and by the server to the
+        clients during the round.
+    n_active : ndarray
+        Number of clients that took part.
+    time : ndarray
+        Wall-clock seconds since the start of the fit, at the end of the round.
+    failed : list of list of (int, str)
+        Per round, the clients that failed and the exception type.
+    """
+
+    objective: list = field(default_factory=list)
+    full_objective: list = field(default_factory=list)
+    mean_field: list = field(default_factory=list)
+    param_change: list = field(default_factory=list)
+    stat_change: list = field(default_factory=list)
+    step_size: list = field(default_factory=list)
+    bits_up: list = field(default_factory=list)
+    bits_down: list = field(default_factory=list)
+    n_active: list = field(default_factory=list)
+    time: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+
+    def _append(self, **row):
+        for name in _HISTORY_FIELDS:
+            getattr(self, name).append(row.get(name, np.nan))
+        self.failed.append(row.get("failed", []))
+
+    def as_dict(self):
+        """The history as a dict of NumPy arrays (``failed`` as a list)."""
+        out = {name: np.asarray(getattr(self, name), dtype=float) for name in _HISTORY_FIELDS}
+        out["failed"] = list(self.failed)
+        return out
+
+    def __getitem__(self, name):
+        if name == "failed":
+            return list(self.failed)
+        return np.asarray(getattr(self, name), dtype=float)
+
+    def __len__(self):
+        return len(self.objective)
+
+    def keys(self):
+        return list(_HISTORY_FIELDS) + ["failed"]
+
+
+# --------------------------------------------------------------------------
+# Client side (module-level functions: they are sent to joblib workers)
+# --------------------------------------------------------------------------
+_CONTROLLER = None
+
+
+def _blas_limit(pin):
+    """Context pinning BLAS to one thread inside client work (determinism)."""
+    global _CONTROLLER
+    if not pin:
+        return _NullContext()
+    if _CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1, user_api="blas")
+
+
+class _NullContext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@dataclass
+class ClientState:
+    """What a client keeps between rounds.
+
+    Attributes
+    ----------
+    cv : ndarray or None
+        The control variate :math:`V_i` (flat statistic), None before the
+        initial round and in parameter aggregation.
+    rng : numpy.random.Generator
+        The client's stream (minibatches, compression, local M-steps).
+    log_scale : ndarray or None
+        Cumulative log-coordinate of ``cv`` for problems with
+        :meth:`MMProblem.rescale`.
+    """
+
+    cv: object
+    rng: object
+    log_scale: object = None
+
+
+@dataclass
+class ClientMessage:
+    """What a client sends to the server in one round.
+
+    Attributes
+    ----------
+    payload : ndarray of shape (d,)
+        The compressed message (:math:`c_i`, or the compressed parameter
+        change for parameter aggregation).
+    bits : int
+        Exact size of the encoded payload.
+    loss : float
+        Mean loss on the client's batch at the broadcast parameter.
+    """
+
+    payload: object
+    bits: int
+    loss: float
+
+
+def _draw_batch(X, batch_size, rng):
+    n = X.shape[0]
+    if batch_size is None or batch_size >= n:
+        return X
+    rows = np.sort(rng.choice(n, size=batch_size, replace=False))
+    return X[rows]
+
+
+def _client_init(problem, X, pin):
+    """Initialization messages: the init statistic (or None)."""
+    with _blas_limit(pin):
+        return problem.init_statistic(X)
+
+
+def _client_full(problem, X, theta, pin):
+    """Uncompressed statistic and loss on all rows (initial full round)."""
+    with _blas_limit(pin):
+        return problem.local_statistic(X, theta)
+
+
+def _client_loss(problem, X, theta, pin):
+    with _blas_limit(pin):
+        return problem.loss(X, theta)
+
+
+def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
+    """One surrogate-aggregation round on one client."""
+    with _blas_limit(cfg["pin"]):
+        rng = state.rng
+        cv = state.cv
+        if log_scale is not None and not np.array_equal(log_scale, state.log_scale):
+            cv = cv * np.exp(log_scale - state.log_scale).astype(cv.dtype, copy=False)
+        batch = _draw_batch(X, cfg["batch_size"], rng)
+        stat, loss = problem.local_statistic(batch, theta)
+        s_i = cfg["layout"].flatten(stat, s_hat.dtype)
+        delta = s_i - s_hat - cv
+        payload, bits = cfg["compressor"].compress(delta, rng)
+        new_cv = cv + cfg["cv_rate"] * payload if cfg["cv_rate"] != 0 else cv
+        new_state = ClientState(cv=new_cv, rng=rng, log_scale=log_scale)
+        return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
+
+
+def _client_parameter(problem, X, state, theta, cfg):
+    """One parameter-aggregation round: local MM steps, send the change."""
+    with _blas_limit(cfg["pin"]):
+        rng = state.rng
+        local = theta
+        loss = np.nan
+        for k in range(cfg["local_steps"]):
+            batch = _draw_batch(X, cfg["batch_size"], rng)
+            stat, batch_loss = problem.local_statistic(batch, local)
+            if k == 0:
+                loss = batch_loss
+            local = problem.minimize(stat, local, rng)
+        delta = np.asarray(local - theta).ravel()
+        payload, bits = cfg["compressor"].compress(delta, rng)
+        return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), state
+
+
+# --------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------
+@dataclass
+class FedMMState:
+    """Complete state of a FedMM run (server and simulated clients).
+
+    Attributes
+    ----------
+    theta : ndarray
+        Current parameter :math:`\\theta_t`.
+    s_hat : ndarray or None
+        Server statistic :math:`\\hat S_t` (flat).
+    cv : ndarray or None
+        Aggregate control variate :math:`V_t` (flat).
+    log_scale : ndarray or None
+        Cumulative log-coordinates (problems with ``rescale`` only).
+    clients : list of ClientState
+    server_rng : numpy.random.Generator
+    round : int
+        Number of rounds run after initialization.
+    history : History
+    """
+
+    theta: object
+    s_hat: object
+    cv: object
+    log_scale: object
+    clients: list
+    server_rng: object
+    round: int
+    history: History
+    weights: object
+    layout: object = None
+
+
+def _check_participation(participation, scheme):
+    if (
+        not isinstance(participation, Real)
+        or isinstance(participation, bool)
+        or not 0 < participation <= 1
+    ):
+        raise ValueError(f"participation must be a float in (0, 1], got {participation!r}.")
+    if scheme not in ("bernoulli", "fixed"):
+        raise ValueError(
+            f"participation_scheme must be 'bernoulli' or 'fixed', got {scheme!r}."
+        )
+
+
+def client_weights(n_rows, client_weights="proportional"):
+    """Normalized client weights :math:`w_i`.
+
+    Parameters
+    ----------
+    n_rows : sequence of int
+        Number of rows of each client.
+    client_weights : {"proportional", "uniform"} or array-like of shape (n_clients,)
+        ``"proportional"``: :math:`w_i = n_i / \\sum_j n_j`; ``"uniform"``:
+        :math:`1/n`; an array: nonnegative weights, normalized to sum to 1.
+
+    Returns
+    -------
+    weights : ndarray of shape (n_clients,)
+    """
+    n_rows = np.asarray(n_rows, dtype=float)
+    if isinstance(client_weights, str):
+        if client_weights == "proportional":
+            return n_rows / n_rows.sum()
+        if client_weights == "uniform":
+            return np.full(len(n_rows), 1.0 / len(n_rows))
+        raise ValueError(
+            "client_weights must be 'proportional', 'uniform' or an array, got "
+            f"{client_weights!r}."
+        )
+    w = np.asarray(client_weights, dtype=float)
+    if w.shape != n_rows.shape:
+        raise ValueError(
+            f"client_weights has {w.size} entries for {n_rows.size} clients."
+        )
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("client_weights must be finite, nonnegative and not all zero.")
+    return w / w.sum()
+
+
+class FedMM:
+    """The FedMM engine: runs an :class:`~skfedmm.problems.MMProblem` on clients.
+
+    Parameters
+    ----------
+    problem : MMProblem
+        The MM problem.
+    aggregation : {"surrogate", "parameter"}, default="surrogate"
+        Aggregate surrogate statistics (FedMM) or parameters (baseline).
+    participation : float in (0, 1], default=1.0
+        Probability that a client takes part in a round (``"bernoulli"``), or
+        fraction of clients drawn each round (``"fixed"``:
+        ``ceil(participation * n_clients)`` clients without replacement).
+    participation_scheme : {"bernoulli", "fixed"}, default="bernoulli"
+    compression : None, str, (str, dict) or Compressor, default=None
+        See :func:`skfedmm.compression.make_compressor`.
+    step_size : "auto", float or callable, default="auto"
+        :math:`\\gamma_t`: a constant in (0, 1], a callable of the round index
+        ``t`` (from 0), e.g. :class:`PolynomialDecay`. ``"auto"``: 1 when
+        rounds are exact (full participation, no compression, full batches),
+        else :data:`AUTO_NOISY_STEP`.
+    cv_rate : "auto" or float, default="auto"
+        Control-variate rate :math:`\\alpha`; 0 disables control variates.
+        ``"auto"``: :math:`1 / (1 + \\omega)`.
+    batch_size : int or None, default=None
+        Rows each active client draws per round; None uses all its rows.
+    local_steps : int, default=1
+        Local MM steps per round in parameter aggregation.
+    client_weights : {"proportional", "uniform"} or array-like, default="proportional"
+    max_iter : int, default=100
+        Number of rounds after the initialization.
+    tol : float, default=0.0
+        Stopping tolerance; see ``convergence``.
+    convergence : {"objective", "mean_field"}, default="objective"
+        ``"objective"``: stop when the exact objective decreases by less than
+        ``tol`` times its value between two evaluated rounds (as
+        scikit-learn's DictionaryLearning). ``"mean_field"``: stop when
+        :math:`\\|H_t\\|_1 \\le` ``tol`` (surrogate aggregation).
+    eval_every : int or None, default=None
+        Evaluate the exact objective on all rows every ``eval_every`` rounds
+        (it is free, and always done, in exact rounds).
+    n_jobs : int or None, default=None
+        Clients run in parallel through joblib; the backend is whatever
+        :func:`joblib.parallel_config` selects.
+    random_state : int, RandomState, Generator or None, default=None
+    verbose : int, default=0
+    callback : callable or None, default=None
+        Called after each round with a dict (``round``, ``theta``,
+        ``history``); returning True stops the fit.
+    """
+
+    def __init__(
+        self,
+        problem,
+        *,
+        aggregation="surrogate",
+        participation=1.0,
+        participation_scheme="bernoulli",
+        compression=None,
+        step_size="auto",
+        cv_rate="auto",
+        batch_size=None,
+        local_steps=1,
+        client_weights="proportional",
+        max_iter=100,
+        tol=0.0,
+        convergence="objective",
+        eval_every=None,
+        n_jobs=None,
+        random_state=None,
+        verbose=0,
+        callback=None,
+    ):
+        self.problem = problem
+        self.aggregation = aggregation
+        self.participation = participation
+        self.participation_scheme = participation_scheme
+        self.compression = compression
+        self.step_size = step_size
+        self.cv_rate = cv_rate
+        self.batch_size = batch_size
+        self.local_steps = local_steps
+        self.client_weights = client_weights
+        self.max_iter = max_iter
+        self.tol = tol
+        self.convergence = convergence
+        self.eval_every = eval_every
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+        self.verbose = verbose
+        self.callback = callback
+
+    # ---------------------------------------------------------------- checks
+    def _validate(self, clients):
+        if self.aggregation not in ("surrogate", "parameter"):
+            raise ValueError(
+                f"aggregation must be 'surrogate' or 'parameter', got {self.aggregation!r}."
+            )
+        _check_participation(self.participation, self.participation_scheme)
+        if self.batch_size is not None and (
+            not isinstance(self.batch_size, Integral)
+            or isinstance(self.batch_size, bool)
+            or self.batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be None or an integer >= 1, got {self.batch_size!r}.")
+        if (
+            not isinstance(self.local_steps, Integral)
+            or isinstance(self.local_steps, bool)
+            or self.local_steps < 1
+        ):
+            raise ValueError(f"local_steps must be an integer >= 1, got {self.local_steps!r}.")
+        if not isinstance(self.max_iter, Integral) or self.max_iter < 0:
+            raise ValueError(f"max_iter must be an integer >= 0, got {self.max_iter!r}.")
+        if not isinstance(self.tol, Real) or self.tol < 0:
+            raise ValueError(f"tol must be a float >= 0, got {self.tol!r}.")
+        if self.convergence not in ("objective", "mean_field"):
+            raise ValueError(
+                f"convergence must be 'objective' or 'mean_field', got {self.convergence!r}."
+            )
+        if self.eval_every is not None and (
+            not isinstance(self.eval_every, Integral) or self.eval_every < 1
+        ):
+            raise ValueError(f"eval_every must be None or an integer >= 1, got {self.eval_every!r}.")
+        compressor = make_compressor(self.compression)
+        if not (
+            isinstance(self.cv_rate, str)
+            and self.cv_rate == "auto"
+            or isinstance(self.cv_rate, Real)
+            and not isinstance(self.cv_rate, bool)
+            and 0 <= self.cv_rate <= 1
+        ):
+            raise ValueError(f"cv_rate must be 'auto' or a float in [0, 1], got {self.cv_rate!r}.")
+        if len(clients) == 0:
+            raise ValueError("At least one client is needed.")
+        weights = client_weights([X.shape[0] for X in clients], self.client_weights)
+        exact = (
+            self.participation == 1
+            and compressor.omega(2) == 0
+            and (self.batch_size is None or self.batch_size >= max(X.shape[0] for X in clients))
+        )
+        schedule = _step_schedule(self.step_size, exact)
+        return compressor, weights, exact, schedule
+
+    def _streams(self):
+        from sklearn.utils import check_random_state
+
+        rs = self.random_state
+        if isinstance(rs, np.random.Generator):
+            entropy = int(rs.integers(2**63))
+        else:
+            entropy = int(check_random_state(rs).randint(np.iinfo(np.int32).max))
+        return np.random.SeedSequence(entropy)
+
+    # ------------------------------------------------------------ main API
+    def fit(self, clients, state=None):
+        """Run FedMM on the clients.
+
+        Parameters
+        ----------
+        clients : list of ndarray of shape (n_i, n_features)
+            Validated client datasets (all of one floating dtype).
+        state : FedMMState, default=None
+            A state to continue from (warm start); a new run when None.
+
+        Returns
+        -------
+        state : FedMMState
+            The final state; ``state.theta`` is the fitted parameter and
+            ``state.history`` the per-round record.
+        """
+        compressor, weights, exact, schedule = self._validate(clients)
+        n = len(clients)
+        dtype = clients[0].dtype
+        problem = self.problem
+        t0 = time.perf_counter()
+        pin = n > 1
+        with Parallel(n_jobs=self.n_jobs) as parallel:
+            if state is None:
+                state = self._initialize(parallel, clients, weights, dtype, pin, t0)
+            d = state.layout.size
+            omega = compressor.omega(d if self.aggregation == "surrogate" else state.theta.size)
+            cv_rate = 1.0 / (1.0 + omega) if self.cv_rate == "auto" else float(self.cv_rate)
+            if self.participation_scheme == "fixed":
+                m = min(n, math.ceil(self.participation * n))
+                q = np.full(n, m / n)
+            else:
+                m = None
+                q = np.full(n, float(self.participation))
+            cfg = dict(
+                batch_size=self.batch_size,
+                layout=state.layout,
+                compressor=compressor,
+                cv_rate=cv_rate,
+                local_steps=self.local_steps,
+                pin=pin,
+            )
+            progress = _Progress(self.verbose, self.max_iter)
+            for _ in range(self.max_iter):
+                t = state.round
+                rng = state.server_rng
+                if m is None:
+                    active = np.flatnonzero(rng.random(n) < self.participation)
+                else:
+                    active = np.sort(rng.choice(n, size=m, replace=False))
+                gamma = float(schedule(t))
+                if not (np.isfinite(gamma) and 0 < gamma <= 1):
+                    raise ValueError(f"step_size gave gamma={gamma!r} at round {t}; it must be in (0, 1].")
+                evaluate = exact or (self.eval_every is not None and (t + 1) % self.eval_every == 0)
+                row = self._round(
+                    parallel, problem, clients, state, active, weights, q, gamma, cv_rate, cfg, evaluate
+                )
+                state.round += 1
+                row["time"] = time.perf_counter() - t0
+                state.history._append(**row)
+                progress.update(state)
+                stop = False
+                if self.callback is not None:
+                    stop = bool(
+                        self.callback({"round": state.round, "theta": state.theta, "history": state.history})
+                    )
+                if stop or self._converged(state.history):
+                    break
+            progress.close()
+        return state
+
+    def _converged(self, history):
+        if self.tol <= 0:
+            return False
+        if self.convergence == "mean_field":
+            return bool(history.mean_field[-1] <= self.tol)
+        full = history.full_objective
+        if len(full) < 2 or not (np.isfinite(full[-1]) and np.isfinite(full[-2])):
+            return False
+        return bool(full[-2] - full[-1] < self.tol * full[-1])
+
+    # -------------------------------------------------------------- rounds
+    def _initialize(self, parallel, clients, weights, dtype, pin, t0):
+        problem = self.problem
+        n = len(clients)
+        seeds = self._streams().spawn(n + 2)
+        server_rng = np.random.default_rng(seeds[0])
+        init_rng = np.random.default_rng(seeds[1])
+        client_rngs = [np.random.default_rng(s) for s in seeds[2:]]
+        bits_up = 0
+        init_stats = parallel(delayed(_client_init)(problem, X, pin) for X in clients)
+        agg_init = None
+        if init_stats[0] is not None:
+            init_layout = _Layout(init_stats[0])
+            flat = [init_layout.flatten(s, dtype) for s in init_stats]
+            bits_up += n * init_layout.size * 8 * np.dtype(dtype).itemsize
+            agg_init = init_layout.unflatten(aggregate(flat, weights))
+        theta0 = np.asarray(problem.init_parameter(agg_init, init_rng), dtype=dtype)
+        theta_bits = theta0.size * 8 * np.dtype(dtype).itemsize
+        bits_down = n * theta_bits
+        history = History()
+        if self.aggregation == "parameter":
+            # The baseline needs no statistic: only theta0 is broadcast.
+            state = FedMMState(
+                theta=theta0, s_hat=None, cv=None, log_scale=None,
+                clients=[ClientState(cv=None, rng=r) for r in client_rngs],
+                server_rng=server_rng, round=0, history=history, weights=weights,
+                layout=_Layout({"theta": theta0}),
+            )
+            history._append(
+                bits_up=bits_up, bits_down=bits_down, n_active=n, time=time.perf_counter() - t0,
+            )
+            return state
+        results = parallel(delayed(_client_full)(problem, X, theta0, pin) for X in clients)
+        layout = _Layout(results[0][0])
+        stats = [layout.flatten(s, dtype) for s, _ in results]
+        losses = np.array([loss for _, loss in results], dtype=float)
+        bits_up += n * (layout.size * 8 * np.dtype(dtype).itemsize + 64)
+        s_hat = aggregate(stats, weights)
+        s_hat = layout.flatten(problem.project(layout.unflatten(s_hat)), dtype)
+        cvs = [s - s_hat for s in stats]
+        theta1 = np.asarray(problem.minimize(layout.unflatten(s_hat), theta0, server_rng))
+        factor = problem.rescale(layout.unflatten(s_hat), theta0, theta1)
+        log_scale = None
+        if factor is not None:
+            factor = layout.flatten(factor, dtype)
+            s_hat = s_hat * factor
+            cvs = [c * factor for c in cvs]
+            log_scale = np.zeros(layout.size)
+        loss = float(np.dot(weights, losses))
+        history._append(
+            objective=loss, full_objective=loss,
+            param_change=float(np.linalg.norm(theta1 - theta0)),
+            bits_up=bits_up, bits_down=bits_down, n_active=n,
+            time=time.perf_counter() - t0,
+        )
+        return FedMMState(
+            theta=theta1, s_hat=s_hat, cv=np.zeros_like(s_hat), log_scale=log_scale,
+            clients=[
+                ClientState(cv=c, rng=r, log_scale=None if log_scale is None else log_scale.copy())
+                for c, r in zip(cvs, client_rngs)
+            ],
+            server_rng=server_rng, round=0, history=history, weights=weights, layout=layout,
+        )
+
+    def _round(self, parallel, problem, clients, state, active, weights, q, gamma, cv_rate, cfg, evaluate):
+        theta = state.theta
+        theta_bits = theta.size * 8 * theta.dtype.itemsize
+        if self.aggregation == "surrogate":
+            tasks = (
+                delayed(_client_surrogate)(
+                    problem, clients[i], state.clients[i], theta, state.s_hat, state.log_scale, cfg
+                )
+                for i in active
+            )
+        else:
+            tasks = (
+                delayed(_client_parameter)(problem, clients[i], state.clients[i], theta, cfg)
+                for i in active
+            )
+        results = parallel(tasks) if len(active) else []
+        messages = [msg for msg, _ in results]
+        for i, (_, new_state) in zip(active, results):
+            state.clients[i] = new_state
+        bits_up = sum(m.bits for m in messages) + 64 * len(messages)
+        w_act = weights[active]
+        objective = (
+            float(np.dot(w_act, [m.loss for m in messages]) / w_act.sum()) if len(active) else np.nan
+        )
+        row = dict(objective=objective, n_active=len(active), step_size=gamma)
+        full_batch = self.batch_size is None or all(
+            self.batch_size >= clients[i].shape[0] for i in active
+        )
+        if evaluate:
+            if len(active) == len(clients) and full_batch:
+                row["full_objective"] = objective
+            else:
+                losses = parallel(
+                    delayed(_client_loss)(problem, X, theta, cfg["pin"]) for X in clients
+                )
+                row["full_objective"] = float(np.dot(weights, losses))
+        payloads = [m.payload for m in messages]
+        if self.aggregation == "surrogate":
+            layout = state.layout
+            row["bits_down"] = len(active) * (theta_bits + state.s_hat.size * 8 * state.s_hat.dtype.itemsize)
+            H = aggregate(payloads, w_act / q[active], out=state.cv.copy())
+            s_old = state.s_hat
+            s_new = s_old + gamma * H
+            s_new = layout.flatten(problem.project(layout.unflatten(s_new)), s_old.dtype)
+            if cv_rate != 0 and len(active):
+                state.cv = aggregate(payloads, cv_rate * w_act, out=state.cv.copy())
+            theta_new = np.asarray(problem.minimize(layout.unflatten(s_new), theta, state.server_rng))
+            row["mean_field"] = float(np.abs(H).sum())
+            row["stat_change"] = float(np.linalg.norm(s_new - s_old))
+            factor = problem.rescale(layout.unflatten(s_new), theta, theta_new)
+            if factor is not None:
+                factor = layout.flatten(factor, s_new.dtype)
+                s_new = s_new * factor
+                state.cv = state.cv * factor
+                state.log_scale = state.log_scale + np.log(factor)
+            state.s_hat = s_new
+        else:
+            row["bits_down"] = len(active) * theta_bits
+            if len(active):
+                step = aggregate(payloads, w_act / q[active])
+                theta_new = np.asarray(
+                    problem.project_parameter(theta + step.reshape(theta.shape).astype(theta.dtype))
+                )
+            else:
+                theta_new = theta
+        row["param_change"] = float(np.linalg.norm(theta_new - theta))
+        row["bits_up"] = bits_up
+        state.theta = theta_new
+        return row
+
+    def evaluate(self, clients, theta, weights=None):
+        """Exact objective and aggregated statistic at ``theta``.
+
+        Parameters
+        ----------
+        clients : list of ndarray
+        theta : ndarray
+        weights : ndarray of shape (n_clients,), default=None
+            Client weights; from ``client_weights`` when None.
+
+        Returns
+        -------
+        loss : float
+            :math:`\\sum_i w_i f_i(\\theta)`.
+        stat : dict of ndarray
+            :math:`\\sum_i w_i \\bar S_i(\\theta)`.
+        """
+        if weights is None:
+            weights = client_weights([X.shape[0] for X in clients], self.client_weights)
+        pin = len(clients) > 1
+        with Parallel(n_jobs=self.n_jobs) as parallel:
+            results = parallel(delayed(_client_full)(self.problem, X, theta, pin) for X in clients)
+        layout = _Layout(results[0][0])
+        dtype = clients[0].dtype
+        stat = aggregate([layout.flatten(s, dtype) for s, _ in results], weights)
+        loss = float(np.dot(weights, [loss for _, loss in results]))
+        return loss, layout.unflatten(stat)
+
+
+class _Progress:
+    """Per-round progress report: a tqdm bar when available, else lines."""
+
+    def __init__(self, verbose, total):
+        self.verbose = verbose
+        self.bar = None
+        if verbose:
+            try:
+                from tqdm.auto import tqdm
+
+                self.bar = tqdm(total=total, desc="FedMM", leave=False)
+            except ImportError:
+                self.bar = None
+
+    def update(self, state):
+        if not self.verbose:
+            return
+        h = state.history
+        bits = sum(h.bits_up) + sum(h.bits_down)
+        info = dict(
+            objective=f"{h.objective[-1]:.5g}",
+            active=h.n_active[-1],
+            Mbits=f"{bits / 1e6:.3g}",
+        )
+        if self.bar is not None:
+            self.bar.set_postfix(info)
+            self.bar.update(1)
+        else:
+            print(
+                f"[FedMM] round {state.round:4d}  objective {info['objective']}  "
+                f"active {info['active']}  bits {bits:.3e}  elapsed {h.time[-1]:.2f}s"
+            )
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()

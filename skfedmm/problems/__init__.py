@@ -1,0 +1,6 @@
+"""MM problems the FedMM engine can solve, and the protocol they follow."""
+
+from .base import MMProblem
+from .dictionary import DictionaryLearningProblem
+
+__all__ = ["MMProblem", "DictionaryLearningProblem"]

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.utils.validation import check_array, validate_data
 
-__all__ = ["check_clients", "is_client_list"]
+__all__ = ["check_clients", "check_sample_weight", "check_transform_input", "is_client_list"]
 
 
 def _is_2d_like(obj):
@@ -121,10 +121,11 @@ def check_transform_input(estimator, X, **kwargs):
     return validate_data(estimator, X, reset=False, **kwargs)
 
 
-def check_array_finite(name, value, *, ndim=None, dtype=np.float64):
-    """Validate a user-supplied array parameter (e.g. ``dict_init``)."""
-    try:
-        arr = check_array(value, ensure_2d=ndim == 2, dtype=dtype, input_name=name)
-    except (ValueError, TypeError) as exc:
-        raise type(exc)(f"{name}: {exc}") from exc
-    return arr
+def check_sample_weight(sample_weight, n_samples):
+    """Validate row weights: finite, nonnegative, one per row, not all zero."""
+    w = check_array(sample_weight, ensure_2d=False, dtype=np.float64, input_name="sample_weight")
+    if w.shape != (n_samples,):
+        raise ValueError(f"sample_weight has shape {w.shape}; expected ({n_samples},).")
+    if np.any(w < 0) or w.sum() <= 0:
+        raise ValueError("sample_weight must be nonnegative and not all zero.")
+    return w

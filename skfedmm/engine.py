@@ -40,8 +40,10 @@ References
    heterogeneity mitigation and variance reduction. NeurIPS 2021.
 """
 
+import copy
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
@@ -50,7 +52,18 @@ from joblib import Parallel, delayed
 
 from .compression import make_compressor
 
-__all__ = ["FedMM", "FedMMState", "History", "PolynomialDecay", "aggregate"]
+__all__ = [
+    "ClientFailureWarning",
+    "FedMM",
+    "FedMMState",
+    "History",
+    "PolynomialDecay",
+    "aggregate",
+]
+
+
+class ClientFailureWarning(UserWarning):
+    """A client's computation raised; it was treated as not participating."""
 
 
 # --------------------------------------------------------------------------
@@ -299,9 +312,6 @@ class _ClientContext:
         return False
 
 
-_blas_limit = _ClientContext
-
-
 def _check_message(value, client, what, round_index):
     """Server-side check: a client's message must be finite."""
     if not np.all(np.isfinite(value)):
@@ -360,27 +370,53 @@ def _draw_batch(X, batch_size, rng):
     return X[rows]
 
 
+@dataclass
+class ClientFailure:
+    """What the server gets from a client whose computation raised.
+
+    Attributes
+    ----------
+    error : str
+        The exception's type name.
+    message : str
+    exception : BaseException
+    """
+
+    error: str
+    message: str
+    exception: object = None
+
+
+def _guarded(task, *args):
+    """Run a client task; an exception makes the client absent, not the fit."""
+    try:
+        return task(*args)
+    except Exception as exc:  # noqa: BLE001 - any client error is a failure
+        return ClientFailure(type(exc).__name__, str(exc), exc)
+
+
 def _client_init(problem, X, pin):
     """Initialization messages: the init statistic (or None)."""
-    with _blas_limit(pin):
+    with _ClientContext(pin):
         return problem.init_statistic(X)
 
 
 def _client_full(problem, X, theta, pin):
     """Uncompressed statistic and loss on all rows (initial full round)."""
-    with _blas_limit(pin):
+    with _ClientContext(pin):
         return problem.local_statistic(X, theta)
 
 
 def _client_loss(problem, X, theta, pin):
-    with _blas_limit(pin):
+    with _ClientContext(pin):
         return problem.loss(X, theta)
 
 
 def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
     """One surrogate-aggregation round on one client."""
-    with _blas_limit(cfg["pin"]):
-        rng = state.rng
+    with _ClientContext(cfg["pin"]):
+        # a private copy: a failed round leaves the client's stream untouched
+        rng = copy.deepcopy(state.rng)
         cv = state.cv
         if log_scale is not None and not np.array_equal(log_scale, state.log_scale):
             cv = cv * np.exp(log_scale - state.log_scale).astype(cv.dtype, copy=False)
@@ -396,8 +432,8 @@ def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
 
 def _client_parameter(problem, X, state, theta, cfg):
     """One parameter-aggregation round: local MM steps, send the change."""
-    with _blas_limit(cfg["pin"]):
-        rng = state.rng
+    with _ClientContext(cfg["pin"]):
+        rng = copy.deepcopy(state.rng)
         local = theta
         loss = np.nan
         for k in range(cfg["local_steps"]):
@@ -405,10 +441,22 @@ def _client_parameter(problem, X, state, theta, cfg):
             stat, batch_loss = problem.local_statistic(batch, local)
             if k == 0:
                 loss = batch_loss
-            local = problem.minimize(stat, local, rng)
+            local = np.asarray(problem.minimize(stat, local, rng), dtype=theta.dtype)
         delta = np.asarray(local - theta).ravel()
         payload, bits = cfg["compressor"].compress(delta, rng)
-        return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), state
+        new_state = ClientState(cv=None, rng=rng)
+        return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
+
+
+def _split_answers(indices, results):
+    """Separate answers from failures, keeping client-index order."""
+    answered, failures = [], []
+    for i, res in zip(indices, results):
+        if isinstance(res, ClientFailure):
+            failures.append((int(i), res))
+        else:
+            answered.append((int(i), res))
+    return answered, failures
 
 
 # --------------------------------------------------------------------------
@@ -544,6 +592,12 @@ class FedMM:
     callback : callable or None, default=None
         Called after each round with a dict (``round``, ``theta``,
         ``history``); returning True stops the fit.
+    min_clients : int, default=1
+        A client whose computation raises is treated as not participating
+        in that round (its control variate is unchanged; the failure is
+        recorded in the history and warned about once per fit). A round in
+        which fewer than ``min(min_clients, n_sampled)`` clients answer
+        raises instead of updating from too little.
     """
 
     def __init__(
@@ -567,6 +621,7 @@ class FedMM:
         random_state=None,
         verbose=0,
         callback=None,
+        min_clients=1,
     ):
         self.problem = problem
         self.aggregation = aggregation
@@ -586,6 +641,7 @@ class FedMM:
         self.random_state = random_state
         self.verbose = verbose
         self.callback = callback
+        self.min_clients = min_clients
 
     # ---------------------------------------------------------------- checks
     def _validate(self, clients):
@@ -629,6 +685,12 @@ class FedMM:
             raise ValueError(f"cv_rate must be 'auto' or a float in [0, 1], got {self.cv_rate!r}.")
         if len(clients) == 0:
             raise ValueError("At least one client is needed.")
+        if (
+            not isinstance(self.min_clients, Integral)
+            or isinstance(self.min_clients, bool)
+            or self.min_clients < 1
+        ):
+            raise ValueError(f"min_clients must be an integer >= 1, got {self.min_clients!r}.")
         weights = client_weights([X.shape[0] for X in clients], self.client_weights)
         exact = (
             self.participation == 1
@@ -649,7 +711,7 @@ class FedMM:
         return np.random.SeedSequence(entropy)
 
     # ------------------------------------------------------------ main API
-    def fit(self, clients, state=None):
+    def fit(self, clients, state=None, max_iter=None):
         """Run FedMM on the clients.
 
         Parameters
@@ -657,7 +719,12 @@ class FedMM:
         clients : list of ndarray of shape (n_i, n_features)
             Validated client datasets (all of one floating dtype).
         state : FedMMState, default=None
-            A state to continue from (warm start); a new run when None.
+            A state to continue from: the server statistic, every client's
+            control variate and stream, the round counter and the history.
+            Continuing a run for ``k`` more rounds gives bitwise the model of
+            one run of the same total length. A new run when None.
+        max_iter : int, default=None
+            Rounds to run in this call; ``self.max_iter`` when None.
 
         Returns
         -------
@@ -666,14 +733,24 @@ class FedMM:
             ``state.history`` the per-round record.
         """
         compressor, weights, exact, schedule = self._validate(clients)
+        max_iter = self.max_iter if max_iter is None else max_iter
         n = len(clients)
         dtype = clients[0].dtype
         problem = self.problem
-        t0 = time.perf_counter()
         pin = n > 1
+        if state is not None:
+            if len(state.clients) != n:
+                raise ValueError(
+                    f"Cannot continue a run of {len(state.clients)} clients with {n} clients."
+                )
+            weights = state.weights
         with Parallel(n_jobs=self.n_jobs) as parallel:
+            warned = [False]
+            t0 = time.perf_counter()
             if state is None:
-                state = self._initialize(parallel, clients, weights, dtype, pin, t0)
+                state = self._initialize(parallel, clients, weights, dtype, pin, t0, warned)
+            else:
+                t0 -= state.history.time[-1]
             d = state.layout.size
             omega = compressor.omega(d if self.aggregation == "surrogate" else state.theta.size)
             cv_rate = 1.0 / (1.0 + omega) if self.cv_rate == "auto" else float(self.cv_rate)
@@ -691,8 +768,8 @@ class FedMM:
                 local_steps=self.local_steps,
                 pin=pin,
             )
-            progress = _Progress(self.verbose, self.max_iter)
-            for _ in range(self.max_iter):
+            progress = _Progress(self.verbose, max_iter)
+            for _ in range(max_iter):
                 t = state.round
                 rng = state.server_rng
                 if m is None:
@@ -704,7 +781,8 @@ class FedMM:
                     raise ValueError(f"step_size gave gamma={gamma!r} at round {t}; it must be in (0, 1].")
                 evaluate = exact or (self.eval_every is not None and (t + 1) % self.eval_every == 0)
                 row = self._round(
-                    parallel, problem, clients, state, active, weights, q, gamma, cv_rate, cfg, evaluate
+                    parallel, problem, clients, state, active, weights, q, gamma, cv_rate, cfg,
+                    evaluate, warned,
                 )
                 state.round += 1
                 row["time"] = time.perf_counter() - t0
@@ -730,55 +808,97 @@ class FedMM:
             return False
         return bool(full[-2] - full[-1] < self.tol * full[-1])
 
+    # ------------------------------------------------------------ failures
+    def _answers(self, indices, results, round_index, warned, needed=None):
+        """Answers of the clients that did not fail; warn once, check the count."""
+        answered, failures = _split_answers(indices, results)
+        if failures and not warned[0]:
+            i, f = failures[0]
+            warnings.warn(
+                f"client {i} failed at round {round_index} ({f.error}: {f.message}); failed "
+                "clients are treated as not participating in that round. Further failures "
+                "in this fit are recorded in history_.failed without a warning.",
+                ClientFailureWarning,
+                stacklevel=4,
+            )
+            warned[0] = True
+        needed = min(self.min_clients, len(indices)) if needed is None else needed
+        if len(answered) < needed:
+            i, f = failures[0]
+            msg = (
+                f"round {round_index}: {len(answered)} of {len(indices)} clients answered, "
+                f"fewer than min_clients={self.min_clients}; client {i} failed with "
+                f"{f.error}: {f.message}"
+            )
+            try:
+                error = type(f.exception)(msg)
+            except Exception:  # noqa: BLE001 - exotic exception signatures
+                error = RuntimeError(msg)
+            raise error from f.exception
+        return answered, [(i, f.error) for i, f in failures]
+
     # -------------------------------------------------------------- rounds
-    def _initialize(self, parallel, clients, weights, dtype, pin, t0):
+    def _initialize(self, parallel, clients, weights, dtype, pin, t0, warned):
         problem = self.problem
         n = len(clients)
         seeds = self._streams().spawn(n + 2)
         server_rng = np.random.default_rng(seeds[0])
         init_rng = np.random.default_rng(seeds[1])
         client_rngs = [np.random.default_rng(s) for s in seeds[2:]]
+        itemsize = np.dtype(dtype).itemsize
         bits_up = 0
-        init_stats = parallel(delayed(_client_init)(problem, X, pin) for X in clients)
+        failed = []
+        results = parallel(delayed(_guarded)(_client_init, problem, X, pin) for X in clients)
+        answered, fails = self._answers(range(n), results, 0, warned, needed=1)
+        failed += fails
         agg_init = None
-        if init_stats[0] is not None:
-            init_layout = _Layout(init_stats[0])
-            flat = [init_layout.flatten(s, dtype) for s in init_stats]
-            for i, f in enumerate(flat):
+        if answered[0][1] is not None:
+            init_layout = _Layout(answered[0][1])
+            idx = [i for i, _ in answered]
+            flat = [init_layout.flatten(s, dtype) for _, s in answered]
+            for i, f in zip(idx, flat):
                 _check_message(f, i, "initialization statistic", 0)
-            bits_up += n * init_layout.size * 8 * np.dtype(dtype).itemsize
-            agg_init = init_layout.unflatten(aggregate(flat, weights))
+            bits_up += len(idx) * init_layout.size * 8 * itemsize
+            w = weights[idx] / weights[idx].sum()
+            agg_init = init_layout.unflatten(aggregate(flat, w))
         theta0 = np.asarray(problem.init_parameter(agg_init, init_rng), dtype=dtype)
-        theta_bits = theta0.size * 8 * np.dtype(dtype).itemsize
+        theta_bits = theta0.size * 8 * itemsize
         bits_down = n * theta_bits
         history = History()
         if self.aggregation == "parameter":
             # The baseline needs no statistic: only theta0 is broadcast.
-            state = FedMMState(
+            history._append(
+                bits_up=bits_up, bits_down=bits_down, n_active=n, failed=failed,
+                time=time.perf_counter() - t0,
+            )
+            return FedMMState(
                 theta=theta0, s_hat=None, cv=None, log_scale=None,
                 clients=[ClientState(cv=None, rng=r) for r in client_rngs],
                 server_rng=server_rng, round=0, history=history, weights=weights,
                 layout=_Layout({"theta": theta0}),
             )
-            history._append(
-                bits_up=bits_up, bits_down=bits_down, n_active=n, time=time.perf_counter() - t0,
-            )
-            return state
-        results = parallel(delayed(_client_full)(problem, X, theta0, pin) for X in clients)
-        layout = _Layout(results[0][0])
-        stats = [layout.flatten(s, dtype) for s, _ in results]
-        losses = np.array([loss for _, loss in results], dtype=float)
-        for i, (f, loss) in enumerate(zip(stats, losses)):
+        results = parallel(
+            delayed(_guarded)(_client_full, problem, X, theta0, pin) for X in clients
+        )
+        answered, fails = self._answers(range(n), results, 0, warned, needed=1)
+        failed += fails
+        idx = [i for i, _ in answered]
+        layout = _Layout(answered[0][1][0])
+        stats = [layout.flatten(s, dtype) for _, (s, _) in answered]
+        losses = np.array([loss for _, (_, loss) in answered], dtype=float)
+        for i, f, loss in zip(idx, stats, losses):
             _check_message(f, i, "statistic", 0)
             _check_message(loss, i, "loss", 0)
-        bits_up += n * (layout.size * 8 * np.dtype(dtype).itemsize + 64)
-        s_hat = aggregate(stats, weights)
+        bits_up += len(idx) * (layout.size * 8 * itemsize + 64)
+        w = weights[idx] / weights[idx].sum()
+        s_hat = aggregate(stats, w)
         s_hat = layout.flatten(problem.project(layout.unflatten(s_hat)), dtype)
-        if isinstance(self.cv_rate, str) or self.cv_rate != 0:
-            cvs = [s - s_hat for s in stats]
-        else:  # the ablation: no control variates at all
-            cvs = [np.zeros_like(s_hat) for _ in stats]
-        theta1 = np.asarray(problem.minimize(layout.unflatten(s_hat), theta0, server_rng))
+        use_cv = isinstance(self.cv_rate, str) or self.cv_rate != 0
+        cvs = [np.zeros_like(s_hat) for _ in range(n)]
+        if use_cv:  # (with cv_rate=0, the ablation, there are no control variates)
+            for i, stat in zip(idx, stats):
+                cvs[i] = stat - s_hat
+        theta1 = np.asarray(problem.minimize(layout.unflatten(s_hat), theta0, server_rng), dtype=dtype)
         if not np.all(np.isfinite(theta1)):
             raise ValueError(
                 "The initial server update produced a non-finite parameter; check the "
@@ -791,11 +911,11 @@ class FedMM:
             s_hat = s_hat * factor
             cvs = [c * factor for c in cvs]
             log_scale = np.zeros(layout.size)
-        loss = float(np.dot(weights, losses))
+        loss = float(np.dot(w, losses))
         history._append(
-            objective=loss, full_objective=loss,
+            objective=loss, full_objective=loss if len(idx) == n else np.nan,
             param_change=float(np.linalg.norm(theta1 - theta0)),
-            bits_up=bits_up, bits_down=bits_down, n_active=n,
+            bits_up=bits_up, bits_down=bits_down, n_active=len(idx), failed=failed,
             time=time.perf_counter() - t0,
         )
         return FedMMState(
@@ -807,56 +927,67 @@ class FedMM:
             server_rng=server_rng, round=0, history=history, weights=weights, layout=layout,
         )
 
-    def _round(self, parallel, problem, clients, state, active, weights, q, gamma, cv_rate, cfg, evaluate):
+    def _round(self, parallel, problem, clients, state, active, weights, q, gamma, cv_rate, cfg,
+               evaluate, warned):
         theta = state.theta
+        round_index = state.round + 1
         theta_bits = theta.size * 8 * theta.dtype.itemsize
         if self.aggregation == "surrogate":
+            task = _client_surrogate
             tasks = (
-                delayed(_client_surrogate)(
-                    problem, clients[i], state.clients[i], theta, state.s_hat, state.log_scale, cfg
+                delayed(_guarded)(
+                    task, problem, clients[i], state.clients[i], theta, state.s_hat,
+                    state.log_scale, cfg,
                 )
                 for i in active
             )
         else:
             tasks = (
-                delayed(_client_parameter)(problem, clients[i], state.clients[i], theta, cfg)
+                delayed(_guarded)(_client_parameter, problem, clients[i], state.clients[i], theta, cfg)
                 for i in active
             )
         results = parallel(tasks) if len(active) else []
-        messages = [msg for msg, _ in results]
-        for i, msg in zip(active, messages):
-            _check_message(msg.payload, i, "message", state.round + 1)
-            _check_message(msg.loss, i, "loss", state.round + 1)
-        for i, (_, new_state) in zip(active, results):
+        answered, failed = self._answers(active, results, round_index, warned)
+        idx = np.array([i for i, _ in answered], dtype=int)
+        messages = [msg for _, (msg, _) in answered]
+        for i, msg in zip(idx, messages):
+            _check_message(msg.payload, i, "message", round_index)
+            _check_message(msg.loss, i, "loss", round_index)
+        for i, (_, new_state) in answered:
             state.clients[i] = new_state
         bits_up = sum(m.bits for m in messages) + 64 * len(messages)
-        w_act = weights[active]
+        w_ans = weights[idx]
         objective = (
-            float(np.dot(w_act, [m.loss for m in messages]) / w_act.sum()) if len(active) else np.nan
+            float(np.dot(w_ans, [m.loss for m in messages]) / w_ans.sum()) if len(idx) else np.nan
         )
-        row = dict(objective=objective, n_active=len(active), step_size=gamma)
+        row = dict(objective=objective, n_active=len(idx), step_size=gamma, failed=failed)
         full_batch = self.batch_size is None or all(
-            self.batch_size >= clients[i].shape[0] for i in active
+            self.batch_size >= clients[i].shape[0] for i in idx
         )
         if evaluate:
-            if len(active) == len(clients) and full_batch:
+            if len(idx) == len(clients) and full_batch:
                 row["full_objective"] = objective
             else:
-                losses = parallel(
-                    delayed(_client_loss)(problem, X, theta, cfg["pin"]) for X in clients
-                )
-                row["full_objective"] = float(np.dot(weights, losses))
+                row["full_objective"] = self._full_loss(parallel, clients, theta, weights, cfg["pin"])
         payloads = [m.payload for m in messages]
+        # Failed clients are absent: the answers stand for the whole sampled
+        # weight, so that H keeps its scale (an exact correction when the
+        # failures are independent of the messages).
+        reweight = weights[active].sum() / w_ans.sum() if len(idx) else 0.0
         if self.aggregation == "surrogate":
             layout = state.layout
             row["bits_down"] = len(active) * (theta_bits + state.s_hat.size * 8 * state.s_hat.dtype.itemsize)
-            H = aggregate(payloads, w_act / q[active], out=state.cv.copy())
+            H = state.cv.copy()
+            if len(idx):
+                H = aggregate(payloads, reweight * w_ans / q[idx], out=H)
             s_old = state.s_hat
             s_new = s_old + gamma * H
             s_new = layout.flatten(problem.project(layout.unflatten(s_new)), s_old.dtype)
-            if cv_rate != 0 and len(active):
-                state.cv = aggregate(payloads, cv_rate * w_act, out=state.cv.copy())
-            theta_new = np.asarray(problem.minimize(layout.unflatten(s_new), theta, state.server_rng))
+            if cv_rate != 0 and len(idx):
+                state.cv = aggregate(payloads, cv_rate * w_ans, out=state.cv.copy())
+            theta_new = np.asarray(
+                problem.minimize(layout.unflatten(s_new), theta, state.server_rng), dtype=theta.dtype
+            )
             row["mean_field"] = float(np.abs(H).sum())
             row["stat_change"] = float(np.linalg.norm(s_new - s_old))
             factor = problem.rescale(layout.unflatten(s_new), theta, theta_new)
@@ -868,22 +999,32 @@ class FedMM:
             state.s_hat = s_new
         else:
             row["bits_down"] = len(active) * theta_bits
-            if len(active):
-                step = aggregate(payloads, w_act / q[active])
+            if len(idx):
+                step = aggregate(payloads, reweight * w_ans / q[idx])
                 theta_new = np.asarray(
-                    problem.project_parameter(theta + step.reshape(theta.shape).astype(theta.dtype))
+                    problem.project_parameter(theta + step.reshape(theta.shape).astype(theta.dtype)),
+                    dtype=theta.dtype,
                 )
             else:
                 theta_new = theta
         if not np.all(np.isfinite(theta_new)):
             raise ValueError(
-                f"The server update produced a non-finite parameter at round {state.round + 1}; "
+                f"The server update produced a non-finite parameter at round {round_index}; "
                 "check the scale of the data and the step size."
             )
         row["param_change"] = float(np.linalg.norm(theta_new - theta))
         row["bits_up"] = bits_up
         state.theta = theta_new
         return row
+
+    def _full_loss(self, parallel, clients, theta, weights, pin):
+        results = parallel(
+            delayed(_guarded)(_client_loss, self.problem, X, theta, pin) for X in clients
+        )
+        answered, _ = _split_answers(range(len(clients)), results)
+        if len(answered) < len(clients):
+            return np.nan  # not an exact evaluation
+        return float(np.dot(weights, [loss for _, loss in answered]))
 
     def evaluate(self, clients, theta, weights=None):
         """Exact objective and aggregated statistic at ``theta``.
@@ -912,6 +1053,7 @@ class FedMM:
         stat = aggregate([layout.flatten(s, dtype) for s, _ in results], weights)
         loss = float(np.dot(weights, [loss for _, loss in results]))
         return loss, layout.unflatten(stat)
+
 
 
 class _Progress:

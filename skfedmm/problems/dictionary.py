@@ -150,7 +150,7 @@ def batch_lasso_cd(
 
 
 def _lasso_gap_small(X, H, D, alpha, positive, rtol):
-    """Rows whose duality gap is at most ``rtol`` times their objective.
+    r"""Rows whose duality gap is at most ``rtol`` times their objective.
 
     The dual point is the residual scaled into the dual feasible set
     :math:`\{\theta : \|D \theta\|_\infty \le \alpha\}` (one-sided

@@ -37,6 +37,7 @@ def make_sparse_coded_clients(
         Atoms of the ground-truth dictionary.
     atoms_per_client : int, default=8
     n_nonzero : int, default=3
+        Nonzeros per row (at most the size of the client's atom pool).
     noise : float, default=0.05
     heterogeneous : bool, default=True
     random_state : int, RandomState instance or None, default=None
@@ -59,9 +60,10 @@ def make_sparse_coded_clients(
             pool = np.arange(n_components)
         code = np.zeros((n_samples, n_components))
         # n_nonzero distinct atoms per row from the client's pool
-        picks = np.argsort(rng.random((n_samples, pool.size)), axis=1)[:, :n_nonzero]
-        rows = np.repeat(np.arange(n_samples), n_nonzero)
-        code[rows, pool[picks.ravel()]] = rng.standard_normal(n_samples * n_nonzero)
+        nnz = min(n_nonzero, pool.size)
+        picks = np.argsort(rng.random((n_samples, pool.size)), axis=1)[:, :nnz]
+        rows = np.repeat(np.arange(n_samples), nnz)
+        code[rows, pool[picks.ravel()]] = rng.standard_normal(n_samples * nnz)
         clients.append(code @ D + noise * rng.standard_normal((n_samples, n_features)))
     return clients, D
 

@@ -398,18 +398,18 @@ def _guarded(task, *args):
 def _client_init(problem, X, pin):
     """Initialization messages: the init statistic (or None)."""
     with _ClientContext(pin):
-        return problem.init_statistic(X)
+        return problem.init_statistic(_aligned(X))
 
 
 def _client_full(problem, X, theta, pin):
     """Uncompressed statistic and loss on all rows (initial full round)."""
     with _ClientContext(pin):
-        return problem.local_statistic(X, theta)
+        return problem.local_statistic(_aligned(X), _aligned(theta))
 
 
 def _client_loss(problem, X, theta, pin):
     with _ClientContext(pin):
-        return problem.loss(X, theta)
+        return problem.loss(_aligned(X), _aligned(theta))
 
 
 def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
@@ -417,7 +417,7 @@ def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
     with _ClientContext(cfg["pin"]):
         # a private copy: a failed round leaves the client's stream untouched
         rng = copy.deepcopy(state.rng)
-        cv = state.cv
+        X, theta, s_hat, cv = (_aligned(a) for a in (X, theta, s_hat, state.cv))
         if log_scale is not None and not np.array_equal(log_scale, state.log_scale):
             cv = cv * np.exp(log_scale - state.log_scale).astype(cv.dtype, copy=False)
         batch = _draw_batch(X, cfg["batch_size"], rng)
@@ -434,6 +434,7 @@ def _client_parameter(problem, X, state, theta, cfg):
     """One parameter-aggregation round: local MM steps, send the change."""
     with _ClientContext(cfg["pin"]):
         rng = copy.deepcopy(state.rng)
+        X, theta = _aligned(X), _aligned(theta)
         local = theta
         loss = np.nan
         for k in range(cfg["local_steps"]):
@@ -446,6 +447,62 @@ def _client_parameter(problem, X, state, theta, cfg):
         payload, bits = cfg["compressor"].compress(delta, rng)
         new_state = ClientState(cv=None, rng=rng)
         return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
+
+
+class _Placed:
+    """Client data placed on remote workers, with its metadata kept here."""
+
+    def __init__(self, futures, arrays):
+        self.futures = futures
+        self.shapes = [X.shape for X in arrays]
+
+    def __len__(self):
+        return len(self.futures)
+
+    def __getitem__(self, i):
+        return self.futures[i]
+
+
+def _place_clients(clients):
+    """Scatter the clients' rows once when joblib's Dask backend is active.
+
+    Each client's array is sent to one worker (not broadcast) and replaced
+    by its future; Dask schedules that client's tasks where its rows live.
+    Any other backend gets the arrays themselves.
+    """
+    from joblib.parallel import get_active_backend
+
+    backend, _ = get_active_backend()
+    client = getattr(backend, "client", None)
+    if type(backend).__name__ != "DaskDistributedBackend" or client is None:
+        return clients
+    return _Placed(client.scatter([_AlignedRows(X) for X in clients], hash=False), clients)
+
+
+def _aligned(a):
+    """``a`` itself, or an aligned copy when a transport left it unaligned.
+
+    Dask may deliver arrays at unaligned addresses, where BLAS kernels round
+    differently; aligned inputs keep results bitwise independent of where a
+    client runs.
+    """
+    if isinstance(a, np.ndarray) and not a.flags.aligned:
+        return np.require(a, requirements=["ALIGNED", "C"])
+    return a
+
+
+class _AlignedRows:
+    """Pickles as its array and unpickles as an aligned copy (scatter once)."""
+
+    def __init__(self, X):
+        self.X = X
+
+    def __reduce__(self):
+        return _aligned, (self.X,)
+
+
+def _n_rows(clients, i):
+    return clients.shapes[i][0] if isinstance(clients, _Placed) else clients[i].shape[0]
 
 
 def _split_answers(indices, results):
@@ -745,6 +802,9 @@ class FedMM:
                 )
             weights = state.weights
         with Parallel(n_jobs=self.n_jobs) as parallel:
+            # On a Dask cluster the rows go to the workers once, here; every
+            # round then ships only parameters, statistics and client state.
+            clients = _place_clients(clients)
             warned = [False]
             t0 = time.perf_counter()
             if state is None:
@@ -962,7 +1022,7 @@ class FedMM:
         )
         row = dict(objective=objective, n_active=len(idx), step_size=gamma, failed=failed)
         full_batch = self.batch_size is None or all(
-            self.batch_size >= clients[i].shape[0] for i in idx
+            self.batch_size >= _n_rows(clients, i) for i in idx
         )
         if evaluate:
             if len(idx) == len(clients) and full_batch:

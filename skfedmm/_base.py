@@ -40,8 +40,10 @@ FEDERATED_PARAMS_DOC = """
     step_size : "auto", float or callable, default="auto"
         Server step size :math:`\\gamma_t`: a constant in (0, 1], or a
         callable of the round index such as
-        :class:`~skfedmm.PolynomialDecay`. ``"auto"``: 1 for exact rounds
-        (full participation, no compression, full batches), 0.5 otherwise.
+        :class:`~skfedmm.PolynomialDecay`. ``"auto"``:
+        :math:`1 / (1 + \\omega + (1 - q) / (4 q))` for the compressor's
+        :math:`\\omega` and participation :math:`q` (1 without compression
+        and with full participation; see :func:`skfedmm.engine.auto_step_size`).
     cv_rate : "auto" or float in [0, 1], default="auto"
         Control-variate rate :math:`\\alpha`; 0 disables control variates.
         ``"auto"``: :math:`1 / (1 + \\omega)` for the compressor's

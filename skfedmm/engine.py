@@ -164,17 +164,42 @@ class PolynomialDecay:
         return hash((self.gamma0, self.power))
 
 
-#: Constant step size used by ``step_size="auto"`` when the rounds are noisy
-#: (partial participation, compression or minibatches); see
-#: ``benchmarks/bench_step_size.py``.
+# transitional: used by skfedmm/ot.py until it switches to auto_step_size
 AUTO_NOISY_STEP = 0.5
 
 
-def _step_schedule(step_size, exact):
+def auto_step_size(omega, q):
+    r"""The step size of ``step_size="auto"``.
+
+    .. math::
+
+        \gamma = \frac{1}{1 + \omega + (1 - q) / (4 q)},
+
+    where :math:`\omega` is the compressor's variance constant and
+    :math:`q` the probability that a client takes part in a round: 1 for
+    exact rounds (then FedMM is batch MM), smaller as compression and
+    partial participation add variance to the server update (control
+    variates make the participation term smaller than the compression
+    one). ``benchmarks/bench_step_size.py`` compares it with a grid of
+    constants on the dictionary-learning benchmark.
+
+    Parameters
+    ----------
+    omega : float
+    q : float in (0, 1]
+
+    Returns
+    -------
+    gamma : float in (0, 1]
+    """
+    return 1.0 / (1.0 + omega + (1.0 - q) / (4.0 * q))
+
+
+def _step_schedule(step_size, omega, q):
     if isinstance(step_size, str):
         if step_size != "auto":
             raise ValueError(f"step_size must be 'auto', a float or a callable, got {step_size!r}.")
-        gamma = 1.0 if exact else AUTO_NOISY_STEP
+        gamma = auto_step_size(omega, q)
         return lambda t: gamma
     if callable(step_size):
         return step_size
@@ -618,9 +643,9 @@ class FedMM:
         See :func:`skfedmm.compression.make_compressor`.
     step_size : "auto", float or callable, default="auto"
         :math:`\\gamma_t`: a constant in (0, 1], a callable of the round index
-        ``t`` (from 0), e.g. :class:`PolynomialDecay`. ``"auto"``: 1 when
-        rounds are exact (full participation, no compression, full batches),
-        else :data:`AUTO_NOISY_STEP`.
+        ``t`` (from 0), e.g. :class:`PolynomialDecay`. ``"auto"``:
+        :func:`auto_step_size`, 1 when there is no compression and full
+        participation (then FedMM with full batches is batch MM).
     cv_rate : "auto" or float, default="auto"
         Control-variate rate :math:`\\alpha`; 0 disables control variates.
         ``"auto"``: :math:`1 / (1 + \\omega)`.
@@ -754,8 +779,8 @@ class FedMM:
             and compressor.omega(2) == 0
             and (self.batch_size is None or self.batch_size >= max(X.shape[0] for X in clients))
         )
-        schedule = _step_schedule(self.step_size, exact)
-        return compressor, weights, exact, schedule
+        _step_schedule(self.step_size, 0.0, 1.0)  # validate early
+        return compressor, weights, exact
 
     def _streams(self):
         from sklearn.utils import check_random_state
@@ -789,7 +814,7 @@ class FedMM:
             The final state; ``state.theta`` is the fitted parameter and
             ``state.history`` the per-round record.
         """
-        compressor, weights, exact, schedule = self._validate(clients)
+        compressor, weights, exact = self._validate(clients)
         max_iter = self.max_iter if max_iter is None else max_iter
         n = len(clients)
         dtype = clients[0].dtype
@@ -820,6 +845,7 @@ class FedMM:
             else:
                 m = None
                 q = np.full(n, float(self.participation))
+            schedule = _step_schedule(self.step_size, omega, float(q[0]))
             cfg = dict(
                 batch_size=self.batch_size,
                 layout=state.layout,

@@ -7,7 +7,7 @@ import pytest
 from joblib import parallel_config
 
 from skfedmm import QSGD, FedMM, MMProblem, PolynomialDecay, RandK
-from skfedmm.engine import aggregate, client_weights
+from skfedmm.engine import aggregate, auto_step_size, client_weights
 
 
 class CauchyLocation(MMProblem):
@@ -254,10 +254,14 @@ def test_step_size_schedules():
     np.testing.assert_allclose(state.history["step_size"][1:], [schedule(t) for t in range(5)])
     state = FedMM(CauchyLocation(), max_iter=3, step_size=lambda t: 0.25, random_state=0).fit(clients)
     np.testing.assert_allclose(state.history["step_size"][1:], 0.25)
-    noisy = FedMM(CauchyLocation(), max_iter=3, participation=0.5, random_state=0).fit(clients)
+    noisy = FedMM(CauchyLocation(), max_iter=3, participation=0.5, compression=QSGD(s=2),
+                  random_state=0).fit(clients)
     exact = FedMM(CauchyLocation(), max_iter=3, random_state=0).fit(clients)
-    assert np.all(noisy.history["step_size"][1:] == 0.5)
+    # "auto": 1 / (1 + omega + (1 - q) / (4 q)); the statistic has 4 entries
+    omega = QSGD(s=2).omega(4)
+    np.testing.assert_allclose(noisy.history["step_size"][1:], 1 / (1 + omega + 0.5 / 2))
     assert np.all(exact.history["step_size"][1:] == 1.0)
+    assert auto_step_size(0.0, 1.0) == 1.0 and 0 < auto_step_size(50.0, 0.01) < 0.02
 
 
 def test_noisy_fedmm_converges_to_the_batch_solution():

@@ -40,8 +40,10 @@ References
    heterogeneity mitigation and variance reduction. NeurIPS 2021.
 """
 
+import contextlib
 import copy
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -488,20 +490,62 @@ class _Placed:
         return self.futures[i]
 
 
-def _place_clients(clients):
-    """Scatter the clients' rows once when joblib's Dask backend is active.
+def _place_clients(clients, n_jobs, stack):
+    """Put the clients' rows where the workers read them, once per fit.
 
-    Each client's array is sent to one worker (not broadcast) and replaced
-    by its future; Dask schedules that client's tasks where its rows live.
-    Any other backend gets the arrays themselves.
+    - Dask (joblib's ``"dask"`` backend): each client's array is scattered
+      to one worker (not broadcast) and replaced by its future; Dask runs
+      that client's tasks where its rows live.
+    - Process-based backends (loky, multiprocessing) with several workers:
+      each array is written once to a memory-mapped ``.npy`` file in a
+      temporary folder, and tasks carry only its path; workers map it
+      read-only (and cache the mapping).
+    - Sequential and thread-based runs use the arrays themselves.
+
+    Every round then ships only parameters, statistics and client state.
     """
+    from joblib import effective_n_jobs
     from joblib.parallel import get_active_backend
 
     backend, _ = get_active_backend()
+    name = type(backend).__name__
     client = getattr(backend, "client", None)
-    if type(backend).__name__ != "DaskDistributedBackend" or client is None:
-        return clients
-    return _Placed(client.scatter([_AlignedRows(X) for X in clients], hash=False), clients)
+    if name == "DaskDistributedBackend" and client is not None:
+        return _Placed(client.scatter([_AlignedRows(X) for X in clients], hash=False), clients)
+    if name in ("LokyBackend", "MultiprocessingBackend") and effective_n_jobs(n_jobs) > 1:
+        import tempfile
+
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="skfedmm-"))
+        handles = []
+        for i, X in enumerate(clients):
+            path = os.path.join(folder, f"client{i}.npy")
+            np.save(path, X)
+            handles.append(_MappedRows(path))
+        return _Placed(handles, clients)
+    return clients
+
+
+class _MappedRows:
+    """A client's rows in a ``.npy`` file; unpickles as a read-only memmap."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return _load_rows, (self.path,)
+
+
+_MAPPED = {}
+
+
+def _load_rows(path):
+    rows = _MAPPED.get(path)
+    if rows is None:
+        # forget the mappings of finished fits (their folders are gone)
+        for old in [p for p in _MAPPED if not os.path.exists(p)]:
+            del _MAPPED[old]
+        rows = _MAPPED[path] = np.load(path, mmap_mode="r")
+    return rows
 
 
 def _aligned(a):
@@ -826,10 +870,10 @@ class FedMM:
                     f"Cannot continue a run of {len(state.clients)} clients with {n} clients."
                 )
             weights = state.weights
-        with Parallel(n_jobs=self.n_jobs) as parallel:
-            # On a Dask cluster the rows go to the workers once, here; every
-            # round then ships only parameters, statistics and client state.
-            clients = _place_clients(clients)
+        with contextlib.ExitStack() as stack:
+            parallel = stack.enter_context(Parallel(n_jobs=self.n_jobs))
+            # the rows go where the workers read them once, here
+            clients = _place_clients(clients, self.n_jobs, stack)
             warned = [False]
             t0 = time.perf_counter()
             if state is None:

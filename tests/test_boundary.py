@@ -57,3 +57,34 @@ def test_dictionary_learning_clients_send_only_statistics(monkeypatch, aggregati
         assert shapes <= allowed[name], (name, shapes)
         for a in arrays_in(out):
             assert a.ndim < 2 or a.shape[0] not in (23, 31, 40)  # never rows
+
+
+def test_process_workers_get_the_rows_once(monkeypatch):
+    """With loky, tasks carry a file path, not the rows, every round."""
+    import pickle
+
+    from joblib import parallel_config
+
+    sizes = []
+    captured = []
+    real_place = engine._place_clients
+
+    def place(clients, n_jobs, stack):
+        placed = real_place(clients, n_jobs, stack)
+        captured.append(placed)
+        return placed
+
+    monkeypatch.setattr(engine, "_place_clients", place)
+    rng = np.random.default_rng(0)
+    clients = [rng.standard_normal((3000, 8)) for _ in range(3)]
+    with parallel_config(backend="loky"):
+        est = FederatedDictionaryLearning(n_components=4, max_iter=3, random_state=0,
+                                          n_jobs=2).fit(clients)
+    placed = captured[0]
+    assert isinstance(placed, engine._Placed)
+    for i in range(3):
+        sizes.append(len(pickle.dumps(placed[i])))
+    assert max(sizes) < 500  # a path, versus 192 kB of rows per client
+    ref = FederatedDictionaryLearning(n_components=4, max_iter=3, random_state=0,
+                                      n_jobs=1).fit(clients)
+    np.testing.assert_array_equal(est.components_, ref.components_)

@@ -8,12 +8,16 @@ partial participation and unbiased compression.
 from .compression import QSGD, Compressor, Identity, RandK, make_compressor
 from .dictionary import FederatedDictionaryLearning
 from .engine import FedMM, FedMMState, History, PolynomialDecay
+from .ot import FederatedOTMap
+from .plotting import plot_history
 from .problems import DictionaryLearningProblem, MMProblem
+from .scaling import dask_backend
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FederatedDictionaryLearning",
+    "FederatedOTMap",
     "FedMM",
     "FedMMState",
     "History",
@@ -25,4 +29,6 @@ __all__ = [
     "QSGD",
     "RandK",
     "make_compressor",
+    "plot_history",
+    "dask_backend",
 ]

@@ -1,6 +1,6 @@
 """FederatedDictionaryLearning: a federated drop-in for sklearn's DictionaryLearning."""
 
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
@@ -22,7 +22,9 @@ __all__ = ["FederatedDictionaryLearning"]
 class FederatedDictionaryLearning(
     FederatedMixin, ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator
 ):
-    r"""Dictionary learning on data spread over clients, trained by FedMM.
+    # The docstring shares the federated parameters' block, so it is built by
+    # concatenation (a bare string literal in a class body cannot be).
+    __doc__ = r"""Dictionary learning on data spread over clients, trained by FedMM.
 
     Finds a dictionary :math:`D` (one atom per row) that sparsely codes the
     rows of all clients, without the clients sending any row:

@@ -166,10 +166,6 @@ class PolynomialDecay:
         return hash((self.gamma0, self.power))
 
 
-# transitional: used by skfedmm/ot.py until it switches to auto_step_size
-AUTO_NOISY_STEP = 0.5
-
-
 def auto_step_size(omega, q):
     r"""The step size of ``step_size="auto"``.
 
@@ -932,7 +928,8 @@ class FedMM:
         if self.tol <= 0:
             return False
         if self.convergence == "mean_field":
-            return bool(history.mean_field[-1] <= self.tol)
+            # (a round where no client answered has H = V, which says nothing)
+            return bool(history.n_active[-1] > 0 and history.mean_field[-1] <= self.tol)
         full = history.full_objective
         if len(full) < 2 or not (np.isfinite(full[-1]) and np.isfinite(full[-2])):
             return False
@@ -1021,13 +1018,14 @@ class FedMM:
             _check_message(loss, i, "loss", 0)
         bits_up += len(idx) * (layout.size * 8 * itemsize + 64)
         w = weights[idx] / weights[idx].sum()
-        s_hat = aggregate(stats, w)
-        s_hat = layout.flatten(problem.project(layout.unflatten(s_hat)), dtype)
+        s_agg = aggregate(stats, w)
+        s_hat = layout.flatten(problem.project(layout.unflatten(s_agg)), dtype)
         use_cv = isinstance(self.cv_rate, str) or self.cv_rate != 0
         cvs = [np.zeros_like(s_hat) for _ in range(n)]
         if use_cv:  # (with cv_rate=0, the ablation, there are no control variates)
+            # against the unprojected aggregate, so that sum_i w_i V_i = 0 = V
             for i, stat in zip(idx, stats):
-                cvs[i] = stat - s_hat
+                cvs[i] = stat - s_agg
         theta1 = np.asarray(problem.minimize(layout.unflatten(s_hat), theta0, server_rng), dtype=dtype)
         if not np.all(np.isfinite(theta1)):
             raise ValueError(
@@ -1111,8 +1109,11 @@ class FedMM:
             if len(idx):
                 H = aggregate(payloads, reweight * w_ans / q[idx], out=H)
             s_old = state.s_hat
-            s_new = s_old + gamma * H
-            s_new = layout.flatten(problem.project(layout.unflatten(s_new)), s_old.dtype)
+            # S_hat + H estimates sbar(theta_t); project that estimate, then
+            # move by gamma towards it (a convex combination of valid
+            # statistics stays valid; exact rounds are unchanged).
+            s_est = layout.flatten(problem.project(layout.unflatten(s_old + H)), s_old.dtype)
+            s_new = s_old + gamma * (s_est - s_old)
             if cv_rate != 0 and len(idx):
                 state.cv = aggregate(payloads, cv_rate * w_ans, out=state.cv.copy())
             theta_new = np.asarray(
@@ -1124,8 +1125,18 @@ class FedMM:
             if factor is not None:
                 factor = layout.flatten(factor, s_new.dtype)
                 s_new = s_new * factor
-                state.cv = state.cv * factor
                 state.log_scale = state.log_scale + np.log(factor)
+                # The running sum V would carry its rounding error times the
+                # cumulative factor, which can be huge; the server mirrors
+                # every V_i (it receives each increment and knows the
+                # factors), so it re-derives V = sum_i w_i V_i exactly.
+                state.cv = aggregate(
+                    [
+                        c.cv * np.exp(state.log_scale - c.log_scale).astype(c.cv.dtype, copy=False)
+                        for c in state.clients
+                    ],
+                    weights.astype(state.cv.dtype),
+                ).astype(state.cv.dtype, copy=False)
             state.s_hat = s_new
         else:
             row["bits_down"] = len(active) * theta_bits

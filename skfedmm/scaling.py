@@ -31,7 +31,7 @@ def dask_backend(client=None, **kwargs):
     ...     FederatedDictionaryLearning(n_components=8).fit(clients)
     """
     try:
-        import distributed  # noqa: F401
+        import distributed  # noqa: F401  (only to check it is installed)
     except ImportError as exc:
         raise ImportError(
             "Running clients on Dask needs dask.distributed: "

@@ -88,3 +88,26 @@ def test_process_workers_get_the_rows_once(monkeypatch):
     ref = FederatedDictionaryLearning(n_components=4, max_iter=3, random_state=0,
                                       n_jobs=1).fit(clients)
     np.testing.assert_array_equal(est.components_, ref.components_)
+
+
+@pytest.mark.parametrize("aggregation", ["surrogate", "parameter"])
+def test_ot_clients_send_only_masses(monkeypatch, aggregation):
+    from skfedmm import FederatedOTMap
+
+    crossed = record_boundary(monkeypatch)
+    rng = np.random.default_rng(0)
+    m = 9
+    clients = [rng.standard_normal((n, 3)) for n in (23, 31, 40)]
+    FederatedOTMap(n_reference=m, max_iter=3, random_state=0, aggregation=aggregation,
+                   compression="qsgd", n_jobs=1).fit(clients)
+    allowed = {
+        "_client_init": {(1,)},  # mean squared distance to the target's mean
+        "_client_full": {(m,)},  # mean soft assignment (initial round)
+        "_client_surrogate": {(m,)},  # compressed mass message (and its own V_i)
+        "_client_parameter": {(m,)},  # compressed potential change
+        "_client_loss": set(),
+    }
+    assert crossed
+    for name, out in crossed:
+        shapes = {a.shape for a in arrays_in(out)}
+        assert shapes <= allowed[name], (name, shapes)

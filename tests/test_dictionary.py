@@ -366,3 +366,10 @@ def test_pandas_feature_names():
     bad = [clients[0], clients[1][["b", "a", "c", "d"]]]
     with pytest.raises(ValueError, match="client 1"):
         FederatedDictionaryLearning(n_components=3, max_iter=2).fit(bad)
+
+
+def test_docstring_documents_every_parameter():
+    doc = FederatedDictionaryLearning.__doc__
+    assert doc is not None
+    for name in FederatedDictionaryLearning().get_params():
+        assert f"\n    {name} :" in doc, name

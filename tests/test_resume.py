@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from skfedmm import FederatedDictionaryLearning
+from skfedmm import FederatedDictionaryLearning, FederatedOTMap
 from skfedmm.datasets import make_sparse_coded_clients
 
 NOISY = dict(participation=0.6, compression=("qsgd", {"s": 4}), batch_size=30)
@@ -18,8 +18,12 @@ def clients():
     return clients
 
 
+def model(est):
+    return est.components_ if hasattr(est, "components_") else est.potential_
+
+
 def assert_same_model(a, b):
-    np.testing.assert_array_equal(a.components_, b.components_)
+    np.testing.assert_array_equal(model(a), model(b))
     ha, hb = a.history_.as_dict(), b.history_.as_dict()
     for key in ha:
         if key != "time":
@@ -91,3 +95,26 @@ def test_pickled_fitted_estimator_behaves_the_same(clients):
     clone = pickle.loads(pickle.dumps(est))
     np.testing.assert_array_equal(clone.transform(clients[0]), est.transform(clients[0]))
     assert clone.score(clients) == est.score(clients)
+
+
+OT_NOISY = dict(participation=0.75, participation_scheme="fixed", compression=("qsgd", {"s": 8}),
+                batch_size=30)
+
+
+@pytest.mark.parametrize("settings", [{}, OT_NOISY], ids=["batch", "noisy"])
+def test_ot_warm_start_partial_fit_and_pickle(clients, settings):
+    kwargs = dict(epsilon=0.1, tol=0, random_state=0, n_reference=15, **settings)
+    twenty = FederatedOTMap(max_iter=20, **kwargs).fit(clients)
+    warm = FederatedOTMap(max_iter=10, warm_start=True, **kwargs).fit(clients)
+    clone = pickle.loads(pickle.dumps(warm))  # mid-training
+    warm.fit(clients)
+    clone.fit(clients)
+    assert warm.n_iter_ == 20
+    assert_same_model(warm, twenty)
+    assert_same_model(clone, twenty)
+    streamed = FederatedOTMap(**kwargs)
+    for _ in range(5):
+        streamed.partial_fit(clients)
+    assert_same_model(streamed, FederatedOTMap(max_iter=5, **kwargs).fit(clients))
+    restored = pickle.loads(pickle.dumps(twenty))
+    np.testing.assert_array_equal(restored.transform(clients[0]), twenty.transform(clients[0]))

@@ -2,5 +2,6 @@
 
 from .base import MMProblem
 from .dictionary import DictionaryLearningProblem
+from .ot import EntropicOTProblem
 
-__all__ = ["MMProblem", "DictionaryLearningProblem"]
+__all__ = ["MMProblem", "DictionaryLearningProblem", "EntropicOTProblem"]

@@ -215,10 +215,11 @@ class EntropicOTProblem(MMProblem):
         (positivity, so that the potential step :math:`\varepsilon \log(b/r)`
         stays finite). None: the square root of the dtype's machine
         epsilon (1.5e-8 in float64), which leaves Sinkhorn's steps unchanged
-        unless a target point receives almost no mass. For noisy rounds
-        (step size :math:`\gamma < 1`) :class:`~skfedmm.FederatedOTMap`
-        uses :math:`1 - \gamma`: the mass estimate projected onto the
-        nonnegative orthant.
+        unless a target point receives almost no mass. The engine projects
+        its estimate of the clients' masses before the step, so in noisy
+        rounds (step size :math:`\gamma < 1`) the server's masses stay
+        above :math:`(1 - \gamma) b`, which bounds the potential step by
+        :math:`\varepsilon \log(1 / (1 - \gamma))`.
 
     Attributes
     ----------
@@ -234,11 +235,10 @@ class EntropicOTProblem(MMProblem):
     Stored statistics are multiplied by the cumulative factor
     :math:`e^{(g_t - g_s)/\varepsilon}`, which is huge for a target point
     whose potential keeps rising after the first round (small
-    ``epsilon``). The engine's running sum :math:`V` of the control
-    variates then turns its float rounding into an O(1) bias, then inf;
-    :class:`~skfedmm.FederatedOTMap` runs the engine with a server step
-    that re-derives :math:`V = \sum_i w_i V_i` every round. Use it (or the
-    same fix) below ``epsilon`` of about 0.03.
+    ``epsilon``). A running sum of the control variates would turn its
+    float rounding into an O(1) bias; the engine therefore re-derives
+    :math:`V = \sum_i w_i V_i` from its mirror of the clients' control
+    variates after every change of coordinates.
 
     References
     ----------

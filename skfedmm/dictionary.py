@@ -106,8 +106,10 @@ class FederatedDictionaryLearning(
         The dictionary atoms.
     error_ : ndarray of shape (n_iter_ + 1,)
         Objective (mean per row, weighted over clients) at the start of
-        every round, initial round first. scikit-learn's ``error_`` is the
-        sum over rows: multiply by ``n_samples`` to compare.
+        every round, initial round first (NaN for the initialization of
+        ``aggregation="parameter"``, which exchanges no statistic).
+        scikit-learn's ``error_`` is the sum over rows: multiply by
+        ``n_samples`` to compare.
     n_iter_ : int
         Number of rounds run.
     n_clients_ : int

@@ -104,7 +104,7 @@ class FederatedDictionaryLearning(
     ----------
     components_ : ndarray of shape (n_components, n_features)
         The dictionary atoms.
-    error_ : ndarray of shape (n_iter_ + 1,)
+    error_ : ndarray of shape (`n_iter_` + 1,)
         Objective (mean per row, weighted over clients) at the start of
         every round, initial round first (NaN for the initialization of
         ``aggregation="parameter"``, which exchanges no statistic).
@@ -120,7 +120,7 @@ class FederatedDictionaryLearning(
     bits_up_, bits_down_ : int
         Total bits sent by the clients and by the server.
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Defined when the clients are DataFrames with string column names.
     problem_ : DictionaryLearningProblem
         The MM problem the engine solved.

@@ -505,8 +505,8 @@ def _place_clients(clients, n_jobs, stack):
 
     backend, _ = get_active_backend()
     name = type(backend).__name__
-    client = getattr(backend, "client", None)
-    if name == "DaskDistributedBackend" and client is not None:
+    client = _dask_client()
+    if client is not None:
         return _Placed(client.scatter([_AlignedRows(X) for X in clients], hash=False), clients)
     if name in ("LokyBackend", "MultiprocessingBackend") and effective_n_jobs(n_jobs) > 1:
         import tempfile
@@ -519,6 +519,16 @@ def _place_clients(clients, n_jobs, stack):
             handles.append(_MappedRows(path))
         return _Placed(handles, clients)
     return clients
+
+
+def _dask_client():
+    """The Dask client of joblib's active ``"dask"`` backend, or None."""
+    from joblib.parallel import get_active_backend
+
+    backend, _ = get_active_backend()
+    if type(backend).__name__ == "DaskDistributedBackend":
+        return getattr(backend, "client", None)
+    return None
 
 
 class _MappedRows:
@@ -600,6 +610,10 @@ class FedMMState:
         Cumulative log-coordinates (problems with ``rescale`` only).
     clients : list of ClientState
     server_rng : numpy.random.Generator
+        The server's participation stream (only participation draws, so
+        that runs differing in anything else see the same participants).
+    mstep_rng : numpy.random.Generator
+        The server's stream for the initialization and the M-steps.
     round : int
         Number of rounds run after initialization.
     history : History
@@ -615,6 +629,7 @@ class FedMMState:
     history: History
     weights: object
     layout: object = None
+    mstep_rng: object = None
 
 
 def _check_participation(participation, scheme):
@@ -867,7 +882,11 @@ class FedMM:
                 )
             weights = state.weights
         with contextlib.ExitStack() as stack:
-            parallel = stack.enter_context(Parallel(n_jobs=self.n_jobs))
+            # one task per client on Dask, so that each runs where its rows are
+            # (joblib's automatic batching would group clients of different
+            # workers into one task and move their rows every round)
+            batch_size = 1 if _dask_client() is not None else "auto"
+            parallel = stack.enter_context(Parallel(n_jobs=self.n_jobs, batch_size=batch_size))
             # the rows go where the workers read them once, here
             clients = _place_clients(clients, self.n_jobs, stack)
             warned = [False]
@@ -1002,7 +1021,7 @@ class FedMM:
                 theta=theta0, s_hat=None, cv=None, log_scale=None,
                 clients=[ClientState(cv=None, rng=r) for r in client_rngs],
                 server_rng=server_rng, round=0, history=history, weights=weights,
-                layout=_Layout({"theta": theta0}),
+                layout=_Layout({"theta": theta0}), mstep_rng=init_rng,
             )
         results = parallel(
             delayed(_guarded)(_client_full, problem, X, theta0, pin) for X in clients
@@ -1026,7 +1045,7 @@ class FedMM:
             # against the unprojected aggregate, so that sum_i w_i V_i = 0 = V
             for i, stat in zip(idx, stats):
                 cvs[i] = stat - s_agg
-        theta1 = np.asarray(problem.minimize(layout.unflatten(s_hat), theta0, server_rng), dtype=dtype)
+        theta1 = np.asarray(problem.minimize(layout.unflatten(s_hat), theta0, init_rng), dtype=dtype)
         if not np.all(np.isfinite(theta1)):
             raise ValueError(
                 "The initial server update produced a non-finite parameter; check the "
@@ -1053,6 +1072,7 @@ class FedMM:
                 for c, r in zip(cvs, client_rngs)
             ],
             server_rng=server_rng, round=0, history=history, weights=weights, layout=layout,
+            mstep_rng=init_rng,
         )
 
     def _round(self, parallel, problem, clients, state, active, weights, q, gamma, cv_rate, cfg,
@@ -1117,7 +1137,7 @@ class FedMM:
             if cv_rate != 0 and len(idx):
                 state.cv = aggregate(payloads, cv_rate * w_ans, out=state.cv.copy())
             theta_new = np.asarray(
-                problem.minimize(layout.unflatten(s_new), theta, state.server_rng), dtype=theta.dtype
+                problem.minimize(layout.unflatten(s_new), theta, state.mstep_rng), dtype=theta.dtype
             )
             row["mean_field"] = float(np.abs(H).sum())
             row["stat_change"] = float(np.linalg.norm(s_new - s_old))

@@ -127,7 +127,7 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     potential_ : ndarray of shape (m,)
         The dual potential :math:`g` on the target points, in the units of
         the cost, with mean zero (the gauge).
-    target_ : ndarray of shape (m, n_features_in_)
+    target_ : ndarray of shape (m, `n_features_in_`)
         The target points (a copy of ``y``, or the reference sample).
     target_weights_ : ndarray of shape (m,)
         The target weights :math:`b`, summing to 1.
@@ -153,7 +153,7 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     bits_up_, bits_down_ : int
         Total bits sent by the clients and by the server.
     n_features_in_ : int
-    feature_names_in_ : ndarray of shape (n_features_in_,)
+    feature_names_in_ : ndarray of shape (`n_features_in_`,)
         Defined when the clients are DataFrames with string column names.
     problem_ : EntropicOTProblem
         The MM problem the engine solved.

@@ -124,17 +124,26 @@ def _stack(arrays):
     return out
 
 
-def _summary(runs, metric, x):
-    """(x, centre, lower, upper) over the runs of one group, NaN where absent."""
-    xs = _stack([_x_values(h, x) for h in runs])
-    ys = _stack([np.asarray(h[metric], dtype=float) for h in runs])
+def _summary(xs, ys, log):
+    """(x, centre, lower, upper) over runs (rows), NaN where absent.
+
+    Arithmetic mean +/- std; on a log axis the same in log10 space
+    (geometric mean, multiplicative band), ignoring nonpositive values.
+    """
     with np.errstate(all="ignore"), _quiet():
         x_mean = np.nanmean(xs, axis=0)
+        if log:
+            ys = np.log10(np.where(ys > 0, ys, np.nan))
         y_mean = np.nanmean(ys, axis=0)
-        if len(runs) > 1:
+        lower = upper = None
+        if ys.shape[0] > 1:
             y_std = np.nanstd(ys, axis=0)
-            return x_mean, y_mean, y_mean - y_std, y_mean + y_std
-    return x_mean, y_mean, None, None
+            lower, upper = y_mean - y_std, y_mean + y_std
+    if log:
+        y_mean = 10.0**y_mean
+        if lower is not None:
+            lower, upper = 10.0**lower, 10.0**upper
+    return x_mean, y_mean, lower, upper
 
 
 class _quiet:
@@ -176,8 +185,11 @@ def plot_history(
 
     One subplot per metric, one curve per fitted estimator (or
     :class:`~skfedmm.History`). Given several runs of one setting (a dict
-    ``label -> list of runs``), the curve is their mean and a band shows
-    mean :math:`\pm` one standard deviation over the runs.
+    ``label -> list of runs``), the curve is their mean, a band shows
+    mean :math:`\pm` one standard deviation over the runs, and the legend
+    gives the number of runs. On a logarithmic axis both are taken on
+    :math:`\log_{10}` of the values (the curve is the geometric mean and the
+    band multiplicative), so that the band stays positive.
 
     The default metrics are the three curves of the "impact of aggregation
     space" study (design section 6): the objective, the parameter update
@@ -262,6 +274,7 @@ def plot_history(
     """
     plt = _import_pyplot()
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
 
     if x not in _X_LABELS:
         raise ValueError(f"x must be 'round', 'bits' or 'bits_up', got {x!r}.")
@@ -289,30 +302,27 @@ def plot_history(
         fig = axes[0].figure
 
     colors = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
-    handles = []
-    finals = []
-    for k, (name, runs) in enumerate(groups):
-        color = colors[k % len(colors)]
-        shaded = len(runs) > 1
-        handles.append(
-            Line2D([], [], color=color, label=f"{name} (mean $\\pm$ std, {len(runs)} runs)"
-                       if shaded else name)
-        )
-        for metric, a in zip(metrics, axes):
-            xs, centre, lower, upper = _summary(runs, metric, x)
-            keep = np.isfinite(xs) & np.isfinite(centre)
+    handles = [
+        Line2D([], [], color=colors[k % len(colors)],
+               label=f"{name} ({len(runs)} runs)" if len(runs) > 1 else name)
+        for k, (name, runs) in enumerate(groups)
+    ]
+    xs = [_stack([_x_values(h, x) for h in runs]) for _, runs in groups]
+    finals = [float(np.nanmean(v[:, -1])) for v in xs]
+    for metric, a in zip(metrics, axes):
+        ys = [_stack([np.asarray(h[metric], dtype=float) for h in runs]) for _, runs in groups]
+        use_log = _use_log(np.concatenate([y.ravel() for y in ys]), log, metric)
+        for k, ((name, runs), x_k, y_k) in enumerate(zip(groups, xs, ys)):
+            color = colors[k % len(colors)]
+            x_mean, centre, lower, upper = _summary(x_k, y_k, use_log)
+            keep = np.isfinite(x_mean) & np.isfinite(centre)
             if not keep.any():
                 continue
-            a.plot(xs[keep], centre[keep], color=color, lw=1.6,
+            a.plot(x_mean[keep], centre[keep], color=color, lw=1.6,
                    marker="o" if keep.sum() <= 12 else None, ms=3, label=name)
-            if shaded:
-                a.fill_between(xs[keep], lower[keep], upper[keep], color=color, alpha=0.2, lw=0)
-        xs_all = [_x_values(h, x) for h in runs]
-        finals.append(np.mean([v[-1] for v in xs_all]))
-
-    for metric, a in zip(metrics, axes):
-        values = np.concatenate([np.ravel(line.get_ydata()) for line in a.get_lines()] or [[]])
-        if _use_log(np.asarray(values, dtype=float), log, metric):
+            if lower is not None:
+                a.fill_between(x_mean[keep], lower[keep], upper[keep], color=color, alpha=0.2, lw=0)
+        if use_log:
             a.set_yscale("log")
         a.set_ylabel(_METRIC_LABELS[metric])
         a.set_xlabel(_X_LABELS[x])
@@ -325,5 +335,7 @@ def plot_history(
                 use = bool(log_x)
             if use:
                 a.set_xscale("log")
+                # bits span one or two decades: label the decades only
+                a.xaxis.set_minor_formatter(NullFormatter())
     axes[0].legend(handles=handles, fontsize="small", framealpha=0.8)
     return fig, np.asarray(list(axes), dtype=object)

@@ -322,3 +322,18 @@ def test_user_compressor_plugs_in():
 def test_invalid_engine_parameters(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         FedMM(CauchyLocation(), max_iter=1, **kwargs).fit(make_clients())
+
+
+def test_ablations_see_the_same_participants():
+    """Participation has its own stream: with and without control variates
+    (or another compressor) the same clients take part in every round."""
+    clients = make_clients(n_clients=8)
+    seen = {}
+    for name, kwargs in {"cv": {}, "no cv": dict(cv_rate=0.0),
+                         "qsgd": dict(compression=QSGD(s=2))}.items():
+        state = FedMM(CauchyLocation(), max_iter=15, participation=0.4, random_state=3,
+                      **kwargs).fit(clients)
+        seen[name] = state.history["n_active"]
+    np.testing.assert_array_equal(seen["cv"], seen["no cv"])
+    np.testing.assert_array_equal(seen["cv"], seen["qsgd"])
+    assert len(set(seen["cv"][1:])) > 1

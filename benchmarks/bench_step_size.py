@@ -4,7 +4,7 @@ When rounds are exact (full participation, no compression, full batches)
 ``"auto"`` is 1, which makes FedMM batch MM. Otherwise the server step
 :math:`\\gamma` trades speed against the noise of partial participation,
 compression and minibatches. This script fits FederatedDictionaryLearning on
-the heterogeneous synthetic clients (10 x 500 rows, 40 features, 30 atoms)
+the heterogeneous synthetic clients (10 x 300 rows, 40 features, 30 atoms)
 under several noise settings, for a grid of constant step sizes, and prints
 the objective (mean per row on all rows) after a fixed number of rounds,
 averaged over seeds, next to ``step_size="auto"``
@@ -13,7 +13,7 @@ omega and the participation rate).
 
 Usage::
 
-    python benchmarks/bench_step_size.py          # 40 rounds, 3 seeds
+    python benchmarks/bench_step_size.py          # 30 rounds, 2 seeds
     python benchmarks/bench_step_size.py --quick  # 15 rounds, 1 seed, fewer rows
 """
 
@@ -41,7 +41,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    n_rounds, seeds, n_samples = (15, [0], 200) if args.quick else (40, [0, 1, 2], 500)
+    n_rounds, seeds, n_samples = (15, [0], 200) if args.quick else (30, [0, 1], 300)
     clients, _ = make_sparse_coded_clients(n_samples=n_samples, random_state=0)
     X = np.vstack(clients)
     base = dict(n_components=30, alpha=0.1, max_iter=n_rounds, tol=0)

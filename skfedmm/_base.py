@@ -19,6 +19,7 @@ FEDERATED_PARAMS = dict(
     client_weights="proportional",
     eval_every=None,
     min_clients=1,
+    client_timeout=None,
     warm_start=False,
 )
 
@@ -63,6 +64,11 @@ FEDERATED_PARAMS_DOC = """
         in that round (recorded in ``history_.failed``, warned about once
         per fit). A round where fewer than ``min(min_clients, n_sampled)``
         clients answer raises an error instead of updating.
+    client_timeout : float or None, default=None
+        Seconds a client may take in a round before it counts as failed
+        (``TimeoutError``, recorded like any failure); None waits forever.
+        The late computation finishes in the background and is discarded;
+        with a timeout, results depend on timing.
     warm_start : bool, default=False
         Continue from the full training state of the previous fit (server
         statistic, every client's control variate and random stream, round
@@ -114,6 +120,7 @@ class FederatedMixin:
             verbose=self.verbose,
             callback=self.callback,
             min_clients=self.min_clients,
+            client_timeout=self.client_timeout,
         )
 
     def _run_engine(self, clients, make_problem, *, max_iter, tol, convergence, resume):

@@ -186,6 +186,7 @@ class FederatedDictionaryLearning(
         client_weights="proportional",
         eval_every=None,
         min_clients=1,
+        client_timeout=None,
         warm_start=False,
     ):
         self.n_components = n_components
@@ -217,6 +218,7 @@ class FederatedDictionaryLearning(
         self.client_weights = client_weights
         self.eval_every = eval_every
         self.min_clients = min_clients
+        self.client_timeout = client_timeout
         self.warm_start = warm_start
 
     # ------------------------------------------------------------------ fit

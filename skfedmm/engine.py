@@ -410,10 +410,28 @@ class ClientFailure:
     exception: object = None
 
 
-def _guarded(task, *args):
-    """Run a client task; an exception makes the client absent, not the fit."""
+def _guarded(task, *args, timeout=None):
+    """Run a client task; an exception makes the client absent, not the fit.
+
+    With a ``timeout`` (seconds) the task runs in a helper thread and a
+    client that has not answered in time is absent too (``TimeoutError``).
+    Python cannot stop that thread: it finishes in the background and its
+    result is discarded (it works on copies, so it changes nothing).
+    """
     try:
-        return task(*args)
+        if timeout is None:
+            return task(*args)
+        from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        executor = ThreadPoolExecutor(max_workers=1)
+        try:
+            return executor.submit(task, *args).result(timeout=timeout)
+        except FutureTimeout:
+            exc = TimeoutError(f"no answer within client_timeout={timeout} s")
+            return ClientFailure("TimeoutError", str(exc), exc)
+        finally:
+            executor.shutdown(wait=False)
     except Exception as exc:  # noqa: BLE001 - any client error is a failure
         return ClientFailure(type(exc).__name__, str(exc), exc)
 
@@ -735,6 +753,11 @@ class FedMM:
         recorded in the history and warned about once per fit). A round in
         which fewer than ``min(min_clients, n_sampled)`` clients answer
         raises instead of updating from too little.
+    client_timeout : float or None, default=None
+        Seconds a client may take in a round; a client that has not answered
+        by then is treated as failed (``TimeoutError``). None waits forever.
+        The timed-out computation cannot be stopped: it finishes in the
+        background and is discarded. Results then depend on timing.
     """
 
     def __init__(
@@ -759,6 +782,7 @@ class FedMM:
         verbose=0,
         callback=None,
         min_clients=1,
+        client_timeout=None,
     ):
         self.problem = problem
         self.aggregation = aggregation
@@ -779,6 +803,7 @@ class FedMM:
         self.verbose = verbose
         self.callback = callback
         self.min_clients = min_clients
+        self.client_timeout = client_timeout
 
     # ---------------------------------------------------------------- checks
     def _validate(self, clients):
@@ -828,6 +853,14 @@ class FedMM:
             or self.min_clients < 1
         ):
             raise ValueError(f"min_clients must be an integer >= 1, got {self.min_clients!r}.")
+        if self.client_timeout is not None and (
+            not isinstance(self.client_timeout, Real)
+            or isinstance(self.client_timeout, bool)
+            or not self.client_timeout > 0
+        ):
+            raise ValueError(
+                f"client_timeout must be None or a number of seconds > 0, got {self.client_timeout!r}."
+            )
         weights = client_weights([X.shape[0] for X in clients], self.client_weights)
         exact = (
             self.participation == 1
@@ -994,7 +1027,10 @@ class FedMM:
         itemsize = np.dtype(dtype).itemsize
         bits_up = 0
         failed = []
-        results = parallel(delayed(_guarded)(_client_init, problem, X, pin) for X in clients)
+        results = parallel(
+            delayed(_guarded)(_client_init, problem, X, pin, timeout=self.client_timeout)
+            for X in clients
+        )
         answered, fails = self._answers(range(n), results, 0, warned, needed=1)
         failed += fails
         agg_init = None
@@ -1024,7 +1060,8 @@ class FedMM:
                 layout=_Layout({"theta": theta0}), mstep_rng=init_rng,
             )
         results = parallel(
-            delayed(_guarded)(_client_full, problem, X, theta0, pin) for X in clients
+            delayed(_guarded)(_client_full, problem, X, theta0, pin, timeout=self.client_timeout)
+            for X in clients
         )
         answered, fails = self._answers(range(n), results, 0, warned, needed=1)
         failed += fails
@@ -1085,13 +1122,16 @@ class FedMM:
             tasks = (
                 delayed(_guarded)(
                     task, problem, clients[i], state.clients[i], theta, state.s_hat,
-                    state.log_scale, cfg,
+                    state.log_scale, cfg, timeout=self.client_timeout,
                 )
                 for i in active
             )
         else:
             tasks = (
-                delayed(_guarded)(_client_parameter, problem, clients[i], state.clients[i], theta, cfg)
+                delayed(_guarded)(
+                    _client_parameter, problem, clients[i], state.clients[i], theta, cfg,
+                    timeout=self.client_timeout,
+                )
                 for i in active
             )
         results = parallel(tasks) if len(active) else []
@@ -1180,7 +1220,8 @@ class FedMM:
 
     def _full_loss(self, parallel, clients, theta, weights, pin):
         results = parallel(
-            delayed(_guarded)(_client_loss, self.problem, X, theta, pin) for X in clients
+            delayed(_guarded)(_client_loss, self.problem, X, theta, pin, timeout=self.client_timeout)
+            for X in clients
         )
         answered, _ = _split_answers(range(len(clients)), results)
         if len(answered) < len(clients):

@@ -225,6 +225,7 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         client_weights="proportional",
         eval_every=None,
         min_clients=1,
+        client_timeout=None,
         warm_start=False,
     ):
         self.epsilon = epsilon
@@ -248,6 +249,7 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         self.client_weights = client_weights
         self.eval_every = eval_every
         self.min_clients = min_clients
+        self.client_timeout = client_timeout
         self.warm_start = warm_start
 
     # ------------------------------------------------------------------ fit

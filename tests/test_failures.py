@@ -171,3 +171,30 @@ def test_estimator_records_failures():
     assert all(f == [] for f in est.history_.failed)
     with pytest.raises(ValueError, match="min_clients"):
         FederatedDictionaryLearning(min_clients=0, max_iter=2).fit(clients)
+
+
+class Slow(Flaky):
+    """Sleeps (instead of raising) when ``fails(client, call)``."""
+
+    def local_statistic(self, X, theta):
+        import time
+
+        client = self.fingerprints.index(self._fingerprint(X))
+        call = self.calls.get(client, 0)
+        self.calls[client] = call + 1
+        if self.fails(client, call, theta):
+            time.sleep(2.0)
+        return self.problem.local_statistic(X, theta)
+
+
+def test_slow_client_times_out_and_is_absent():
+    clients = make_clients(n_clients=4)
+    slow = Slow(CauchyLocation(), clients, lambda c, call, theta: c == 1 and call == 2)
+    with pytest.warns(ClientFailureWarning, match="TimeoutError"):
+        state = FedMM(slow, max_iter=60, client_timeout=0.5, random_state=0).fit(clients)
+    assert state.history.failed[2] == [(1, "TimeoutError")]
+    assert sum(len(f) for f in state.history.failed) == 1
+    ref = FedMM(CauchyLocation(), max_iter=60, random_state=0).fit(clients)
+    np.testing.assert_allclose(state.theta, ref.theta, atol=1e-6)
+    with pytest.raises(ValueError, match="client_timeout"):
+        FedMM(CauchyLocation(), client_timeout=0).fit(clients)

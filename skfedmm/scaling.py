@@ -30,13 +30,13 @@ def dask_backend(client=None, **kwargs):
     >>> with dask_backend(client):                          # doctest: +SKIP
     ...     FederatedDictionaryLearning(n_components=8).fit(clients)
     """
-    try:
-        import distributed  # noqa: F401  (only to check it is installed)
-    except ImportError as exc:
+    import importlib.util
+
+    if importlib.util.find_spec("distributed") is None:
         raise ImportError(
             "Running clients on Dask needs dask.distributed: "
             'pip install "skfedmm[dask]"'
-        ) from exc
+        )
     from joblib import parallel_config
 
     if client is not None:

@@ -14,3 +14,15 @@ EXPECTED_FAILED_CHECKS = {}
 )
 def test_sklearn_compatible_estimator(estimator, check):
     check(estimator)
+
+
+def test_estimators_share_the_federated_parameters():
+    """Both estimators take every federated parameter, with the same default."""
+    from skfedmm import FederatedOTMap
+    from skfedmm._base import FEDERATED_PARAMS
+
+    for est in (FederatedDictionaryLearning(), FederatedOTMap()):
+        params = est.get_params()
+        for name, default in FEDERATED_PARAMS.items():
+            assert name in params, (type(est).__name__, name)
+            assert params[name] == default, (type(est).__name__, name)

@@ -76,17 +76,15 @@ def test_dask_backend_helper(dask_client):
 
 
 def test_missing_dask_says_how_to_install(monkeypatch):
-    import builtins
+    import importlib.util
 
     from skfedmm import dask_backend
 
-    real_import = builtins.__import__
+    real_find_spec = importlib.util.find_spec
 
     def no_distributed(name, *args, **kwargs):
-        if name == "distributed":
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
+        return None if name == "distributed" else real_find_spec(name, *args, **kwargs)
 
-    monkeypatch.setattr(builtins, "__import__", no_distributed)
+    monkeypatch.setattr(importlib.util, "find_spec", no_distributed)
     with pytest.raises(ImportError, match=r'pip install "skfedmm\[dask\]"'):
         dask_backend()

@@ -1,18 +1,14 @@
 """FederatedDictionaryLearning: a federated drop-in for sklearn's DictionaryLearning."""
 
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassNamePrefixFeaturesOutMixin, TransformerMixin
 from sklearn.decomposition import sparse_encode
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from ._base import (
-    FEDERATED_PARAMS_DOC,
-    FederatedMixin,
-    check_option,
-    check_scalar_param,
-)
+from ._base import FEDERATED_PARAMS_DOC, FederatedMixin
+from ._params import Interval, StrOptions
 from ._clients import check_clients, check_sample_weight, check_transform_input, is_client_list
 from .problems.dictionary import DictionaryLearningProblem, lasso_objective
 
@@ -99,6 +95,19 @@ class FederatedDictionaryLearning(
         Initialization when ``dict_init`` is None, with no raw row leaving a
         client: ``"pca"`` aggregates the clients' second-moment matrices and
         takes the top eigenvectors; ``"random"`` draws unit atoms.
+    atom_restart : {"auto", "residual", "random"}, default="auto"
+        Where the server moves a dead atom (one no code uses, or a duplicate
+        of another atom), since it never sees a row. ``"residual"``: each
+        client also sends its mean second moment :math:`\overline{x^\top
+        x}` (``n_features x n_features``) once, before the first round
+        (``init="pca"`` sends it anyway); the server then knows the second
+        moment of the coding residual :math:`x - hD` and puts dead atoms on
+        its leading directions, deterministically, and a round that moves
+        an atom never counts as converged. ``"random"``: random unit atoms,
+        nothing extra sent. ``"auto"``: ``"residual"`` with surrogate
+        aggregation when the second moment is sent anyway or costs at most
+        one round's statistic (``n_features**2 <= n_components**2 +
+        n_features * n_components``), else ``"random"``.
     """ + FEDERATED_PARAMS_DOC + r"""
     Attributes
     ----------
@@ -154,6 +163,34 @@ class FederatedDictionaryLearning(
     (50, 5)
     """
 
+    _parameter_constraints = {
+        **FederatedMixin._parameter_constraints,
+        "n_components": [Interval(Integral, 1, None, closed="left"), None],
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "fit_algorithm": [StrOptions({"batch_cd", "cd", "lars"})],
+        "transform_algorithm": [StrOptions({"lasso_lars", "lasso_cd", "lars", "omp", "threshold"})],
+        "transform_n_nonzero_coefs": [Interval(Integral, 1, None, closed="left"), None],
+        "transform_alpha": [Interval(Real, 0, None, closed="left"), None],
+        "n_jobs": [Integral, None],
+        "dict_init": ["array-like", None],
+        "callback": [callable, None],
+        "verbose": ["verbose"],
+        "split_sign": ["boolean"],
+        "random_state": ["random_state"],
+        "positive_code": ["boolean"],
+        "positive_dict": ["boolean"],
+        "transform_max_iter": [Interval(Integral, 0, None, closed="left")],
+        "init": [StrOptions({"pca", "random"})],
+        "atom_restart": [StrOptions({"auto", "residual", "random"})],
+    }
+
+    _fixed_when_resuming = {
+        "n_components": "the statistics' shapes depend on it",
+        "aggregation": "the training state of one aggregation is not that of the other",
+    }
+
     def __init__(
         self,
         n_components=None,
@@ -175,6 +212,7 @@ class FederatedDictionaryLearning(
         positive_dict=False,
         transform_max_iter=1000,
         init="pca",
+        atom_restart="auto",
         aggregation="surrogate",
         participation=1.0,
         participation_scheme="bernoulli",
@@ -207,6 +245,7 @@ class FederatedDictionaryLearning(
         self.positive_dict = positive_dict
         self.transform_max_iter = transform_max_iter
         self.init = init
+        self.atom_restart = atom_restart
         self.aggregation = aggregation
         self.participation = participation
         self.participation_scheme = participation_scheme
@@ -223,22 +262,7 @@ class FederatedDictionaryLearning(
 
     # ------------------------------------------------------------------ fit
     def _check_params(self, n_features, dtype):
-        check_scalar_param("n_components", self.n_components, kind=Integral, low=1, allow_none=True)
-        check_scalar_param("alpha", self.alpha, low=0)
-        check_scalar_param("max_iter", self.max_iter, kind=Integral, low=0)
-        check_scalar_param("tol", self.tol, low=0)
-        check_scalar_param("transform_max_iter", self.transform_max_iter, kind=Integral, low=0)
-        check_scalar_param("transform_alpha", self.transform_alpha, low=0, allow_none=True)
-        check_scalar_param(
-            "transform_n_nonzero_coefs", self.transform_n_nonzero_coefs, kind=Integral, low=1,
-            allow_none=True,
-        )
-        check_option("fit_algorithm", self.fit_algorithm, {"batch_cd", "cd", "lars"})
-        check_option(
-            "transform_algorithm", self.transform_algorithm,
-            {"lasso_lars", "lasso_cd", "lars", "omp", "threshold"},
-        )
-        check_option("init", self.init, {"pca", "random"})
+        """Checks that need the data (shapes, dtype); constraints are checked by ``fit``."""
         n_components = n_features if self.n_components is None else self.n_components
         dict_init = None
         if self.dict_init is not None:
@@ -265,6 +289,11 @@ class FederatedDictionaryLearning(
             init=self.init,
             dict_init=dict_init,
             coder_max_iter=max(self.transform_max_iter, 1),
+            # the baseline's M-steps run on the clients, which re-draw at random
+            atom_restart=(
+                "random" if self.atom_restart == "auto" and self.aggregation == "parameter"
+                else self.atom_restart
+            ),
         )
 
     def fit(self, X, y=None, *, client_ids=None):
@@ -287,6 +316,7 @@ class FederatedDictionaryLearning(
         self : object
             The fitted estimator.
         """
+        self._validate_params()
         resume = self.warm_start and self._can_resume()
         clients, _ = check_clients(self, X, client_ids, reset=not resume)
         self._fit_rounds(clients, self.max_iter, self.tol, resume)
@@ -313,19 +343,22 @@ class FederatedDictionaryLearning(
         -------
         self : object
         """
+        self._validate_params()
         resume = self._can_resume()
         clients, _ = check_clients(self, X, client_ids, reset=not resume)
         self._fit_rounds(clients, 1, 0.0, resume)
         return self
 
     def _fit_rounds(self, clients, max_iter, tol, resume):
-        state = self._run_engine(
+        def record(state):
+            self.components_ = state.theta
+            self.error_ = state.history["objective"]
+
+        self._run_engine(
             clients,
-            lambda: self._make_problem(self.n_features_in_, clients[0].dtype),
-            max_iter=max_iter, tol=tol, convergence="objective", resume=resume,
+            self._make_problem(self.n_features_in_, clients[0].dtype),
+            max_iter=max_iter, tol=tol, convergence="objective", resume=resume, record=record,
         )
-        self.components_ = state.theta
-        self.error_ = state.history["objective"]
 
     def fit_transform(self, X, y=None, *, client_ids=None):
         """Fit, then return the codes of the training rows.
@@ -398,7 +431,8 @@ class FederatedDictionaryLearning(
         expected = 2 * k if self.split_sign else k
         if code.shape[1] != expected:
             raise ValueError(
-                f"The code has {code.shape[1]} columns; the dictionary expects {expected}."
+                f"The code's number of columns differs from the dictionary's number of "
+                f"components: Expected {expected}, got {code.shape[1]}."
             )
         if self.split_sign:
             code = code[:, :k] - code[:, k:]
@@ -440,7 +474,8 @@ class FederatedDictionaryLearning(
 
     @property
     def _n_features_out(self):
-        return self.components_.shape[0]
+        # as many names as transform returns columns (2 per atom with split_sign)
+        return self.components_.shape[0] * (2 if self.split_sign else 1)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -43,16 +43,38 @@ References
 import contextlib
 import copy
 import math
-import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 
 import numpy as np
 from joblib import Parallel, delayed
 
+from ._params import (
+    ENGINE_PARAMS,
+    FEDERATED_CONSTRAINTS,
+    ENGINE_PARAMS_DOC,
+    HasMethods,
+    Interval,
+    StrOptions,
+    validate_params,
+)
 from .compression import make_compressor
+from .federation.local import (  # noqa: F401 - where clients run; names kept importable here
+    ClientFailure,
+    _aligned,
+    _AlignedRows,
+    _client_guard,
+    _ClientContext,
+    _dask_client,
+    _guarded,
+    _load_rows,
+    _MappedRows,
+    _Placed,
+    _place_clients,
+    blas_limited,
+)
 
 __all__ = [
     "ClientFailureWarning",
@@ -104,6 +126,41 @@ class _Layout:
             out[name] = flat[start : start + size].reshape(shape)
             start += size
         return out
+
+
+class _ParamLayout(_Layout):
+    """The layout of a parameter: one array, or a dict of named arrays.
+
+    Parameters travel through the same flat-vector view as statistics (the
+    parameter-averaging baseline compresses and averages it, the history
+    records norms of its changes), and :meth:`unflatten` gives back the
+    structure the problem uses.
+    """
+
+    def __init__(self, theta):
+        self.is_dict = isinstance(theta, dict)
+        super().__init__(theta if self.is_dict else {"theta": theta})
+
+    def as_dict(self, theta):
+        return theta if self.is_dict else {"theta": theta}
+
+    def flatten(self, theta, dtype=np.float64):
+        return super().flatten(self.as_dict(theta), dtype)
+
+    def unflatten(self, flat):
+        out = super().unflatten(flat)
+        return out if self.is_dict else out["theta"]
+
+    def cast(self, theta, dtype):
+        """The parameter with every array converted to ``dtype`` (no copy if already)."""
+        return self.unflatten(self.flatten(theta, dtype))
+
+
+def _map_param(fn, theta):
+    """Apply ``fn`` to a parameter's array(s), keeping its structure."""
+    if isinstance(theta, dict):
+        return {k: fn(v) for k, v in theta.items()}
+    return fn(theta)
 
 
 # --------------------------------------------------------------------------
@@ -223,6 +280,7 @@ _HISTORY_FIELDS = (
     "bits_down",
     "n_active",
     "time",
+    "restarted",
 )
 
 
@@ -258,6 +316,11 @@ class History:
         Number of clients that took part.
     time : ndarray
         Wall-clock seconds since the start of the fit, at the end of the round.
+    restarted : ndarray
+        1 when the round's M-step restarted part of the parameter
+        (:meth:`MMProblem.restarted`, e.g. a re-placed dictionary atom), so
+        that the round cannot count as converged; 0 otherwise (NaN for the
+        initialization and for parameter aggregation).
     failed : list of list of (int, str)
         Per round, the clients that failed and the exception type.
     """
@@ -272,6 +335,7 @@ class History:
     bits_down: list = field(default_factory=list)
     n_active: list = field(default_factory=list)
     time: list = field(default_factory=list)
+    restarted: list = field(default_factory=list)
     failed: list = field(default_factory=list)
 
     def _append(self, **row):
@@ -300,39 +364,7 @@ class History:
 # --------------------------------------------------------------------------
 # Client side (module-level functions: they are sent to joblib workers)
 # --------------------------------------------------------------------------
-_CONTROLLER = None
-
-
-class _ClientContext:
-    """Context of all client work.
-
-    Pins BLAS to one thread when several clients may run at once (so that
-    results do not depend on ``n_jobs``), and silences floating-point
-    warnings: the server checks every message for finiteness instead and
-    raises one clear error naming the client.
-    """
-
-    def __init__(self, pin):
-        self.pin = pin
-
-    def __enter__(self):
-        global _CONTROLLER
-        self._limit = None
-        if self.pin:
-            if _CONTROLLER is None:
-                from threadpoolctl import ThreadpoolController
-
-                _CONTROLLER = ThreadpoolController()
-            self._limit = _CONTROLLER.limit(limits=1, user_api="blas")
-        self._err = np.errstate(all="ignore")
-        self._err.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._err.__exit__(*exc)
-        if self._limit is not None:
-            self._limit.__exit__(*exc)
-        return False
+# (BLAS limits, guarded calls and placement of rows: skfedmm.federation.local)
 
 
 def _check_message(value, client, what, round_index):
@@ -393,49 +425,6 @@ def _draw_batch(X, batch_size, rng):
     return X[rows]
 
 
-@dataclass
-class ClientFailure:
-    """What the server gets from a client whose computation raised.
-
-    Attributes
-    ----------
-    error : str
-        The exception's type name.
-    message : str
-    exception : BaseException
-    """
-
-    error: str
-    message: str
-    exception: object = None
-
-
-def _guarded(task, *args, timeout=None):
-    """Run a client task; an exception makes the client absent, not the fit.
-
-    With a ``timeout`` (seconds) the task runs in a helper thread and a
-    client that has not answered in time is absent too (``TimeoutError``).
-    Python cannot stop that thread: it finishes in the background and its
-    result is discarded (it works on copies, so it changes nothing).
-    """
-    try:
-        if timeout is None:
-            return task(*args)
-        from concurrent.futures import ThreadPoolExecutor
-        from concurrent.futures import TimeoutError as FutureTimeout
-
-        executor = ThreadPoolExecutor(max_workers=1)
-        try:
-            return executor.submit(task, *args).result(timeout=timeout)
-        except FutureTimeout:
-            exc = TimeoutError(f"no answer within client_timeout={timeout} s")
-            return ClientFailure("TimeoutError", str(exc), exc)
-        finally:
-            executor.shutdown(wait=False)
-    except Exception as exc:  # noqa: BLE001 - any client error is a failure
-        return ClientFailure(type(exc).__name__, str(exc), exc)
-
-
 def _client_init(problem, X, pin):
     """Initialization messages: the init statistic (or None)."""
     with _ClientContext(pin):
@@ -445,153 +434,51 @@ def _client_init(problem, X, pin):
 def _client_full(problem, X, theta, pin):
     """Uncompressed statistic and loss on all rows (initial full round)."""
     with _ClientContext(pin):
-        return problem.local_statistic(_aligned(X), _aligned(theta))
+        return problem.local_statistic(_aligned(X), _map_param(_aligned, theta))
 
 
 def _client_loss(problem, X, theta, pin):
     with _ClientContext(pin):
-        return problem.loss(_aligned(X), _aligned(theta))
+        return problem.loss(_aligned(X), _map_param(_aligned, theta))
 
 
 def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
     """One surrogate-aggregation round on one client."""
-    with _ClientContext(cfg["pin"]):
+    with _ClientContext(cfg.pin):
         # a private copy: a failed round leaves the client's stream untouched
         rng = copy.deepcopy(state.rng)
-        X, theta, s_hat, cv = (_aligned(a) for a in (X, theta, s_hat, state.cv))
+        X, s_hat, cv = (_aligned(a) for a in (X, s_hat, state.cv))
+        theta = _map_param(_aligned, theta)
         if log_scale is not None and not np.array_equal(log_scale, state.log_scale):
             cv = cv * np.exp(log_scale - state.log_scale).astype(cv.dtype, copy=False)
-        batch = _draw_batch(X, cfg["batch_size"], rng)
+        batch = _draw_batch(X, cfg.batch_size, rng)
         stat, loss = problem.local_statistic(batch, theta)
-        s_i = cfg["layout"].flatten(stat, s_hat.dtype)
+        s_i = cfg.layout.flatten(stat, s_hat.dtype)
         delta = s_i - s_hat - cv
-        payload, bits = cfg["compressor"].compress(delta, rng)
-        new_cv = cv + cfg["cv_rate"] * payload if cfg["cv_rate"] != 0 else cv
+        payload, bits = cfg.compressor.compress(delta, rng)
+        new_cv = cv + cfg.cv_rate * payload if cfg.cv_rate != 0 else cv
         new_state = ClientState(cv=new_cv, rng=rng, log_scale=log_scale)
         return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
 
 
 def _client_parameter(problem, X, state, theta, cfg):
     """One parameter-aggregation round: local MM steps, send the change."""
-    with _ClientContext(cfg["pin"]):
+    with _ClientContext(cfg.pin):
         rng = copy.deepcopy(state.rng)
-        X, theta = _aligned(X), _aligned(theta)
+        X, theta = _aligned(X), _map_param(_aligned, theta)
+        param_layout = cfg.param_layout
         local = theta
         loss = np.nan
-        for k in range(cfg["local_steps"]):
-            batch = _draw_batch(X, cfg["batch_size"], rng)
+        for k in range(cfg.local_steps):
+            batch = _draw_batch(X, cfg.batch_size, rng)
             stat, batch_loss = problem.local_statistic(batch, local)
             if k == 0:
                 loss = batch_loss
-            local = np.asarray(problem.minimize(stat, local, rng), dtype=theta.dtype)
-        delta = np.asarray(local - theta).ravel()
-        payload, bits = cfg["compressor"].compress(delta, rng)
+            local = param_layout.cast(problem.minimize(stat, local, rng), cfg.dtype)
+        delta = param_layout.flatten(local, cfg.dtype) - param_layout.flatten(theta, cfg.dtype)
+        payload, bits = cfg.compressor.compress(delta, rng)
         new_state = ClientState(cv=None, rng=rng)
         return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
-
-
-class _Placed:
-    """Client data placed on remote workers, with its metadata kept here."""
-
-    def __init__(self, futures, arrays):
-        self.futures = futures
-        self.shapes = [X.shape for X in arrays]
-
-    def __len__(self):
-        return len(self.futures)
-
-    def __getitem__(self, i):
-        return self.futures[i]
-
-
-def _place_clients(clients, n_jobs, stack):
-    """Put the clients' rows where the workers read them, once per fit.
-
-    - Dask (joblib's ``"dask"`` backend): each client's array is scattered
-      to one worker (not broadcast) and replaced by its future; Dask runs
-      that client's tasks where its rows live.
-    - Process-based backends (loky, multiprocessing) with several workers:
-      each array is written once to a memory-mapped ``.npy`` file in a
-      temporary folder, and tasks carry only its path; workers map it
-      read-only (and cache the mapping).
-    - Sequential and thread-based runs use the arrays themselves.
-
-    Every round then ships only parameters, statistics and client state.
-    """
-    from joblib import effective_n_jobs
-    from joblib.parallel import get_active_backend
-
-    backend, _ = get_active_backend()
-    name = type(backend).__name__
-    client = _dask_client()
-    if client is not None:
-        return _Placed(client.scatter([_AlignedRows(X) for X in clients], hash=False), clients)
-    if name in ("LokyBackend", "MultiprocessingBackend") and effective_n_jobs(n_jobs) > 1:
-        import tempfile
-
-        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="skfedmm-"))
-        handles = []
-        for i, X in enumerate(clients):
-            path = os.path.join(folder, f"client{i}.npy")
-            np.save(path, X)
-            handles.append(_MappedRows(path))
-        return _Placed(handles, clients)
-    return clients
-
-
-def _dask_client():
-    """The Dask client of joblib's active ``"dask"`` backend, or None."""
-    from joblib.parallel import get_active_backend
-
-    backend, _ = get_active_backend()
-    if type(backend).__name__ == "DaskDistributedBackend":
-        return getattr(backend, "client", None)
-    return None
-
-
-class _MappedRows:
-    """A client's rows in a ``.npy`` file; unpickles as a read-only memmap."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return _load_rows, (self.path,)
-
-
-_MAPPED = {}
-
-
-def _load_rows(path):
-    rows = _MAPPED.get(path)
-    if rows is None:
-        # forget the mappings of finished fits (their folders are gone)
-        for old in [p for p in _MAPPED if not os.path.exists(p)]:
-            del _MAPPED[old]
-        rows = _MAPPED[path] = np.load(path, mmap_mode="r")
-    return rows
-
-
-def _aligned(a):
-    """``a`` itself, or an aligned copy when a transport left it unaligned.
-
-    Dask may deliver arrays at unaligned addresses, where BLAS kernels round
-    differently; aligned inputs keep results bitwise independent of where a
-    client runs.
-    """
-    if isinstance(a, np.ndarray) and not a.flags.aligned:
-        return np.require(a, requirements=["ALIGNED", "C"])
-    return a
-
-
-class _AlignedRows:
-    """Pickles as its array and unpickles as an aligned copy (scatter once)."""
-
-    def __init__(self, X):
-        self.X = X
-
-    def __reduce__(self):
-        return _aligned, (self.X,)
 
 
 def _n_rows(clients, i):
@@ -616,12 +503,19 @@ def _split_answers(indices, results):
 class FedMMState:
     """Complete state of a FedMM run (server and simulated clients).
 
+    A state is replaced, never half-changed: every round builds the next
+    state from the previous one and commits it only once all of the round's
+    steps have succeeded (clients, projection, M-step, checks). An exception
+    in a round therefore leaves the last committed state, from which a
+    resumed fit continues bitwise as if nothing had happened.
+
     Attributes
     ----------
-    theta : ndarray
+    theta : ndarray or dict of ndarray
         Current parameter :math:`\\theta_t`.
     s_hat : ndarray or None
-        Server statistic :math:`\\hat S_t` (flat).
+        Server statistic :math:`\\hat S_t` (flat); None for parameter
+        aggregation.
     cv : ndarray or None
         Aggregate control variate :math:`V_t` (flat).
     log_scale : ndarray or None
@@ -630,11 +524,23 @@ class FedMMState:
     server_rng : numpy.random.Generator
         The server's participation stream (only participation draws, so
         that runs differing in anything else see the same participants).
-    mstep_rng : numpy.random.Generator
-        The server's stream for the initialization and the M-steps.
     round : int
         Number of rounds run after initialization.
     history : History
+    weights : ndarray of shape (n_clients,)
+        The client weights :math:`w_i` the state was built with.
+    layout : object
+        The statistic's layout (names and shapes of its arrays).
+    mstep_rng : numpy.random.Generator
+        The server's stream for the initialization and the M-steps.
+    problem : MMProblem
+        The problem the run solves, as returned by
+        :meth:`MMProblem.prepare` (with its fit-time constants).
+    init_stat : dict of ndarray or None
+        The aggregated initialization statistic (kept so that a continued
+        run can prepare a problem with changed hyper-parameters).
+    param_layout : object
+        The parameter's layout (one array or a dict of arrays).
     """
 
     theta: object
@@ -648,19 +554,76 @@ class FedMMState:
     weights: object
     layout: object = None
     mstep_rng: object = None
+    problem: object = None
+    init_stat: object = None
+    param_layout: object = None
 
 
-def _check_participation(participation, scheme):
-    if (
-        not isinstance(participation, Real)
-        or isinstance(participation, bool)
-        or not 0 < participation <= 1
-    ):
-        raise ValueError(f"participation must be a float in (0, 1], got {participation!r}.")
-    if scheme not in ("bernoulli", "fixed"):
-        raise ValueError(
-            f"participation_scheme must be 'bernoulli' or 'fixed', got {scheme!r}."
-        )
+@dataclass(frozen=True)
+class ClientConfig:
+    """What every client needs to run a round; fixed for one ``fit`` call.
+
+    Attributes
+    ----------
+    layout : object
+        The statistic's layout.
+    param_layout : object
+        The parameter's layout.
+    compressor : Compressor
+    cv_rate : float
+        The control-variate rate :math:`\\alpha`.
+    batch_size : int or None
+    local_steps : int
+    dtype : numpy.dtype
+        The dtype of the clients' rows and of the messages.
+    pin : bool
+        Limit BLAS to one thread in client work (several clients).
+    """
+
+    layout: object
+    param_layout: object
+    compressor: object
+    cv_rate: float
+    batch_size: object
+    local_steps: int
+    dtype: object
+    pin: bool
+
+
+class _FailureLog:
+    """Failures of one ``fit`` call: warned about once, counted against ``min_clients``."""
+
+    def __init__(self, min_clients):
+        self.min_clients = min_clients
+        self.warned = False
+
+    def answers(self, indices, results, round_index, needed=None):
+        """Answers of the clients that did not fail; warn once, check the count."""
+        answered, failures = _split_answers(indices, results)
+        if failures and not self.warned:
+            i, f = failures[0]
+            warnings.warn(
+                f"client {i} failed at round {round_index} ({f.error}: {f.message}); failed "
+                "clients are treated as not participating in that round. Further failures "
+                "in this fit are recorded in history_.failed without a warning.",
+                ClientFailureWarning,
+                stacklevel=4,
+            )
+            self.warned = True
+        needed = min(self.min_clients, len(indices)) if needed is None else needed
+        if len(answered) < needed:
+            i, f = failures[0]
+            msg = (
+                f"round {round_index}: {len(answered)} of {len(indices)} clients answered, "
+                f"fewer than min_clients={self.min_clients}; client {i} failed with "
+                f"{f.error}: {f.message}"
+            )
+            try:
+                error = type(f.exception)(msg)
+            except Exception:  # noqa: BLE001 - exotic exception signatures
+                error = RuntimeError(msg)
+            raise error from f.exception
+        return answered, [(i, f.error) for i, f in failures]
 
 
 def client_weights(n_rows, client_weights="proportional"):
@@ -698,47 +661,50 @@ def client_weights(n_rows, client_weights="proportional"):
     return w / w.sum()
 
 
+def _mirrored_cv(clients, weights, log_scale, dtype):
+    """:math:`V = \\sum_i w_i V_i`, re-derived from the clients' control variates.
+
+    The server mirrors every :math:`V_i` (it receives each increment and
+    knows the coordinate factors), so it can recompute the aggregate exactly
+    instead of carrying a running sum.
+    """
+    cvs = [
+        c.cv if log_scale is None
+        else c.cv * np.exp(log_scale - c.log_scale).astype(c.cv.dtype, copy=False)
+        for c in clients
+    ]
+    return aggregate(cvs, weights.astype(dtype)).astype(dtype, copy=False)
+
+
+def _check_finite_param(param_layout, theta, round_index):
+    if not np.all(np.isfinite(param_layout.flatten(theta))):
+        where = "initial server update" if round_index == 0 else f"server update at round {round_index}"
+        raise ValueError(
+            f"The {where} produced a non-finite parameter; check the scale of the data "
+            "and the step size."
+        )
+
+
 class FedMM:
-    """The FedMM engine: runs an :class:`~skfedmm.problems.MMProblem` on clients.
+    __doc__ = """The FedMM engine: runs an :class:`~skfedmm.problems.MMProblem` on clients.
 
     Parameters
     ----------
     problem : MMProblem
-        The MM problem.
-    aggregation : {"surrogate", "parameter"}, default="surrogate"
-        Aggregate surrogate statistics (FedMM) or parameters (baseline).
-    participation : float in (0, 1], default=1.0
-        Probability that a client takes part in a round (``"bernoulli"``), or
-        fraction of clients drawn each round (``"fixed"``:
-        ``ceil(participation * n_clients)`` clients without replacement).
-    participation_scheme : {"bernoulli", "fixed"}, default="bernoulli"
-    compression : None, str, (str, dict) or Compressor, default=None
-        See :func:`skfedmm.compression.make_compressor`.
-    step_size : "auto", float or callable, default="auto"
-        :math:`\\gamma_t`: a constant in (0, 1], a callable of the round index
-        ``t`` (from 0), e.g. :class:`PolynomialDecay`. ``"auto"``:
-        :func:`auto_step_size`, 1 when there is no compression and full
-        participation (then FedMM with full batches is batch MM).
-    cv_rate : "auto" or float, default="auto"
-        Control-variate rate :math:`\\alpha`; 0 disables control variates.
-        ``"auto"``: :math:`1 / (1 + \\omega)`.
-    batch_size : int or None, default=None
-        Rows each active client draws per round; None uses all its rows.
-    local_steps : int, default=1
-        Local MM steps per round in parameter aggregation.
-    client_weights : {"proportional", "uniform"} or array-like, default="proportional"
-    max_iter : int, default=100
+        The MM problem. It is not modified: fit-time constants live in the
+        problem returned by :meth:`MMProblem.prepare`, stored in the state.
+""" + ENGINE_PARAMS_DOC.lstrip("\n") + """    max_iter : int, default=100
         Number of rounds after the initialization.
     tol : float, default=0.0
         Stopping tolerance; see ``convergence``.
-    convergence : {"objective", "mean_field"}, default="objective"
-        ``"objective"``: stop when the exact objective decreases by less than
-        ``tol`` times its value between two evaluated rounds (as
-        scikit-learn's DictionaryLearning). ``"mean_field"``: stop when
-        :math:`\\|H_t\\|_1 \\le` ``tol`` (surrogate aggregation).
-    eval_every : int or None, default=None
-        Evaluate the exact objective on all rows every ``eval_every`` rounds
-        (it is free, and always done, in exact rounds).
+    convergence : {"objective", "absolute", "mean_field"}, default="objective"
+        ``"objective"``: stop when the exact objective changes by less than
+        ``tol`` times its magnitude between two evaluated rounds,
+        :math:`|W_{t-1} - W_t| < \\mathrm{tol}\\,|W_t|` (objectives of
+        either sign). ``"absolute"``: stop when :math:`|W_{t-1} - W_t| <
+        \\mathrm{tol}` (as :mod:`sklearn.mixture` does with the lower
+        bound). ``"mean_field"``: stop when :math:`\\|H_t\\|_1 \\le`
+        ``tol`` (surrogate aggregation).
     n_jobs : int or None, default=None
         Clients run in parallel through joblib; the backend is whatever
         :func:`joblib.parallel_config` selects.
@@ -747,18 +713,19 @@ class FedMM:
     callback : callable or None, default=None
         Called after each round with a dict (``round``, ``theta``,
         ``history``); returning True stops the fit.
-    min_clients : int, default=1
-        A client whose computation raises is treated as not participating
-        in that round (its control variate is unchanged; the failure is
-        recorded in the history and warned about once per fit). A round in
-        which fewer than ``min(min_clients, n_sampled)`` clients answer
-        raises instead of updating from too little.
-    client_timeout : float or None, default=None
-        Seconds a client may take in a round; a client that has not answered
-        by then is treated as failed (``TimeoutError``). None waits forever.
-        The timed-out computation cannot be stopped: it finishes in the
-        background and is discarded. Results then depend on timing.
     """
+
+    _parameter_constraints = {
+        "problem": [HasMethods(["local_statistic", "minimize", "init_parameter"])],
+        **{name: FEDERATED_CONSTRAINTS[name] for name in ENGINE_PARAMS},
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "convergence": [StrOptions({"objective", "absolute", "mean_field"})],
+        "n_jobs": [Integral, None],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        "callback": [callable, None],
+    }
 
     def __init__(
         self,
@@ -773,16 +740,16 @@ class FedMM:
         batch_size=None,
         local_steps=1,
         client_weights="proportional",
+        eval_every=None,
+        min_clients=1,
+        client_timeout=None,
         max_iter=100,
         tol=0.0,
         convergence="objective",
-        eval_every=None,
         n_jobs=None,
         random_state=None,
         verbose=0,
         callback=None,
-        min_clients=1,
-        client_timeout=None,
     ):
         self.problem = problem
         self.aggregation = aggregation
@@ -794,81 +761,43 @@ class FedMM:
         self.batch_size = batch_size
         self.local_steps = local_steps
         self.client_weights = client_weights
+        self.eval_every = eval_every
+        self.min_clients = min_clients
+        self.client_timeout = client_timeout
         self.max_iter = max_iter
         self.tol = tol
         self.convergence = convergence
-        self.eval_every = eval_every
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
         self.callback = callback
-        self.min_clients = min_clients
-        self.client_timeout = client_timeout
+
+    def get_params(self, deep=False):
+        """The engine's parameters (those of its constructor).
+
+        Parameters
+        ----------
+        deep : bool, default=False
+            Ignored; present for scikit-learn compatibility.
+
+        Returns
+        -------
+        params : dict
+        """
+        return {name: getattr(self, name) for name in self._parameter_constraints}
 
     # ---------------------------------------------------------------- checks
     def _validate(self, clients):
-        if self.aggregation not in ("surrogate", "parameter"):
-            raise ValueError(
-                f"aggregation must be 'surrogate' or 'parameter', got {self.aggregation!r}."
-            )
-        _check_participation(self.participation, self.participation_scheme)
-        if self.batch_size is not None and (
-            not isinstance(self.batch_size, Integral)
-            or isinstance(self.batch_size, bool)
-            or self.batch_size < 1
-        ):
-            raise ValueError(f"batch_size must be None or an integer >= 1, got {self.batch_size!r}.")
-        if (
-            not isinstance(self.local_steps, Integral)
-            or isinstance(self.local_steps, bool)
-            or self.local_steps < 1
-        ):
-            raise ValueError(f"local_steps must be an integer >= 1, got {self.local_steps!r}.")
-        if not isinstance(self.max_iter, Integral) or self.max_iter < 0:
-            raise ValueError(f"max_iter must be an integer >= 0, got {self.max_iter!r}.")
-        if not isinstance(self.tol, Real) or self.tol < 0:
-            raise ValueError(f"tol must be a float >= 0, got {self.tol!r}.")
-        if self.convergence not in ("objective", "mean_field"):
-            raise ValueError(
-                f"convergence must be 'objective' or 'mean_field', got {self.convergence!r}."
-            )
-        if self.eval_every is not None and (
-            not isinstance(self.eval_every, Integral) or self.eval_every < 1
-        ):
-            raise ValueError(f"eval_every must be None or an integer >= 1, got {self.eval_every!r}.")
+        validate_params(self._parameter_constraints, self.get_params(), "FedMM")
         compressor = make_compressor(self.compression)
-        if not (
-            isinstance(self.cv_rate, str)
-            and self.cv_rate == "auto"
-            or isinstance(self.cv_rate, Real)
-            and not isinstance(self.cv_rate, bool)
-            and 0 <= self.cv_rate <= 1
-        ):
-            raise ValueError(f"cv_rate must be 'auto' or a float in [0, 1], got {self.cv_rate!r}.")
         if len(clients) == 0:
             raise ValueError("At least one client is needed.")
-        if (
-            not isinstance(self.min_clients, Integral)
-            or isinstance(self.min_clients, bool)
-            or self.min_clients < 1
-        ):
-            raise ValueError(f"min_clients must be an integer >= 1, got {self.min_clients!r}.")
-        if self.client_timeout is not None and (
-            not isinstance(self.client_timeout, Real)
-            or isinstance(self.client_timeout, bool)
-            or not self.client_timeout > 0
-        ):
-            raise ValueError(
-                f"client_timeout must be None or a number of seconds > 0, got {self.client_timeout!r}."
-            )
-        weights = client_weights([X.shape[0] for X in clients], self.client_weights)
         exact = (
             self.participation == 1
             and compressor.omega(2) == 0
             and (self.batch_size is None or self.batch_size >= max(X.shape[0] for X in clients))
         )
-        _step_schedule(self.step_size, 0.0, 1.0)  # validate early
-        return compressor, weights, exact
+        return compressor, exact
 
     def _streams(self):
         from sklearn.utils import check_random_state
@@ -881,7 +810,7 @@ class FedMM:
         return np.random.SeedSequence(entropy)
 
     # ------------------------------------------------------------ main API
-    def fit(self, clients, state=None, max_iter=None):
+    def fit(self, clients, state=None, max_iter=None, *, on_commit=None):
         """Run FedMM on the clients.
 
         Parameters
@@ -892,9 +821,14 @@ class FedMM:
             A state to continue from: the server statistic, every client's
             control variate and stream, the round counter and the history.
             Continuing a run for ``k`` more rounds gives bitwise the model of
-            one run of the same total length. A new run when None.
+            one run of the same total length. A new run when None. The state
+            is not modified; the returned state is a new object.
         max_iter : int, default=None
             Rounds to run in this call; ``self.max_iter`` when None.
+        on_commit : callable, default=None
+            Called with each committed state (after the initialization and
+            after every round), before the user's ``callback``: an
+            interrupted fit has handed out the state it can be resumed from.
 
         Returns
         -------
@@ -902,34 +836,35 @@ class FedMM:
             The final state; ``state.theta`` is the fitted parameter and
             ``state.history`` the per-round record.
         """
-        compressor, weights, exact = self._validate(clients)
+        compressor, exact = self._validate(clients)
         max_iter = self.max_iter if max_iter is None else max_iter
         n = len(clients)
         dtype = clients[0].dtype
-        problem = self.problem
         pin = n > 1
+        weights = client_weights([X.shape[0] for X in clients], self.client_weights)
         if state is not None:
-            if len(state.clients) != n:
-                raise ValueError(
-                    f"Cannot continue a run of {len(state.clients)} clients with {n} clients."
-                )
-            weights = state.weights
+            state = self._resume(state, weights)
         with contextlib.ExitStack() as stack:
             # one task per client on Dask, so that each runs where its rows are
             # (joblib's automatic batching would group clients of different
             # workers into one task and move their rows every round)
             batch_size = 1 if _dask_client() is not None else "auto"
+            # BLAS on one thread in this process for the whole fit (clients
+            # in threads and the server's steps alike); workers limit theirs
+            stack.enter_context(blas_limited(pin))
             parallel = stack.enter_context(Parallel(n_jobs=self.n_jobs, batch_size=batch_size))
             # the rows go where the workers read them once, here
             clients = _place_clients(clients, self.n_jobs, stack)
-            warned = [False]
+            failures = _FailureLog(self.min_clients)
             t0 = time.perf_counter()
             if state is None:
-                state = self._initialize(parallel, clients, weights, dtype, pin, t0, warned)
+                state = self._initialize(parallel, clients, weights, dtype, pin, t0, failures)
+                if on_commit is not None:
+                    on_commit(state)
             else:
                 t0 -= state.history.time[-1]
             d = state.layout.size
-            omega = compressor.omega(d if self.aggregation == "surrogate" else state.theta.size)
+            omega = compressor.omega(d)
             cv_rate = 1.0 / (1.0 + omega) if self.cv_rate == "auto" else float(self.cv_rate)
             if self.participation_scheme == "fixed":
                 m = min(n, math.ceil(self.participation * n))
@@ -938,33 +873,35 @@ class FedMM:
                 m = None
                 q = np.full(n, float(self.participation))
             schedule = _step_schedule(self.step_size, omega, float(q[0]))
-            cfg = dict(
-                batch_size=self.batch_size,
+            cfg = ClientConfig(
                 layout=state.layout,
+                param_layout=state.param_layout,
                 compressor=compressor,
                 cv_rate=cv_rate,
+                batch_size=self.batch_size,
                 local_steps=self.local_steps,
+                dtype=np.dtype(dtype),
                 pin=pin,
             )
             progress = _Progress(self.verbose, max_iter)
             for _ in range(max_iter):
                 t = state.round
-                rng = state.server_rng
+                # drawn from a copy: the stream advances only with the commit
+                server_rng = copy.deepcopy(state.server_rng)
                 if m is None:
-                    active = np.flatnonzero(rng.random(n) < self.participation)
+                    active = np.flatnonzero(server_rng.random(n) < self.participation)
                 else:
-                    active = np.sort(rng.choice(n, size=m, replace=False))
+                    active = np.sort(server_rng.choice(n, size=m, replace=False))
                 gamma = float(schedule(t))
                 if not (np.isfinite(gamma) and 0 < gamma <= 1):
                     raise ValueError(f"step_size gave gamma={gamma!r} at round {t}; it must be in (0, 1].")
                 evaluate = exact or (self.eval_every is not None and (t + 1) % self.eval_every == 0)
-                row = self._round(
-                    parallel, problem, clients, state, active, weights, q, gamma, cv_rate, cfg,
-                    evaluate, warned,
+                state = self._round(
+                    parallel, clients, state, server_rng, active, q, gamma, cfg, evaluate,
+                    failures, t0,
                 )
-                state.round += 1
-                row["time"] = time.perf_counter() - t0
-                state.history._append(**row)
+                if on_commit is not None:
+                    on_commit(state)
                 progress.update(state)
                 stop = False
                 if self.callback is not None:
@@ -976,49 +913,47 @@ class FedMM:
             progress.close()
         return state
 
+    def _resume(self, state, weights):
+        """The state to continue from, with this engine's problem and weights."""
+        n = len(weights)
+        if len(state.clients) != n:
+            raise ValueError(
+                f"Cannot continue a run of {len(state.clients)} clients with {n} clients."
+            )
+        if (state.s_hat is None) != (self.aggregation == "parameter"):
+            raise ValueError(
+                "aggregation cannot change when training continues: the state of a "
+                f"{'parameter' if state.s_hat is None else 'surrogate'}-aggregation run holds "
+                f"no {'server statistic' if state.s_hat is None else 'parameter-only state'} "
+                f"for aggregation={self.aggregation!r}; start a new fit."
+            )
+        problem = self.problem.prepare(state.init_stat)
+        changes = dict(problem=problem)
+        if not np.array_equal(weights, state.weights):
+            # new client weights take effect now: V = sum_i w_i V_i with the new w
+            changes["weights"] = weights
+            if state.cv is not None:
+                changes["cv"] = _mirrored_cv(state.clients, weights, state.log_scale, state.cv.dtype)
+        return replace(state, **changes)
+
     def _converged(self, history):
         if self.tol <= 0:
             return False
+        if history.restarted and history.restarted[-1] == 1:
+            return False  # the problem restarted part of theta: not a plateau
         if self.convergence == "mean_field":
             # (a round where no client answered has H = V, which says nothing)
             return bool(history.n_active[-1] > 0 and history.mean_field[-1] <= self.tol)
         full = history.full_objective
         if len(full) < 2 or not (np.isfinite(full[-1]) and np.isfinite(full[-2])):
             return False
-        return bool(full[-2] - full[-1] < self.tol * full[-1])
-
-    # ------------------------------------------------------------ failures
-    def _answers(self, indices, results, round_index, warned, needed=None):
-        """Answers of the clients that did not fail; warn once, check the count."""
-        answered, failures = _split_answers(indices, results)
-        if failures and not warned[0]:
-            i, f = failures[0]
-            warnings.warn(
-                f"client {i} failed at round {round_index} ({f.error}: {f.message}); failed "
-                "clients are treated as not participating in that round. Further failures "
-                "in this fit are recorded in history_.failed without a warning.",
-                ClientFailureWarning,
-                stacklevel=4,
-            )
-            warned[0] = True
-        needed = min(self.min_clients, len(indices)) if needed is None else needed
-        if len(answered) < needed:
-            i, f = failures[0]
-            msg = (
-                f"round {round_index}: {len(answered)} of {len(indices)} clients answered, "
-                f"fewer than min_clients={self.min_clients}; client {i} failed with "
-                f"{f.error}: {f.message}"
-            )
-            try:
-                error = type(f.exception)(msg)
-            except Exception:  # noqa: BLE001 - exotic exception signatures
-                error = RuntimeError(msg)
-            raise error from f.exception
-        return answered, [(i, f.error) for i, f in failures]
+        change = abs(full[-2] - full[-1])
+        if self.convergence == "absolute":
+            return bool(change < self.tol)
+        return bool(change < self.tol * abs(full[-1]))
 
     # -------------------------------------------------------------- rounds
-    def _initialize(self, parallel, clients, weights, dtype, pin, t0, warned):
-        problem = self.problem
+    def _initialize(self, parallel, clients, weights, dtype, pin, t0, failures):
         n = len(clients)
         seeds = self._streams().spawn(n + 2)
         server_rng = np.random.default_rng(seeds[0])
@@ -1028,10 +963,13 @@ class FedMM:
         bits_up = 0
         failed = []
         results = parallel(
-            delayed(_guarded)(_client_init, problem, X, pin, timeout=self.client_timeout)
-            for X in clients
+            delayed(_guarded)(
+                _client_init, self.problem, X, pin, timeout=self.client_timeout,
+                guard=_client_guard(clients, i),
+            )
+            for i, X in enumerate(clients)
         )
-        answered, fails = self._answers(range(n), results, 0, warned, needed=1)
+        answered, fails = failures.answers(range(n), results, 0, needed=1)
         failed += fails
         agg_init = None
         if answered[0][1] is not None:
@@ -1042,11 +980,22 @@ class FedMM:
                 _check_message(f, i, "initialization statistic", 0)
             bits_up += len(idx) * init_layout.size * 8 * itemsize
             w = weights[idx] / weights[idx].sum()
-            agg_init = init_layout.unflatten(aggregate(flat, w))
-        theta0 = np.asarray(problem.init_parameter(agg_init, init_rng), dtype=dtype)
-        theta_bits = theta0.size * 8 * itemsize
+            combine = getattr(self.problem, "combine_init_statistics", None)
+            agg_init = (
+                combine([init_layout.unflatten(f) for f in flat], w) if combine is not None
+                else init_layout.unflatten(aggregate(flat, w))
+            )
+        problem = self.problem.prepare(agg_init)
+        theta0 = problem.init_parameter(agg_init, init_rng)
+        param_layout = _ParamLayout(theta0)
+        theta0 = param_layout.cast(theta0, dtype)
+        theta_bits = param_layout.size * 8 * itemsize
         bits_down = n * theta_bits
         history = History()
+        common = dict(
+            server_rng=server_rng, round=0, history=history, weights=weights,
+            mstep_rng=init_rng, problem=problem, init_stat=agg_init, param_layout=param_layout,
+        )
         if self.aggregation == "parameter":
             # The baseline needs no statistic: only theta0 is broadcast.
             history._append(
@@ -1056,14 +1005,16 @@ class FedMM:
             return FedMMState(
                 theta=theta0, s_hat=None, cv=None, log_scale=None,
                 clients=[ClientState(cv=None, rng=r) for r in client_rngs],
-                server_rng=server_rng, round=0, history=history, weights=weights,
-                layout=_Layout({"theta": theta0}), mstep_rng=init_rng,
+                layout=_Layout(param_layout.as_dict(theta0)), **common,
             )
         results = parallel(
-            delayed(_guarded)(_client_full, problem, X, theta0, pin, timeout=self.client_timeout)
-            for X in clients
+            delayed(_guarded)(
+                _client_full, problem, X, theta0, pin, timeout=self.client_timeout,
+                guard=_client_guard(clients, i),
+            )
+            for i, X in enumerate(clients)
         )
-        answered, fails = self._answers(range(n), results, 0, warned, needed=1)
+        answered, fails = failures.answers(range(n), results, 0, needed=1)
         failed += fails
         idx = [i for i, _ in answered]
         layout = _Layout(answered[0][1][0])
@@ -1082,12 +1033,8 @@ class FedMM:
             # against the unprojected aggregate, so that sum_i w_i V_i = 0 = V
             for i, stat in zip(idx, stats):
                 cvs[i] = stat - s_agg
-        theta1 = np.asarray(problem.minimize(layout.unflatten(s_hat), theta0, init_rng), dtype=dtype)
-        if not np.all(np.isfinite(theta1)):
-            raise ValueError(
-                "The initial server update produced a non-finite parameter; check the "
-                "scale of the data."
-            )
+        theta1 = param_layout.cast(problem.minimize(layout.unflatten(s_hat), theta0, init_rng), dtype)
+        _check_finite_param(param_layout, theta1, 0)
         factor = problem.rescale(layout.unflatten(s_hat), theta0, theta1)
         log_scale = None
         if factor is not None:
@@ -1098,7 +1045,7 @@ class FedMM:
         loss = float(np.dot(w, losses))
         history._append(
             objective=loss, full_objective=loss if len(idx) == n else np.nan,
-            param_change=float(np.linalg.norm(theta1 - theta0)),
+            param_change=float(np.linalg.norm(param_layout.flatten(theta1) - param_layout.flatten(theta0))),
             bits_up=bits_up, bits_down=bits_down, n_active=len(idx), failed=failed,
             time=time.perf_counter() - t0,
         )
@@ -1108,21 +1055,24 @@ class FedMM:
                 ClientState(cv=c, rng=r, log_scale=None if log_scale is None else log_scale.copy())
                 for c, r in zip(cvs, client_rngs)
             ],
-            server_rng=server_rng, round=0, history=history, weights=weights, layout=layout,
-            mstep_rng=init_rng,
+            layout=layout, **common,
         )
 
-    def _round(self, parallel, problem, clients, state, active, weights, q, gamma, cv_rate, cfg,
-               evaluate, warned):
+    def _round(self, parallel, clients, state, server_rng, active, q, gamma, cfg, evaluate,
+               failures, t0):
+        """One round; returns the next state and leaves ``state`` untouched."""
+        problem = state.problem
+        weights = state.weights
         theta = state.theta
         round_index = state.round + 1
-        theta_bits = theta.size * 8 * theta.dtype.itemsize
+        param_layout = state.param_layout
+        theta_bits = param_layout.size * 8 * cfg.dtype.itemsize
         if self.aggregation == "surrogate":
-            task = _client_surrogate
             tasks = (
                 delayed(_guarded)(
-                    task, problem, clients[i], state.clients[i], theta, state.s_hat,
+                    _client_surrogate, problem, clients[i], state.clients[i], theta, state.s_hat,
                     state.log_scale, cfg, timeout=self.client_timeout,
+                    guard=_client_guard(clients, i),
                 )
                 for i in active
             )
@@ -1130,19 +1080,20 @@ class FedMM:
             tasks = (
                 delayed(_guarded)(
                     _client_parameter, problem, clients[i], state.clients[i], theta, cfg,
-                    timeout=self.client_timeout,
+                    timeout=self.client_timeout, guard=_client_guard(clients, i),
                 )
                 for i in active
             )
         results = parallel(tasks) if len(active) else []
-        answered, failed = self._answers(active, results, round_index, warned)
+        answered, failed = failures.answers(active, results, round_index)
         idx = np.array([i for i, _ in answered], dtype=int)
         messages = [msg for _, (msg, _) in answered]
         for i, msg in zip(idx, messages):
             _check_message(msg.payload, i, "message", round_index)
             _check_message(msg.loss, i, "loss", round_index)
-        for i, (_, new_state) in answered:
-            state.clients[i] = new_state
+        new_clients = list(state.clients)
+        for i, (_, new_client) in answered:
+            new_clients[i] = new_client
         bits_up = sum(m.bits for m in messages) + 64 * len(messages)
         w_ans = weights[idx]
         objective = (
@@ -1156,12 +1107,15 @@ class FedMM:
             if len(idx) == len(clients) and full_batch:
                 row["full_objective"] = objective
             else:
-                row["full_objective"] = self._full_loss(parallel, clients, theta, weights, cfg["pin"])
+                row["full_objective"] = self._full_loss(
+                    parallel, problem, clients, theta, weights, cfg.pin
+                )
         payloads = [m.payload for m in messages]
         # Failed clients are absent: the answers stand for the whole sampled
         # weight, so that H keeps its scale (an exact correction when the
         # failures are independent of the messages).
         reweight = weights[active].sum() / w_ans.sum() if len(idx) else 0.0
+        changes = {}
         if self.aggregation == "surrogate":
             layout = state.layout
             row["bits_down"] = len(active) * (theta_bits + state.s_hat.size * 8 * state.s_hat.dtype.itemsize)
@@ -1174,69 +1128,76 @@ class FedMM:
             # statistics stays valid; exact rounds are unchanged).
             s_est = layout.flatten(problem.project(layout.unflatten(s_old + H)), s_old.dtype)
             s_new = s_old + gamma * (s_est - s_old)
-            if cv_rate != 0 and len(idx):
-                state.cv = aggregate(payloads, cv_rate * w_ans, out=state.cv.copy())
-            theta_new = np.asarray(
-                problem.minimize(layout.unflatten(s_new), theta, state.mstep_rng), dtype=theta.dtype
+            cv_new = state.cv
+            if cfg.cv_rate != 0 and len(idx):
+                cv_new = aggregate(payloads, cfg.cv_rate * w_ans, out=state.cv.copy())
+            mstep_rng = copy.deepcopy(state.mstep_rng)
+            theta_new = param_layout.cast(
+                problem.minimize(layout.unflatten(s_new), theta, mstep_rng), cfg.dtype
             )
+            _check_finite_param(param_layout, theta_new, round_index)
+            row["restarted"] = float(bool(problem.restarted(layout.unflatten(s_new), theta, theta_new)))
             row["mean_field"] = float(np.abs(H).sum())
             row["stat_change"] = float(np.linalg.norm(s_new - s_old))
+            log_scale = state.log_scale
             factor = problem.rescale(layout.unflatten(s_new), theta, theta_new)
             if factor is not None:
                 factor = layout.flatten(factor, s_new.dtype)
                 s_new = s_new * factor
-                state.log_scale = state.log_scale + np.log(factor)
+                log_scale = state.log_scale + np.log(factor)
                 # The running sum V would carry its rounding error times the
-                # cumulative factor, which can be huge; the server mirrors
-                # every V_i (it receives each increment and knows the
-                # factors), so it re-derives V = sum_i w_i V_i exactly.
-                state.cv = aggregate(
-                    [
-                        c.cv * np.exp(state.log_scale - c.log_scale).astype(c.cv.dtype, copy=False)
-                        for c in state.clients
-                    ],
-                    weights.astype(state.cv.dtype),
-                ).astype(state.cv.dtype, copy=False)
-            state.s_hat = s_new
+                # cumulative factor, which can be huge: re-derive it.
+                cv_new = _mirrored_cv(new_clients, weights, log_scale, state.cv.dtype)
+            changes.update(s_hat=s_new, cv=cv_new, log_scale=log_scale, mstep_rng=mstep_rng)
         else:
             row["bits_down"] = len(active) * theta_bits
             if len(idx):
                 step = aggregate(payloads, reweight * w_ans / q[idx])
-                theta_new = np.asarray(
-                    problem.project_parameter(theta + step.reshape(theta.shape).astype(theta.dtype)),
-                    dtype=theta.dtype,
+                moved = param_layout.flatten(theta, cfg.dtype) + step.astype(cfg.dtype)
+                theta_new = param_layout.cast(
+                    problem.project_parameter(param_layout.unflatten(moved)), cfg.dtype
                 )
             else:
                 theta_new = theta
-        if not np.all(np.isfinite(theta_new)):
-            raise ValueError(
-                f"The server update produced a non-finite parameter at round {round_index}; "
-                "check the scale of the data and the step size."
-            )
-        row["param_change"] = float(np.linalg.norm(theta_new - theta))
+            _check_finite_param(param_layout, theta_new, round_index)
+        row["param_change"] = float(
+            np.linalg.norm(param_layout.flatten(theta_new) - param_layout.flatten(theta))
+        )
         row["bits_up"] = bits_up
-        state.theta = theta_new
-        return row
+        row["time"] = time.perf_counter() - t0
+        # commit: nothing above changed ``state``; from here nothing can fail
+        new_state = replace(
+            state, theta=theta_new, clients=new_clients, server_rng=server_rng,
+            round=round_index, **changes,
+        )
+        new_state.history._append(**row)
+        return new_state
 
-    def _full_loss(self, parallel, clients, theta, weights, pin):
+    def _full_loss(self, parallel, problem, clients, theta, weights, pin):
         results = parallel(
-            delayed(_guarded)(_client_loss, self.problem, X, theta, pin, timeout=self.client_timeout)
-            for X in clients
+            delayed(_guarded)(
+                _client_loss, problem, X, theta, pin, timeout=self.client_timeout,
+                guard=_client_guard(clients, i),
+            )
+            for i, X in enumerate(clients)
         )
         answered, _ = _split_answers(range(len(clients)), results)
         if len(answered) < len(clients):
             return np.nan  # not an exact evaluation
         return float(np.dot(weights, [loss for _, loss in answered]))
 
-    def evaluate(self, clients, theta, weights=None):
+    def evaluate(self, clients, theta, weights=None, state=None):
         """Exact objective and aggregated statistic at ``theta``.
 
         Parameters
         ----------
         clients : list of ndarray
-        theta : ndarray
+        theta : ndarray or dict of ndarray
         weights : ndarray of shape (n_clients,), default=None
             Client weights; from ``client_weights`` when None.
+        state : FedMMState, default=None
+            Evaluate with the state's prepared problem (its fit-time
+            constants); ``self.problem`` when None.
 
         Returns
         -------
@@ -1247,15 +1208,15 @@ class FedMM:
         """
         if weights is None:
             weights = client_weights([X.shape[0] for X in clients], self.client_weights)
+        problem = self.problem if state is None else state.problem
         pin = len(clients) > 1
         with Parallel(n_jobs=self.n_jobs) as parallel:
-            results = parallel(delayed(_client_full)(self.problem, X, theta, pin) for X in clients)
+            results = parallel(delayed(_client_full)(problem, X, theta, pin) for X in clients)
         layout = _Layout(results[0][0])
         dtype = clients[0].dtype
         stat = aggregate([layout.flatten(s, dtype) for s, _ in results], weights)
         loss = float(np.dot(weights, [loss for _, loss in results]))
         return loss, layout.unflatten(stat)
-
 
 
 class _Progress:

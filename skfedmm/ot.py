@@ -1,7 +1,7 @@
 """FederatedOTMap: an entropic optimal-transport map learned from clients' data."""
 
 import warnings
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import BaseEstimator, OneToOneFeatureMixin, TransformerMixin
@@ -9,7 +9,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted
 
-from ._base import FEDERATED_PARAMS_DOC, FederatedMixin, check_scalar_param
+from ._base import FEDERATED_PARAMS_DOC, FederatedMixin
+from ._params import Interval, StrOptions
 from ._clients import check_clients, check_transform_input, is_client_list
 from .problems.ot import EntropicOTProblem
 
@@ -201,6 +202,24 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     (600, 2)
     """
 
+    _parameter_constraints = {
+        **FederatedMixin._parameter_constraints,
+        "epsilon": [Interval(Real, 0, None, closed="neither")],
+        "normalize_cost": [StrOptions({"mean"}), None],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "n_reference": [Interval(Integral, 1, None, closed="left")],
+        "target_weights": ["array-like", None],
+        "n_jobs": [Integral, None],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+        "callback": [callable, None],
+    }
+
+    _fixed_when_resuming = {
+        "aggregation": "the training state of one aggregation is not that of the other",
+    }
+
     def __init__(
         self,
         epsilon=0.05,
@@ -254,12 +273,7 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
 
     # ------------------------------------------------------------------ fit
     def _check_params(self):
-        check_scalar_param("epsilon", self.epsilon, low=0, low_open=True)
-        check_scalar_param("max_iter", self.max_iter, kind=Integral, low=0)
-        check_scalar_param("tol", self.tol, low=0)
-        check_scalar_param("n_reference", self.n_reference, kind=Integral, low=1)
-        if self.normalize_cost is not None and self.normalize_cost != "mean":
-            raise ValueError(f"normalize_cost must be 'mean' or None, got {self.normalize_cost!r}.")
+        self._validate_params()
 
     def _check_target(self, y, n_features, dtype):
         """The target points and weights, validated, in the clients' dtype."""
@@ -384,23 +398,25 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
                     )
         else:
             target, weights = self._check_target(y, self.n_features_in_, clients[0].dtype)
+        def record(state):
+            self.potential_ = state.theta
+            self.target_ = target
+            self.target_weights_ = weights
+            self.cost_scale_ = float(state.problem.cost_scale_)
+            self.epsilon_ = float(state.problem.reg_)
+
         state = self._run_engine(
             clients,
-            lambda: self._make_problem(target, weights),
-            max_iter=max_iter, tol=tol, convergence="mean_field", resume=resume,
+            self._make_problem(target, weights),
+            max_iter=max_iter, tol=tol, convergence="mean_field", resume=resume, record=record,
         )
         problem = self.problem_
-        self.potential_ = state.theta
-        self.target_ = target
-        self.target_weights_ = weights
-        self.cost_scale_ = float(problem.cost_scale_)
-        self.epsilon_ = float(problem.reg_)
         mean_field = np.asarray(state.history.mean_field, dtype=float)
         if self.aggregation == "surrogate" and state.round > 0:
             error = float(mean_field[-1])
         else:
             engine = self._make_engine(problem, max_iter=0, tol=0.0, convergence="mean_field")
-            _, stat = engine.evaluate(clients, state.theta, state.weights)
+            _, stat = engine.evaluate(clients, state.theta, state.weights, state=state)
             error = float(np.abs(stat["mass"].astype(np.float64) - weights).sum())
         self.marginal_error_ = error
         if warn and tol > 0 and not error <= tol:

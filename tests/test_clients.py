@@ -97,7 +97,7 @@ def test_inputs_are_never_modified():
         (dict(max_iter=-1), "max_iter"),
         (dict(participation=0.0), "participation"),
         (dict(participation=1.2), "participation"),
-        (dict(compression="zip"), "Unknown compressor"),
+        (dict(compression="zip"), "compression"),
         (dict(fit_algorithm="omp"), "fit_algorithm"),
         (dict(transform_algorithm="best"), "transform_algorithm"),
         (dict(init="svd"), "init"),

@@ -22,6 +22,8 @@ does instead of averaging parameters.
 
 from abc import ABC, abstractmethod
 
+import numpy as np
+
 __all__ = ["MMProblem"]
 
 
@@ -37,16 +39,23 @@ class MMProblem(ABC):
 
     and, on the server:
 
+    - :meth:`combine_init_statistics` (optional) once, to combine the
+      clients' init statistics (default: their weighted mean);
+    - :meth:`prepare` (optional) once, with the aggregated init statistic,
+      for constants computed at fit time;
     - :meth:`init_parameter` once, with the aggregated init statistic;
     - :meth:`minimize`, the M-step :math:`T`, every round;
     - :meth:`project` on the updated statistic (after compression noise);
     - :meth:`project_parameter` for the parameter-averaging baseline;
     - :meth:`rescale` (optional) for problems whose statistics are stored in
-      coordinates relative to the current parameter.
+      coordinates relative to the current parameter;
+    - :meth:`restarted` (optional) after each M-step, to tell a restart
+      (e.g. a re-placed unused atom) from convergence.
 
     Statistics are dictionaries of NumPy arrays with fixed names and shapes
-    (for example ``{"A": (k, k), "B": (d, k)}``); parameters are NumPy
-    arrays. All methods must be deterministic given their arguments; the
+    (for example ``{"A": (k, k), "B": (d, k)}``); a parameter is a NumPy
+    array or, for problems with several parameter blocks, a dictionary of
+    arrays (for example a mixture's weights, means and covariances). All methods must be deterministic given their arguments; the
     only randomness comes from the ``rng`` arguments.
 
     Examples
@@ -83,6 +92,59 @@ class MMProblem(ABC):
         """
         return None
 
+    def combine_init_statistics(self, stats, weights):
+        """Server-side combination of the clients' :meth:`init_statistic`.
+
+        The default is the weighted mean, which is right for statistics that
+        are means over rows (second moments, histograms). A problem whose
+        clients send *summaries* that do not average, such as local cluster
+        centres with their masses (one-shot federated clustering), keeps
+        them side by side instead.
+
+        Parameters
+        ----------
+        stats : list of dict of ndarray
+            The answering clients' init statistics, in client order (all of
+            the same names and shapes).
+        weights : ndarray of shape (len(stats),)
+            Their client weights :math:`w_i`, normalized to sum to 1.
+
+        Returns
+        -------
+        init_stat : dict of ndarray
+            What :meth:`prepare` and :meth:`init_parameter` receive (and what
+            a continued fit keeps).
+        """
+        out = {}
+        for name in stats[0]:
+            total = np.zeros(np.shape(stats[0][name]), dtype=np.asarray(stats[0][name]).dtype)
+            for stat, w in zip(stats, weights):
+                total += w * stat[name]
+            out[name] = total
+        return out
+
+    def prepare(self, init_stat):
+        """The problem with the constants it computes at fit time.
+
+        Some problems need constants that depend on the clients' data, such
+        as a cost scale computed from the aggregated initialization
+        statistic. They return a new problem holding those constants; the
+        engine stores it in its state (``FedMMState.problem``) and uses it
+        for the whole run. The problem object itself is never modified
+        during a fit, like an estimator's parameters.
+
+        Parameters
+        ----------
+        init_stat : dict of ndarray or None
+            The weighted mean of the clients' :meth:`init_statistic`.
+
+        Returns
+        -------
+        problem : MMProblem
+            ``self`` (the default) or a new, prepared problem.
+        """
+        return self
+
     @abstractmethod
     def init_parameter(self, init_stat, rng):
         """Initial parameter :math:`\\theta_0`, computed on the server.
@@ -96,7 +158,7 @@ class MMProblem(ABC):
 
         Returns
         -------
-        theta : ndarray
+        theta : ndarray or dict of ndarray
         """
 
     @abstractmethod
@@ -107,7 +169,7 @@ class MMProblem(ABC):
         ----------
         X : ndarray of shape (n_rows, n_features)
             A batch of one client's rows.
-        theta : ndarray
+        theta : ndarray or dict of ndarray
             The current parameter.
 
         Returns
@@ -126,7 +188,7 @@ class MMProblem(ABC):
         ----------
         stat : dict of ndarray
             An aggregated statistic.
-        theta_prev : ndarray
+        theta_prev : ndarray or dict of ndarray
             The previous parameter (warm start; the coordinates ``stat`` is
             expressed in for problems that use :meth:`rescale`).
         rng : numpy.random.Generator, default=None
@@ -135,7 +197,7 @@ class MMProblem(ABC):
 
         Returns
         -------
-        theta : ndarray
+        theta : ndarray or dict of ndarray
         """
 
     def project(self, stat):
@@ -158,13 +220,40 @@ class MMProblem(ABC):
 
         Parameters
         ----------
-        theta : ndarray
+        theta : ndarray or dict of ndarray
 
         Returns
         -------
-        theta : ndarray
+        theta : ndarray or dict of ndarray
         """
         return theta
+
+    def restarted(self, stat, theta_prev, theta_new):
+        """Whether the M-step restarted part of the parameter.
+
+        Some M-steps re-place a part of the parameter that the data leave
+        undetermined (a dictionary atom no code uses). The objective at
+        ``theta_new`` then says nothing yet about that part, so the engine
+        does not declare convergence in such a round (it is recorded in
+        ``history.restarted``). Must be a function of the arguments only;
+        the engine calls it on the server after every M-step of surrogate
+        aggregation.
+
+        Parameters
+        ----------
+        stat : dict of ndarray
+            The statistic given to :meth:`minimize`.
+        theta_prev : ndarray
+            Its warm start.
+        theta_new : ndarray
+            Its result.
+
+        Returns
+        -------
+        restarted : bool
+            False (the default): nothing is ever restarted.
+        """
+        return False
 
     def rescale(self, stat, theta_old, theta_new):
         """Change of coordinates of statistics when the parameter moves.
@@ -180,7 +269,7 @@ class MMProblem(ABC):
         ----------
         stat : dict of ndarray
             The updated server statistic, at ``theta_old``'s coordinates.
-        theta_old, theta_new : ndarray
+        theta_old, theta_new : ndarray or dict of ndarray
 
         Returns
         -------
@@ -196,7 +285,7 @@ class MMProblem(ABC):
         Parameters
         ----------
         X : ndarray of shape (n_rows, n_features)
-        theta : ndarray
+        theta : ndarray or dict of ndarray
 
         Returns
         -------

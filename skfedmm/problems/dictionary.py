@@ -33,12 +33,21 @@ References
    factorization and sparse coding. JMLR 11, 2010.
 """
 
+import copy
+
 import numpy as np
 from sklearn.decomposition import sparse_encode
 
 from .base import MMProblem
 
-__all__ = ["DictionaryLearningProblem", "batch_lasso_cd", "lasso_objective", "update_dict"]
+__all__ = [
+    "DictionaryLearningProblem",
+    "batch_lasso_cd",
+    "dead_atoms",
+    "lasso_objective",
+    "residual_second_moment",
+    "update_dict",
+]
 
 
 def lasso_objective(X, code, dictionary, alpha):
@@ -168,7 +177,153 @@ def _lasso_gap_small(X, H, D, alpha, positive, rtol):
     return primal - dual <= rtol * primal
 
 
-def update_dict(dictionary, A, B, *, positive=False, max_sweeps=10, tol=1e-6, rng=None):
+def dead_atoms(A, dictionary, *, unused_tol=1e-10, duplicate_tol=1e-6):
+    r"""Atoms the codes do not use, or that duplicate another atom.
+
+    An atom is *unused* when :math:`A_{jj} \le` ``unused_tol`` times the
+    largest diagonal entry of :math:`A` (no row's code uses it). Two atoms
+    are *duplicates* when :math:`|\cos(d_i, d_j)| \ge 1 -` ``duplicate_tol``;
+    of each such pair the less used one (smaller :math:`A_{jj}`, then the
+    later index) is dead, and its codes are merged into its twin: with
+    :math:`s = \mathrm{sign}\langle d_i, d_j\rangle`, the code
+    :math:`h_i + s h_j` on :math:`d_i` reproduces :math:`h_i d_i + h_j d_j`
+    up to :math:`|h_j| \|d_j - s d_i\|` and has no larger
+    :math:`\ell_1` norm, so the merged statistics
+
+    .. math::
+
+        A' = P^\top A P, \quad B' = B P, \qquad
+        P = I \text{ with row } j \text{ replaced by } s e_i^\top
+
+    describe (almost) the same surrogate with atom :math:`j` free.
+
+    Parameters
+    ----------
+    A : ndarray of shape (n_components, n_components)
+    dictionary : ndarray of shape (n_components, n_features)
+        The dictionary the codes were computed with.
+    unused_tol : float, default=1e-10
+    duplicate_tol : float, default=1e-6
+
+    Returns
+    -------
+    dead : ndarray of bool of shape (n_components,)
+    merge : ndarray of shape (n_components, n_components) or None
+        The matrix :math:`P` when some used atom is a duplicate, else None.
+    """
+    D = dictionary
+    k = D.shape[0]
+    diag = np.diag(A)
+    threshold = unused_tol * max(float(diag.max(initial=0.0)), np.finfo(D.dtype).tiny)
+    dead = diag <= threshold
+    norms = np.linalg.norm(D, axis=1)
+    live = np.flatnonzero(~dead & (norms > 0))
+    if live.size < 2:
+        return dead, None
+    U = D[live] / norms[live, None]
+    cos = U @ U.T
+    if not np.any(np.abs(np.triu(cos, 1)) >= 1 - duplicate_tol):
+        return dead, None
+    merge = None
+    kept = []
+    # most used first: a duplicate is merged into an atom used more than it
+    for a in np.argsort(-diag[live], kind="stable"):
+        twins = [b for b in kept if abs(cos[a, b]) >= 1 - duplicate_tol]
+        if not twins:
+            kept.append(a)
+            continue
+        i, j = live[twins[0]], live[a]
+        if merge is None:
+            merge = np.eye(k, dtype=A.dtype)
+        merge[j, j] = 0
+        merge[j, i] = np.sign(cos[a, twins[0]])
+        dead[j] = True
+    return dead, merge
+
+
+def residual_second_moment(M, A, B, dictionary):
+    r"""Second moment of the coding residual, from the statistics alone.
+
+    .. math::
+
+        R = \overline{(x - hD)^\top (x - hD)}
+          = M - D^\top B^\top - B D + D^\top A D,
+
+    with :math:`M = \overline{x^\top x}` (``d x d``), :math:`B =
+    \overline{x^\top h}` (``d x k``) and :math:`A = \overline{h^\top h}`:
+    the server computes it without any row.
+
+    Parameters
+    ----------
+    M : ndarray of shape (n_features, n_features)
+    A : ndarray of shape (n_components, n_components)
+    B : ndarray of shape (n_features, n_components)
+    dictionary : ndarray of shape (n_components, n_features)
+
+    Returns
+    -------
+    R : ndarray of shape (n_features, n_features)
+        Symmetric.
+    """
+    D = dictionary
+    BD = B @ D
+    R = M - BD - BD.T + D.T @ (A @ D)
+    return (R + R.T) / 2
+
+
+def _residual_directions(R, n_atoms, positive, floor):
+    r"""Up to ``n_atoms`` unit directions of largest residual energy.
+
+    Unconstrained: the leading eigenvectors of ``R`` (the deflated
+    sequence), signed as scikit-learn's ``svd_flip``. Nonnegative atoms:
+    for each, the leading eigenvector's better-signed nonnegative part,
+    refined by projected power iterations, then ``R`` is deflated. A
+    direction whose energy :math:`u^\top R u` is at most ``floor`` is
+    dropped (None): nothing is left to explain there.
+    """
+    out = []
+    if not positive:
+        evals, evecs = np.linalg.eigh(R)
+        for t in range(n_atoms):
+            if t >= evals.size or evals[-1 - t] <= floor:
+                out.append(None)
+                continue
+            u = evecs[:, -1 - t]
+            out.append(u * (1.0 if u[np.argmax(np.abs(u))] >= 0 else -1.0))
+        return out
+    R = R.copy()
+    for _ in range(n_atoms):
+        evals, evecs = np.linalg.eigh(R)
+        v = evecs[:, -1]
+        if np.linalg.norm(np.maximum(v, 0)) < np.linalg.norm(np.minimum(v, 0)):
+            v = -v
+        u = np.maximum(v, 0)
+        # projected power iterations on R + shift I (positive semidefinite)
+        shift = max(0.0, -float(evals[0]))
+        for _ in range(30):
+            w = np.maximum(R @ u + shift * u, 0)
+            norm = np.linalg.norm(w)
+            if norm == 0:
+                break
+            w /= norm
+            done = np.linalg.norm(w - u) <= 1e-10
+            u = w
+            if done:
+                break
+        norm = np.linalg.norm(u)
+        if norm == 0 or u @ R @ u / norm**2 <= floor:
+            out.append(None)
+            continue
+        u = u / norm
+        out.append(u)
+        Q = np.eye(R.shape[0]) - np.outer(u, u)
+        R = Q @ R @ Q
+    return out
+
+
+def update_dict(
+    dictionary, A, B, *, positive=False, max_sweeps=10, tol=1e-6, rng=None, M=None,
+):
     r"""The dictionary M-step from the statistics :math:`(A, B)`.
 
     Block coordinate descent on :math:`\tfrac12 \mathrm{tr}(D^\top A D) -
@@ -180,10 +335,25 @@ def update_dict(dictionary, A, B, *, positive=False, max_sweeps=10, tol=1e-6, rn
 
     where :math:`\Pi` projects onto the unit ball (and the nonnegative
     orthant when ``positive``). Sweeps stop when the relative change of
-    :math:`D` is below ``tol`` or after ``max_sweeps``. An atom whose
-    :math:`A_{jj}` is negligible is unused by every client's codes; the
-    server never sees data, so it redraws it as a random unit vector from
-    ``rng`` (or leaves it when ``rng`` is None).
+    :math:`D` is below ``tol`` or after ``max_sweeps``.
+
+    Dead atoms (see :func:`dead_atoms`: unused by every client's codes, or
+    duplicating another atom, whose codes are then merged into its twin)
+    are re-placed; the server never sees a row:
+
+    - with the second moment ``M``, on the leading directions of the
+      residual second moment :math:`R` (:func:`residual_second_moment`) at
+      the updated dictionary, one direction per dead atom in order of
+      decreasing residual energy (eigenvectors of :math:`R`; deflated
+      projected power iterations for nonnegative atoms). A row's code uses
+      the new atom :math:`u` as soon as :math:`|\langle r, u\rangle| >
+      \alpha` for its residual :math:`r`, which holds for some row whenever
+      :math:`u^\top R u > \alpha^2`. An atom is left where it is when
+      :math:`R` has no energy left (at most ``1e-12`` times
+      :math:`\mathrm{tr}\, M`). Deterministic, and a function of the
+      aggregated statistics only;
+    - without ``M``, as random unit vectors from ``rng`` (left as they are
+      when ``rng`` is None).
 
     Parameters
     ----------
@@ -195,6 +365,9 @@ def update_dict(dictionary, A, B, *, positive=False, max_sweeps=10, tol=1e-6, rn
     max_sweeps : int, default=10
     tol : float, default=1e-6
     rng : numpy.random.Generator, default=None
+    M : ndarray of shape (n_features, n_features), default=None
+        Mean second moment :math:`\overline{x^\top x}` of the rows coded in
+        ``A`` and ``B``.
 
     Returns
     -------
@@ -202,11 +375,12 @@ def update_dict(dictionary, A, B, *, positive=False, max_sweeps=10, tol=1e-6, rn
     """
     D = np.array(dictionary, copy=True)
     k = D.shape[0]
-    diag = np.diag(A)
-    threshold = 1e-10 * max(float(diag.max(initial=0.0)), np.finfo(D.dtype).tiny)
-    unused = diag <= threshold
-    if rng is not None and unused.any():
-        for j in np.flatnonzero(unused):
+    dead, merge = dead_atoms(A, D)
+    if merge is not None:
+        A = merge.T @ A @ merge
+        B = B @ merge
+    if M is None and rng is not None and dead.any():
+        for j in np.flatnonzero(dead):
             atom = rng.standard_normal(D.shape[1])
             if positive:
                 atom = np.abs(atom)
@@ -214,7 +388,7 @@ def update_dict(dictionary, A, B, *, positive=False, max_sweeps=10, tol=1e-6, rn
     for _ in range(max_sweeps):
         previous = D.copy()
         for j in range(k):
-            if unused[j]:
+            if dead[j]:
                 continue
             D[j] += (B[:, j] - A[j] @ D) / A[j, j]
             if positive:
@@ -223,6 +397,13 @@ def update_dict(dictionary, A, B, *, positive=False, max_sweeps=10, tol=1e-6, rn
         change = np.linalg.norm(D - previous)
         if change <= tol * max(np.linalg.norm(previous), np.finfo(D.dtype).tiny):
             break
+    if M is not None and dead.any():
+        live = np.where(dead[:, None], 0, D)
+        R = residual_second_moment(M, A, B, live)
+        floor = 1e-12 * max(float(np.trace(M)), np.finfo(D.dtype).tiny)
+        for j, u in zip(np.flatnonzero(dead), _residual_directions(R, int(dead.sum()), positive, floor)):
+            if u is not None:
+                D[j] = u
     return D
 
 
@@ -265,6 +446,20 @@ class DictionaryLearningProblem(MMProblem):
     dict_max_sweeps : int, default=10
         Sweep cap of the dictionary M-step.
     dict_tol : float, default=1e-6
+    atom_restart : {"auto", "residual", "random"}, default="auto"
+        Where the server re-places dead atoms (unused, or duplicating
+        another atom; see :func:`update_dict`). ``"residual"``: clients add
+        their mean second moment :math:`M = \\overline{x^\\top x}` (``d x d``)
+        to the initialization statistic (once, before the first round; the
+        ``"pca"`` initialization sends it anyway), :meth:`prepare` keeps the
+        aggregate, and dead atoms go to the leading directions of the
+        residual second moment; a round that moves one does not count as
+        converged (:meth:`restarted`). ``"random"``: random unit vectors
+        from the M-step stream, nothing extra sent. ``"auto"``:
+        ``"residual"`` when :math:`M` is sent anyway (``init="pca"``
+        without ``dict_init``) or costs at most one round's statistic
+        :math:`(A, B)`, ``n_features**2 <= n_components**2 + n_features *
+        n_components``; ``"random"`` otherwise.
     """
 
     def __init__(
@@ -282,6 +477,7 @@ class DictionaryLearningProblem(MMProblem):
         coder_max_iter=1000,
         dict_max_sweeps=10,
         dict_tol=1e-6,
+        atom_restart="auto",
     ):
         self.n_components = n_components
         self.alpha = alpha
@@ -295,6 +491,21 @@ class DictionaryLearningProblem(MMProblem):
         self.coder_max_iter = coder_max_iter
         self.dict_max_sweeps = dict_max_sweeps
         self.dict_tol = dict_tol
+        self.atom_restart = atom_restart
+
+    def _pca_init(self):
+        return self.dict_init is None and self.init == "pca"
+
+    def uses_residual_rule(self):
+        """Whether dead atoms follow the residual rule (``atom_restart``)."""
+        if self.atom_restart == "auto":
+            d, k = self.n_features, self.n_components
+            return self._pca_init() or d * d <= k * k + d * k
+        if self.atom_restart in ("residual", "random"):
+            return self.atom_restart == "residual"
+        raise ValueError(
+            f"atom_restart must be 'auto', 'residual' or 'random', got {self.atom_restart!r}."
+        )
 
     # ----------------------------------------------------------- clients
     def encode(self, X, dictionary):
@@ -312,9 +523,31 @@ class DictionaryLearningProblem(MMProblem):
         return code.astype(X.dtype, copy=False)
 
     def init_statistic(self, X):
-        if self.dict_init is None and self.init == "pca":
+        if self._pca_init() or self.uses_residual_rule():
             return {"M": (X.T @ X) / X.shape[0]}
         return None
+
+    def prepare(self, init_stat):
+        """A copy holding the aggregated second moment, for the residual rule.
+
+        Parameters
+        ----------
+        init_stat : dict of ndarray or None
+            The aggregated :meth:`init_statistic`.
+
+        Returns
+        -------
+        problem : DictionaryLearningProblem
+            ``self`` when the residual rule is off; otherwise a copy whose
+            ``second_moment_`` is the clients' weighted mean
+            :math:`\\overline{x^\\top x}` (symmetrized).
+        """
+        if init_stat is None or "M" not in init_stat or not self.uses_residual_rule():
+            return self
+        prepared = copy.copy(self)
+        M = np.asarray(init_stat["M"])
+        prepared.second_moment_ = (M + M.T) / 2
+        return prepared
 
     def local_statistic(self, X, theta):
         code = self.encode(X, theta)
@@ -354,7 +587,40 @@ class DictionaryLearningProblem(MMProblem):
         return update_dict(
             theta_prev, stat["A"], stat["B"], positive=self.positive_dict,
             max_sweeps=self.dict_max_sweeps, tol=self.dict_tol, rng=rng,
+            M=getattr(self, "second_moment_", None),
         )
+
+    def restarted(self, stat, theta_prev, theta_new):
+        """Whether the M-step moved a dead atom to a new direction.
+
+        Only with the residual rule (a prepared problem): its
+        placement is deterministic, so an atom that stays dead is placed
+        on the same direction again and stops counting as a restart once
+        the other atoms have settled. Random re-draws (no ``M``) change the
+        atom every round and are not reported, so that they cannot hold
+        the fit back forever.
+
+        Parameters
+        ----------
+        stat : dict of ndarray
+            The statistic :meth:`minimize` was given.
+        theta_prev, theta_new : ndarray of shape (n_components, n_features)
+            Its warm start and its result.
+
+        Returns
+        -------
+        restarted : bool
+        """
+        if getattr(self, "second_moment_", None) is None:
+            return False
+        dead, _ = dead_atoms(stat["A"], theta_prev)
+        if not dead.any():
+            return False
+        prev, new = theta_prev[dead], theta_new[dead]
+        norms = np.linalg.norm(prev, axis=1) * np.linalg.norm(new, axis=1)
+        cos = np.abs(np.einsum("ij,ij->i", prev, new)) / np.where(norms > 0, norms, 1.0)
+        moved = np.where(norms > 0, cos < 1 - 1e-6, np.any(prev != new, axis=1))
+        return bool(moved.any())
 
     def project(self, stat):
         A = (stat["A"] + stat["A"].T) / 2

@@ -77,6 +77,8 @@ References
 import warnings
 from numbers import Real
 
+import copy
+
 import numpy as np
 from sklearn import get_config
 
@@ -348,16 +350,21 @@ class EntropicOTProblem(MMProblem):
             sq += float(np.einsum("ij,ij->", D, D, dtype=np.float64))
         return {"sq_dist": np.array([sq / X.shape[0]])}
 
-    def init_parameter(self, init_stat, rng):
-        """:math:`g_0 = 0`; sets :attr:`cost_scale_` from the init statistic."""
+    def prepare(self, init_stat):
+        """A copy of the problem with :attr:`cost_scale_` set from the init statistic."""
+        prepared = copy.copy(self)
         if self.normalize_cost == "mean":
             if init_stat is None:
                 raise ValueError("normalize_cost='mean' needs the clients' init statistic.")
             scale = 0.5 * (float(init_stat["sq_dist"][0]) + float(self.weights.astype(float) @ (2 * self._y_sq)))
             # degenerate data (source and target one common point): any scale works
-            self.cost_scale_ = scale if np.isfinite(scale) and scale > 0 else 1.0
+            prepared.cost_scale_ = scale if np.isfinite(scale) and scale > 0 else 1.0
         else:
-            self.cost_scale_ = 1.0
+            prepared.cost_scale_ = 1.0
+        return prepared
+
+    def init_parameter(self, init_stat, rng):
+        """:math:`g_0 = 0`."""
         return np.zeros(self.target.shape[0], dtype=self.dtype)
 
     def _rows_lse(self, zmax, rowsum, Xc):

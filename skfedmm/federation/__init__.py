@@ -1,0 +1,11 @@
+"""Where clients run: the layer between the round loop and the clients.
+
+The round loop (:mod:`skfedmm.engine`) sends the round's payload to the
+active clients and gets back each client's message or its failure; this
+package decides where the clients' computation happens. Nothing here
+imports the round loop.
+
+- :mod:`skfedmm.federation.local`: clients in this process, in joblib's
+  workers (threads, loky or multiprocessing processes) or on a Dask
+  cluster; placement of the clients' rows, BLAS limits, client timeouts.
+"""

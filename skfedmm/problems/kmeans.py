@@ -1,0 +1,368 @@
+r"""k-means as an MM problem: Lloyd's algorithm.
+
+.. math::
+
+    \min_{c_1, \dots, c_k} \; \sum_i w_i \frac{1}{n_i} \sum_{x \in X_i}
+    \min_{j} \|x - c_j\|_2^2,
+
+where:
+
+- :math:`c_j` (a row of the ``k x d`` parameter) is the centre of cluster
+  :math:`j`;
+- :math:`X_i` holds the :math:`n_i` rows of client :math:`i`, :math:`w_i`
+  is its weight.
+
+Fixing each row's nearest centre :math:`j(x) = \arg\min_j \|x - c_j\|^2` at
+the current centres :math:`\tau` gives a majorizer,
+:math:`\min_j \|x - c_j\|^2 \le \|x - c_{j(x)}\|^2`, with equality at
+:math:`c = \tau`, and it is linear in the statistic
+
+.. math::
+
+    S(x; \tau) = \big(\mathbb 1[j(x) = j],\; \mathbb 1[j(x) = j]\, x,\;
+    \mathbb 1[j(x) = j]\, \|x\|^2\big)_{j = 1..k},
+
+(per-cluster mass, sum and sum of squared norms), whose M-step
+:math:`T(s)_j = s^{(1)}_j / s^{(0)}_j` is the cluster mean: batch MM is
+Lloyd's algorithm exactly. The squared norms do not enter :math:`T`; they
+give the server each cluster's within-cluster sum of squares
+:math:`s^{(2)}_j - \|s^{(1)}_j\|^2 / s^{(0)}_j`, which the empty-cluster
+rule uses.
+
+Empty clusters. scikit-learn moves an empty cluster's centre onto the rows
+farthest from their centres; the server here never sees a row. Instead, an
+empty cluster (:math:`s^{(0)}_j = 0`) is re-seeded next to the cluster with
+the largest within-cluster sum of squares (computed from the aggregated
+statistic alone): at that cluster's centre plus a random direction, drawn
+from the server's seeded M-step stream, scaled by the cluster's
+root-mean-square radius. Several empty clusters take the next largest
+donors. Such a round does not count as converged
+(:meth:`KMeansProblem.restarted`).
+
+Initialization without rows (``init="k-means++"``): each client runs
+k-means++ and a few Lloyd steps on its own rows and sends its local centres
+with their masses (one-shot federated clustering); the server runs weighted
+k-means (k-means++ seeding and Lloyd) on the pooled centres.
+``doc/what_leaves_a_client.md`` lists what each choice sends.
+
+References
+----------
+.. [1] S. Lloyd. Least squares quantization in PCM. IEEE Trans. Inf. Theory
+   28(2), 1982.
+.. [2] D. Dennis, T. Li, V. Smith. Heterogeneity for the win: one-shot
+   federated clustering. ICML 2021.
+"""
+
+import copy
+import warnings
+import zlib
+
+import numpy as np
+import scipy.sparse as sp
+from scipy.optimize import linear_sum_assignment
+
+from .base import MMProblem
+
+__all__ = ["KMeansProblem", "assign_clusters", "local_kmeans_summary", "pooled_kmeans"]
+
+
+def assign_clusters(X, centres):
+    """Nearest centre of every row and the squared distance to it.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+    centres : ndarray of shape (n_clusters, n_features)
+
+    Returns
+    -------
+    labels : ndarray of int of shape (n_samples,)
+    sq_dist : ndarray of shape (n_samples,)
+        :math:`\\|x - c_{j(x)}\\|^2`, computed from the differences (not from
+        the expanded square), as scikit-learn's inertia.
+    """
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the row term does not change the argmin
+    scores = X @ centres.T
+    scores *= -2.0
+    scores += np.einsum("ij,ij->i", centres, centres)
+    labels = np.argmin(scores, axis=1)
+    diff = X - centres[labels]
+    return labels, np.einsum("ij,ij->i", diff, diff)
+
+
+def _cluster_sums(X, labels, k, weights=None):
+    """Per-cluster sums of the rows (``k x d``), one sparse product."""
+    n = X.shape[0]
+    data = np.ones(n, dtype=X.dtype) if weights is None else weights.astype(X.dtype, copy=False)
+    onehot = sp.csr_matrix((data, (labels, np.arange(n))), shape=(k, n))
+    return np.asarray(onehot @ X)
+
+
+def _client_rng(seed, X):
+    """A client's initialization stream: the problem's seed and its own rows.
+
+    ``init_statistic`` receives no generator; deriving the stream from the
+    seed and a checksum of the client's rows keeps it deterministic, local
+    (the server never learns it) and different from client to client.
+    """
+    checksum = zlib.crc32(np.ascontiguousarray(X).view(np.uint8))
+    return np.random.default_rng([int(seed), checksum])
+
+
+def local_kmeans_summary(X, n_clusters, rng, *, max_iter=10):
+    """A client's k-means summary: local centres and the rows of each.
+
+    k-means++ seeding then up to ``max_iter`` Lloyd steps
+    (:class:`sklearn.cluster.KMeans`, one initialization) on the client's
+    rows, with ``min(n_clusters, n_rows)`` clusters.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features)
+    n_clusters : int
+    rng : numpy.random.Generator
+    max_iter : int, default=10
+
+    Returns
+    -------
+    centres : ndarray of shape (n_clusters, n_features)
+        Padded with zero rows when the client has fewer rows than clusters.
+    mass : ndarray of shape (n_clusters,)
+        Fraction of the client's rows in each cluster (0 for padding).
+    labels : ndarray of int of shape (n_rows,)
+    """
+    from sklearn.cluster import KMeans
+
+    n, d = X.shape
+    k = min(n_clusters, n)
+    centres = np.zeros((n_clusters, d), dtype=X.dtype)
+    mass = np.zeros(n_clusters, dtype=X.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer distinct rows than clusters
+        km = KMeans(
+            n_clusters=k, n_init=1, max_iter=max_iter, algorithm="lloyd",
+            random_state=int(rng.integers(np.iinfo(np.int32).max)),
+        ).fit(X)
+    labels = km.labels_
+    centres[:k] = km.cluster_centers_
+    mass[:k] = np.bincount(labels, minlength=k) / n
+    return centres, mass, labels
+
+
+def pooled_kmeans(points, weights, n_clusters, rng, *, lloyd=True, max_iter=300):
+    """Weighted k-means of the pooled client centres, on the server.
+
+    Parameters
+    ----------
+    points : ndarray of shape (n_points, n_features)
+    weights : ndarray of shape (n_points,)
+        Nonnegative masses; points of zero mass are ignored.
+    n_clusters : int
+    rng : numpy.random.Generator
+    lloyd : bool, default=True
+        Weighted k-means++ seeding followed by weighted Lloyd steps
+        (:class:`sklearn.cluster.KMeans` with ``sample_weight``); False:
+        the seeding only.
+    max_iter : int, default=300
+
+    Returns
+    -------
+    centres : ndarray of shape (n_clusters', n_features)
+        ``n_clusters' = min(n_clusters, number of points of positive mass)``.
+    labels : ndarray of int of shape (n_points,)
+        The group of every point (-1 for points of zero mass).
+    """
+    from sklearn.cluster import KMeans, kmeans_plusplus
+
+    keep = np.flatnonzero(weights > 0)
+    P, w = points[keep], weights[keep]
+    k = min(n_clusters, P.shape[0])
+    seed = int(rng.integers(np.iinfo(np.int32).max))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer distinct points than clusters
+        if lloyd:
+            km = KMeans(
+                n_clusters=k, n_init=1, max_iter=max_iter, algorithm="lloyd", random_state=seed,
+            ).fit(P, sample_weight=w)
+            centres, lab = km.cluster_centers_, km.labels_
+        else:
+            centres, _ = kmeans_plusplus(P, k, sample_weight=w, random_state=seed)
+            lab, _ = assign_clusters(P, centres)
+    labels = np.full(points.shape[0], -1)
+    labels[keep] = lab
+    return centres.astype(points.dtype, copy=False), labels
+
+
+def match_to(theta_new, theta_prev):
+    """Permutation of ``theta_new``'s rows that best matches ``theta_prev``'s.
+
+    The Hungarian algorithm (:func:`scipy.optimize.linear_sum_assignment`)
+    on the squared distances between the rows (centres or means).
+
+    Returns
+    -------
+    perm : ndarray of int of shape (k,)
+        ``theta_new[perm][j]`` is the row matched with ``theta_prev[j]``.
+    """
+    cost = (
+        np.einsum("ij,ij->i", theta_prev, theta_prev)[:, None]
+        - 2 * theta_prev @ theta_new.T
+        + np.einsum("ij,ij->i", theta_new, theta_new)[None, :]
+    )
+    rows, cols = linear_sum_assignment(cost)
+    perm = np.empty(len(rows), dtype=int)
+    perm[rows] = cols
+    return perm
+
+
+class KMeansProblem(MMProblem):
+    """k-means (Lloyd) for the FedMM engine (see the module docstring).
+
+    The parameter is the ``(n_clusters, n_features)`` array of centres.
+
+    Parameters
+    ----------
+    n_clusters : int
+    init : {"k-means++", "random"} or ndarray of shape (n_clusters, n_features), default="k-means++"
+        ``"k-means++"``: every client sends its local k-means centres and
+        their masses (see :func:`local_kmeans_summary`); the server runs
+        weighted k-means on the pooled centres. ``"random"``: every client
+        sends its mean row and mean squared row (``2 d`` values); the server
+        draws the centres from the Gaussian with that mean and diagonal
+        variance. An array: the initial centres (clients then send only
+        their mean and mean squared row, for the tolerance scale).
+    random_seed : int, default=0
+        Seeds the clients' local k-means and the server's draws.
+    local_max_iter : int, default=10
+        Lloyd steps of the clients' local k-means.
+    match_components : bool, default=False
+        Permute the result of every M-step so that its centres match the
+        previous ones (Hungarian algorithm on the squared distances). For
+        the parameter-averaging baseline, whose clients run local M-steps
+        before the server averages the centres: it keeps centre ``j`` of
+        every client the continuation of the broadcast centre ``j``. Never
+        needed for surrogate aggregation (the M-step maps cluster ``j``'s
+        statistic to centre ``j``).
+    """
+
+    def __init__(self, n_clusters, *, init="k-means++", random_seed=0, local_max_iter=10,
+                 match_components=False):
+        self.n_clusters = n_clusters
+        self.init = init
+        self.random_seed = random_seed
+        self.local_max_iter = local_max_iter
+        self.match_components = match_components
+
+    def _given_init(self):
+        return not isinstance(self.init, str)
+
+    # ----------------------------------------------------------- clients
+    def init_statistic(self, X):
+        stat = {"mean": X.mean(axis=0), "sq": (X * X).mean(axis=0)}
+        if not self._given_init() and self.init == "k-means++":
+            centres, mass, _ = local_kmeans_summary(
+                X, self.n_clusters, _client_rng(self.random_seed, X), max_iter=self.local_max_iter
+            )
+            stat.update(centres=centres, mass=mass)
+        return stat
+
+    def local_statistic(self, X, theta):
+        n, k = X.shape[0], theta.shape[0]
+        labels, sq_dist = assign_clusters(X, theta)
+        stat = {
+            "count": np.bincount(labels, minlength=k).astype(X.dtype) / n,
+            "sum": _cluster_sums(X, labels, k) / n,
+            "sq": np.bincount(labels, weights=np.einsum("ij,ij->i", X, X), minlength=k).astype(X.dtype) / n,
+        }
+        return stat, float(sq_dist.sum() / n)
+
+    def loss(self, X, theta):
+        return float(np.mean(assign_clusters(X, theta)[1]))
+
+    # ------------------------------------------------------------ server
+    def combine_init_statistics(self, stats, weights):
+        """Weighted means of the moments; the local centres side by side.
+
+        Returns
+        -------
+        init_stat : dict of ndarray
+            ``mean`` and ``sq`` (client-weighted means over all rows) and,
+            for ``"k-means++"``, ``centres`` (all clients' local centres,
+            stacked) with ``mass`` (each centre's share of the total
+            weight: :math:`w_i` times its fraction of client :math:`i`'s
+            rows).
+        """
+        out = {
+            name: sum(w * s[name] for s, w in zip(stats, weights)) for name in ("mean", "sq")
+        }
+        if "centres" in stats[0]:
+            out["centres"] = np.concatenate([s["centres"] for s in stats])
+            out["mass"] = np.concatenate([w * s["mass"] for s, w in zip(stats, weights)])
+        return out
+
+    def prepare(self, init_stat):
+        """A copy holding the mean per-feature variance of the pooled rows.
+
+        scikit-learn scales ``tol`` by it; the estimator reads
+        ``feature_variance_``.
+        """
+        prepared = copy.copy(self)
+        var = np.maximum(np.asarray(init_stat["sq"]) - np.asarray(init_stat["mean"]) ** 2, 0)
+        prepared.feature_variance_ = float(np.mean(var))
+        return prepared
+
+    def init_parameter(self, init_stat, rng):
+        dtype = np.asarray(init_stat["mean"]).dtype
+        if self._given_init():
+            return np.array(self.init, dtype=dtype, copy=True)
+        server_rng = np.random.default_rng([int(self.random_seed), 1])
+        mean = np.asarray(init_stat["mean"])
+        std = np.sqrt(np.maximum(np.asarray(init_stat["sq"]) - mean**2, 0))
+        if self.init == "random":
+            return (mean + std * server_rng.standard_normal((self.n_clusters, mean.size))).astype(dtype)
+        centres, _ = pooled_kmeans(init_stat["centres"], init_stat["mass"], self.n_clusters, server_rng)
+        extra = self.n_clusters - centres.shape[0]
+        if extra > 0:  # fewer pooled centres than clusters: draws around the pooled mean
+            centres = np.vstack([centres, mean + std * server_rng.standard_normal((extra, mean.size))])
+        return centres.astype(dtype)
+
+    @staticmethod
+    def _empty(count):
+        return count <= 0
+
+    def minimize(self, stat, theta_prev, rng=None):
+        count, sums = stat["count"], stat["sum"]
+        empty = self._empty(count)
+        centres = np.array(theta_prev, copy=True)
+        full = ~empty
+        centres[full] = sums[full] / count[full, None]
+        if empty.any() and rng is not None:
+            with np.errstate(all="ignore"):
+                sse = np.where(full, stat["sq"] - np.einsum("ij,ij->i", sums, sums) / count, -np.inf)
+            donors = np.argsort(-sse, kind="stable")
+            d = centres.shape[1]
+            for t, j in enumerate(np.flatnonzero(empty)):
+                donor = donors[t % max(int(full.sum()), 1)]
+                if not full[donor]:
+                    continue  # nothing assigned anywhere: leave the centre
+                radius = np.sqrt(max(float(sse[donor]), 0.0) / float(count[donor]))
+                u = rng.standard_normal(d)
+                u /= max(np.linalg.norm(u), np.finfo(float).tiny)
+                centres[j] = centres[donor] + radius * u
+        if self.match_components:
+            centres = centres[match_to(centres, theta_prev)]
+        return centres
+
+    def restarted(self, stat, theta_prev, theta_new):
+        """Whether an empty cluster was re-seeded in this M-step."""
+        empty = self._empty(stat["count"])
+        return bool(np.any(theta_new[empty] != theta_prev[empty]))
+
+    def project(self, stat):
+        count = np.maximum(stat["count"], 0)
+        keep = count > 0
+        return {
+            "count": count,
+            "sum": np.where(keep[:, None], stat["sum"], 0),
+            "sq": np.where(keep, np.maximum(stat["sq"], 0), 0),
+        }

@@ -1,0 +1,1 @@
+"""The skfedmm test suite (a package, so that tests import shared helpers)."""

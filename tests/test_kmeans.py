@@ -1,0 +1,146 @@
+"""FederatedKMeans and KMeansProblem: batch FedMM is scikit-learn's Lloyd."""
+
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+from sklearn.datasets import make_blobs
+
+from skfedmm import FederatedKMeans
+from skfedmm.problems import KMeansProblem
+
+K, D = 5, 4
+
+
+@pytest.fixture(scope="module")
+def data():
+    X, y = make_blobs(600, n_features=D, centers=K, cluster_std=2.5, random_state=0)
+    return X, y
+
+
+def splits(X):
+    order = np.random.default_rng(3).permutation(X.shape[0])
+    return {
+        "one": [X],
+        "uneven": [X[:3], X[3:350], X[350:]],
+        "shuffled": np.array_split(X[order], 7),
+    }
+
+
+@pytest.mark.parametrize("split", ["one", "uneven", "shuffled"])
+@pytest.mark.parametrize("max_iter", [1, 3, 20])
+def test_batch_fedmm_is_sklearn_lloyd(data, split, max_iter):
+    """Same initial centres: the centres, inertia and labels of Lloyd, to 1e-10."""
+    X, _ = data
+    clients = splits(X)[split]
+    pooled = np.vstack(clients)
+    init = X[np.random.default_rng(1).choice(X.shape[0], K, replace=False)]
+    ref = KMeans(K, init=init, n_init=1, max_iter=max_iter, tol=0, algorithm="lloyd").fit(pooled)
+    fed = FederatedKMeans(K, init=init, max_iter=max_iter, tol=0).fit(clients)
+    np.testing.assert_allclose(fed.cluster_centers_, ref.cluster_centers_, atol=1e-10, rtol=0)
+    np.testing.assert_allclose(fed.inertia_, ref.inertia_, rtol=1e-10)
+    np.testing.assert_array_equal(fed.labels_, ref.labels_)
+    assert fed.n_iter_ == ref.n_iter_
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-2])
+def test_tolerance_as_sklearn(data, tol):
+    """tol scales with the pooled mean feature variance (from the clients' moments)."""
+    X, _ = data
+    init = X[:K]
+    ref = KMeans(K, init=init, n_init=1, tol=tol, algorithm="lloyd").fit(X)
+    fed = FederatedKMeans(K, init=init, tol=tol).fit(splits(X)["uneven"])
+    assert fed.n_iter_ == ref.n_iter_
+    np.testing.assert_allclose(fed.cluster_centers_, ref.cluster_centers_, atol=1e-10)
+
+
+def test_inertia_never_increases(data):
+    X, _ = data
+    fed = FederatedKMeans(K, max_iter=30, tol=0, random_state=0).fit(splits(X)["uneven"])
+    assert np.all(np.diff(fed.history_["objective"]) <= 1e-12)
+
+
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_federated_init_reaches_sklearn_quality(data, init):
+    X, _ = data
+    fed = FederatedKMeans(K, init=init, random_state=0).fit(splits(X)["shuffled"])
+    ref = KMeans(K, init=init, random_state=0).fit(X)
+    assert fed.inertia_ <= 1.01 * ref.inertia_
+
+
+def test_default_init_sends_no_rows(data):
+    X, _ = data
+    problem = KMeansProblem(K)
+    a, b = problem.init_statistic(X[:50]), problem.init_statistic(X[50:177])
+    for name in a:
+        assert np.shape(a[name]) == np.shape(b[name])
+        assert 50 not in np.shape(a[name]) and 127 not in np.shape(b[name])
+    np.testing.assert_allclose(a["mass"].sum(), 1)
+
+
+def test_empty_cluster_is_reseeded_without_rows(data):
+    """A centre no row is closest to moves next to the worst cluster (statistics only)."""
+    X, _ = data
+    init = np.vstack([X[:K - 1], np.full((1, D), 1e3)])  # the last centre attracts no row
+    fed = FederatedKMeans(K, init=init, max_iter=50, tol=0, random_state=0).fit(splits(X)["uneven"])
+    assert np.bincount(fed.labels_, minlength=K).min() > 0
+    assert fed.history_["restarted"][1] == 1
+    ref = KMeans(K, init="k-means++", n_init=10, random_state=0).fit(X)
+    assert fed.inertia_ <= 1.05 * ref.inertia_
+
+
+def test_minimize_empty_rule_is_deterministic():
+    problem = KMeansProblem(2)
+    stat = {"count": np.array([1.0, 0.0]), "sum": np.array([[2.0, 2.0], [0.0, 0.0]]),
+            "sq": np.array([10.0, 0.0])}
+    prev = np.array([[0.0, 0.0], [9.0, 9.0]])
+    a = problem.minimize(stat, prev, np.random.default_rng(0))
+    b = problem.minimize(stat, prev, np.random.default_rng(0))
+    np.testing.assert_array_equal(a, b)
+    # rms radius of cluster 0: sqrt(10 - 8) around its centre (2, 2)
+    assert np.isclose(np.linalg.norm(a[1] - a[0]), np.sqrt(2.0))
+    np.testing.assert_array_equal(problem.minimize(stat, prev, None)[1], prev[1])
+
+
+def test_methods(data):
+    X, _ = data
+    ids = np.random.default_rng(0).integers(0, 4, size=X.shape[0])
+    est = FederatedKMeans(K, random_state=0)
+    labels = est.fit_predict(X, client_ids=ids)
+    np.testing.assert_array_equal(labels, est.predict(X))
+    assert np.isclose(-est.score(X), est.inertia_)
+    dist = est.fit_transform(X, client_ids=ids)
+    np.testing.assert_allclose(dist.argmin(axis=1), est.labels_)
+
+
+def test_warm_start_continues_bitwise(data):
+    X, _ = data
+    clients = splits(X)["uneven"]
+    kwargs = dict(n_clusters=K, tol=0, random_state=0, participation=0.7, compression="qsgd")
+    ten = FederatedKMeans(max_iter=10, **kwargs).fit(clients)
+    est = FederatedKMeans(max_iter=5, warm_start=True, **kwargs).fit(clients)
+    est.fit(clients)
+    np.testing.assert_array_equal(est.cluster_centers_, ten.cluster_centers_)
+
+
+def test_n_init_keeps_the_best(data):
+    X, _ = data
+    one = FederatedKMeans(K, init="random", n_init=1, random_state=2).fit(X)
+    five = FederatedKMeans(K, init="random", n_init=5, random_state=2).fit(X)
+    assert five.inertia_ <= one.inertia_
+
+
+def test_parameter_averaging_baseline_runs(data):
+    X, y = data
+    clients = [X[y == j] for j in range(K)]
+    est = FederatedKMeans(K, aggregation="parameter", max_iter=10, random_state=0).fit(clients)
+    assert np.all(np.isfinite(est.cluster_centers_))
+
+
+def test_errors_name_the_problem(data):
+    X, _ = data
+    with pytest.raises(ValueError, match="n_samples=3 should be >= n_clusters=5"):
+        FederatedKMeans(K).fit(X[:3])
+    with pytest.raises(ValueError, match="initial centers"):
+        FederatedKMeans(K, init=X[:2]).fit(X)
+    with pytest.raises(ValueError, match="client 1"):
+        FederatedKMeans(K).fit([X[:50], np.full((5, D), np.nan)])

@@ -1,0 +1,192 @@
+"""Parameters: declared once, validated the scikit-learn way, and honoured by
+continued fits (``warm_start``, ``partial_fit``)."""
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+from sklearn.utils.estimator_checks import check_param_validation
+
+import skfedmm
+from skfedmm import FedMM, FederatedDictionaryLearning, FederatedOTMap
+from skfedmm._base import FederatedMixin
+from skfedmm._params import (
+    ENGINE_PARAMS,
+    FEDERATED_PARAMETERS,
+    FEDERATED_PARAMS,
+    InvalidParameterError,
+)
+from skfedmm.problems import DictionaryLearningProblem
+
+from ._helpers import CauchyLocation, make_clients
+
+
+def federated_estimators():
+    """Every public estimator built on the federated mixin."""
+    return [
+        obj for name in skfedmm.__all__
+        if isinstance(obj := getattr(skfedmm, name), type) and issubclass(obj, FederatedMixin)
+    ]
+
+
+def test_private_sklearn_validation_is_available():
+    """skfedmm relies on scikit-learn's private constraint language; fail loudly if it moves."""
+    from sklearn.utils._param_validation import (  # noqa: F401
+        HasMethods,
+        Interval,
+        InvalidParameterError,
+        StrOptions,
+        validate_parameter_constraints,
+    )
+
+    assert issubclass(InvalidParameterError, ValueError)
+    assert issubclass(InvalidParameterError, TypeError)
+
+
+@pytest.mark.parametrize("cls", federated_estimators() + [FedMM], ids=lambda c: c.__name__)
+def test_signatures_follow_the_table(cls):
+    """Each signature takes every (engine) federated parameter with the table's default,
+    each is constrained by the table's constraint and documented by its text."""
+    signature = inspect.signature(cls.__init__).parameters
+    names = ENGINE_PARAMS if cls is FedMM else tuple(FEDERATED_PARAMS)
+    for param in FEDERATED_PARAMETERS:
+        if param.name not in names:
+            assert param.name not in signature
+            continue
+        assert param.name in signature, param.name
+        assert signature[param.name].default == param.default, param.name
+        assert cls._parameter_constraints[param.name] == param.constraints, param.name
+        assert param.doc.splitlines()[0] in cls.__doc__, param.name
+    # every parameter of the signature is constrained
+    assert set(signature) - {"self"} == set(cls._parameter_constraints)
+
+
+@pytest.mark.parametrize("cls", federated_estimators(), ids=lambda c: c.__name__)
+def test_engine_defaults_equal_the_estimators(cls):
+    engine = inspect.signature(FedMM.__init__).parameters
+    est = inspect.signature(cls.__init__).parameters
+    for name in ENGINE_PARAMS:
+        assert engine[name].default == est[name].default, name
+
+
+@pytest.mark.parametrize("cls", federated_estimators(), ids=lambda c: c.__name__)
+def test_sklearn_param_validation(cls):
+    """scikit-learn's own check: every invalid value raises InvalidParameterError."""
+    check_param_validation(cls.__name__, cls())
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(max_iter=True), "max_iter"),
+        (dict(tol=float("nan")), "tol"),
+        (dict(participation=1.5), "participation"),
+        (dict(compression="zip"), "compression"),
+        (dict(step_size="fast"), "step_size"),
+        (dict(convergence="never"), "convergence"),
+        (dict(min_clients=True), "min_clients"),
+        (dict(client_timeout=0), "client_timeout"),
+        (dict(n_jobs=1.5), "n_jobs"),
+    ],
+)
+def test_engine_raises_invalid_parameter_error(kwargs, name):
+    with pytest.raises(InvalidParameterError, match=f"'{name}' parameter of FedMM"):
+        FedMM(CauchyLocation(), **kwargs).fit(make_clients())
+
+
+def test_engine_rejects_a_problem_without_the_protocol():
+    with pytest.raises(InvalidParameterError, match="'problem' parameter of FedMM"):
+        FedMM(object()).fit(make_clients())
+
+
+@pytest.mark.parametrize(
+    "est, name",
+    [
+        (FederatedDictionaryLearning(n_components=6.0), "n_components"),
+        (FederatedDictionaryLearning(max_iter=True), "max_iter"),
+        (FederatedDictionaryLearning(alpha=float("nan")), "alpha"),
+        (FederatedDictionaryLearning(warm_start="yes"), "warm_start"),
+        (FederatedOTMap(epsilon=0), "epsilon"),
+        (FederatedOTMap(n_reference=True), "n_reference"),
+    ],
+)
+def test_estimators_raise_invalid_parameter_error(est, name):
+    X = np.random.default_rng(0).standard_normal((20, 3))
+    with pytest.raises(InvalidParameterError, match=f"'{name}' parameter of {type(est).__name__}"):
+        est.fit(X)
+
+
+# ----------------------------------------------------------- continued fits
+def _clients(seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((30, 6)) + i for i in range(4)]
+
+
+def _dl(**kwargs):
+    params = dict(n_components=4, alpha=0.1, max_iter=3, tol=0.0, random_state=0, warm_start=True)
+    return FederatedDictionaryLearning(**{**params, **kwargs})
+
+
+def test_changed_alpha_takes_effect_from_the_next_round():
+    clients = _clients()
+    est = _dl().fit(clients)
+    D_before = est.components_.copy()
+    est.set_params(alpha=0.5, max_iter=1).fit(clients)
+    assert est.problem_.alpha == 0.5
+    assert est.n_iter_ == 4
+    # the clients' losses of round 4 are the lasso objective at alpha=0.5 and
+    # the dictionary of round 3
+    problem = DictionaryLearningProblem(4, 0.5, 6)
+    expected = np.average([problem.loss(X, D_before) for X in clients],
+                          weights=[len(X) for X in clients])
+    assert math.isclose(est.error_[-1], expected, rel_tol=1e-10)
+
+
+def test_continued_fit_validates_again():
+    clients = _clients()
+    est = _dl().fit(clients)
+    with pytest.raises(InvalidParameterError, match="'alpha' parameter"):
+        est.set_params(alpha=-1).fit(clients)
+    with pytest.raises(InvalidParameterError, match="'alpha' parameter"):
+        est.partial_fit(clients)
+    # nothing was changed by the refused fits
+    assert est.n_iter_ == 3
+
+
+def test_changed_n_components_raises_naming_it():
+    clients = _clients()
+    est = _dl().fit(clients)
+    with pytest.raises(ValueError, match="n_components changed from 4 to 5"):
+        est.set_params(n_components=5).fit(clients)
+    with pytest.raises(ValueError, match="aggregation changed"):
+        est.set_params(n_components=4, aggregation="parameter").fit(clients)
+    assert est.n_iter_ == 3
+
+
+def test_changed_federated_parameters_take_effect():
+    rng = np.random.default_rng(1)
+    clients = [rng.standard_normal((20, 5)) for _ in range(12)]
+    est = _dl(max_iter=2).fit(clients)
+    assert np.all(est.history_["n_active"][1:] == 12)
+    est.set_params(participation=0.25, participation_scheme="fixed", compression="qsgd",
+                   step_size=0.5).fit(clients)
+    assert np.all(est.history_["n_active"][3:] == 3)
+    assert np.all(est.history_["step_size"][3:] == 0.5)
+    # QSGD messages are much smaller than 64-bit floats
+    bits = np.asarray(est.history_.bits_up)
+    assert bits[3] / 3 < 0.5 * bits[2] / 12
+    # new client weights: V is re-derived, sum_i w_i V_i == V
+    est.set_params(client_weights="uniform", max_iter=1).fit(clients)
+    state = est.fedmm_state_
+    np.testing.assert_allclose(state.weights, np.full(12, 1 / 12))
+    V = sum(w * c.cv for w, c in zip(state.weights, state.clients))
+    np.testing.assert_allclose(state.cv, V, atol=1e-12)
+
+
+def test_fit_does_not_mutate_the_problem():
+    problem = CauchyLocation()
+    before = dict(vars(problem))
+    state = FedMM(problem, max_iter=3, random_state=0).fit(make_clients())
+    assert vars(problem) == before
+    assert state.problem is problem  # no fit-time constants: prepare returns it

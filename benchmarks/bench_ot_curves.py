@@ -57,7 +57,7 @@ def curve(est_kwargs, data, Y, X_test, truth, n_rounds, seed):
                          **est_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        est.fit(data, Y)
+        est.fit(data, target=Y)
     problem = est.problem_
     errors = [float(np.mean(np.sum((problem.barycentric_map(X_test, g) - truth) ** 2, axis=1)))
               for g in thetas]
@@ -70,7 +70,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--runs", type=int, default=None)
-    parser.add_argument("--epsilon", type=float, default=0.02)
+    parser.add_argument("--epsilon", type=float, default=0.15,
+                        help="regularization relative to the spread of the samples")
     args = parser.parse_args(argv)
     if args.quick:
         runs, n, m, n_rounds, mode = args.runs or 1, 200, 200, 30, "quick"

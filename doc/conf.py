@@ -91,6 +91,9 @@ API = [
     ("Estimators", "scikit-learn estimators trained by FedMM.", [
         ("skfedmm", "FederatedDictionaryLearning"),
         ("skfedmm", "FederatedOTMap"),
+        ("skfedmm", "TargetSample"),
+        ("skfedmm", "FederatedGaussianMixture"),
+        ("skfedmm", "FederatedKMeans"),
     ]),
     ("Engine", "The FedMM round loop, its state, its record and step sizes.", [
         ("skfedmm", "FedMM"),
@@ -103,6 +106,8 @@ API = [
         ("skfedmm", "MMProblem"),
         ("skfedmm", "DictionaryLearningProblem"),
         ("skfedmm.problems", "EntropicOTProblem"),
+        ("skfedmm", "GaussianMixtureProblem"),
+        ("skfedmm", "KMeansProblem"),
     ]),
     ("Compression", "Unbiased compressors of the clients' messages.", [
         ("skfedmm", "Compressor"),

@@ -46,11 +46,15 @@ print("mean color per client:", np.round([c.mean(axis=0) for c in clients], 2).t
 # %%
 # Fit the federated map
 # ---------------------
-# ``epsilon`` is relative to the mean transport cost (scale-free). The map
-# of a pixel is the barycenter of the target colors weighted by its soft
-# assignment.
-ot_map = FederatedOTMap(epsilon=0.02, max_iter=n_rounds, tol=tol, random_state=0)
-ot_map.fit(clients, y=palette)
+# ``epsilon`` is relative to the spread of the colors (the mean variance per
+# channel of the two images, each around its own mean): the entropic blur has
+# a standard deviation of ``sqrt(epsilon)`` times the colors', whatever
+# their units or where the two palettes sit. The map of a pixel is the
+# barycenter of the target colors weighted by its soft assignment. The
+# palette is passed as ``target`` (``y`` would be ignored, as in any
+# unsupervised transformer).
+ot_map = FederatedOTMap(epsilon=0.1, max_iter=n_rounds, tol=tol, random_state=0)
+ot_map.fit(clients, target=palette)
 print(f"{ot_map.n_iter_} rounds, marginal error {ot_map.marginal_error_:.2e}, "
       f"{(ot_map.bits_up_ + ot_map.bits_down_) / 1e6:.1f} Mbit exchanged")
 

@@ -10,7 +10,7 @@ from .compression import QSGD, Compressor, Identity, RandK, make_compressor
 from .dictionary import FederatedDictionaryLearning
 from .engine import FedMM, FedMMState, History, PolynomialDecay
 from .mixture import FederatedGaussianMixture
-from .ot import FederatedOTMap
+from .ot import FederatedOTMap, TargetSample
 from .plotting import plot_history
 from .problems import (
     DictionaryLearningProblem,
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FederatedDictionaryLearning",
     "FederatedOTMap",
+    "TargetSample",
     "FederatedGaussianMixture",
     "FederatedKMeans",
     "FedMM",

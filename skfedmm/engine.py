@@ -60,6 +60,14 @@ from ._params import (
     StrOptions,
     validate_params,
 )
+from ._messages import (
+    InvalidMessageError,
+    ParamLayout,
+    StatLayout,
+    check_statistic_message,
+    check_vector_message,
+    majority_layout,
+)
 from .compression import make_compressor
 from .federation.local import (  # noqa: F401 - where clients run; names kept importable here
     ClientFailure,
@@ -93,67 +101,8 @@ class ClientFailureWarning(UserWarning):
 # --------------------------------------------------------------------------
 # Statistic layout: named arrays <-> one flat vector
 # --------------------------------------------------------------------------
-class _Layout:
-    """Flattens a dict of arrays into one vector and back."""
-
-    def __init__(self, stat):
-        if not isinstance(stat, dict) or not stat:
-            raise TypeError(
-                "A problem's statistic must be a non-empty dict of arrays, got "
-                f"{type(stat).__name__}."
-            )
-        self.names = list(stat)
-        self.shapes = [np.shape(stat[k]) for k in self.names]
-        self.sizes = [int(np.prod(s)) for s in self.shapes]
-        self.size = sum(self.sizes)
-
-    def flatten(self, stat, dtype):
-        out = np.empty(self.size, dtype=dtype)
-        start = 0
-        for name, shape, size in zip(self.names, self.shapes, self.sizes):
-            value = np.asarray(stat[name])
-            if value.shape != shape:
-                raise ValueError(
-                    f"Statistic {name!r} has shape {value.shape}, expected {shape}."
-                )
-            out[start : start + size] = value.ravel()
-            start += size
-        return out
-
-    def unflatten(self, flat):
-        out, start = {}, 0
-        for name, shape, size in zip(self.names, self.shapes, self.sizes):
-            out[name] = flat[start : start + size].reshape(shape)
-            start += size
-        return out
-
-
-class _ParamLayout(_Layout):
-    """The layout of a parameter: one array, or a dict of named arrays.
-
-    Parameters travel through the same flat-vector view as statistics (the
-    parameter-averaging baseline compresses and averages it, the history
-    records norms of its changes), and :meth:`unflatten` gives back the
-    structure the problem uses.
-    """
-
-    def __init__(self, theta):
-        self.is_dict = isinstance(theta, dict)
-        super().__init__(theta if self.is_dict else {"theta": theta})
-
-    def as_dict(self, theta):
-        return theta if self.is_dict else {"theta": theta}
-
-    def flatten(self, theta, dtype=np.float64):
-        return super().flatten(self.as_dict(theta), dtype)
-
-    def unflatten(self, flat):
-        out = super().unflatten(flat)
-        return out if self.is_dict else out["theta"]
-
-    def cast(self, theta, dtype):
-        """The parameter with every array converted to ``dtype`` (no copy if already)."""
-        return self.unflatten(self.flatten(theta, dtype))
+_Layout = StatLayout
+_ParamLayout = ParamLayout
 
 
 def _map_param(fn, theta):
@@ -367,13 +316,38 @@ class History:
 # (BLAS limits, guarded calls and placement of rows: skfedmm.federation.local)
 
 
-def _check_message(value, client, what, round_index):
-    """Server-side check: a client's message must be finite."""
-    if not np.all(np.isfinite(value)):
-        raise ValueError(
-            f"client {client} sent a non-finite {what} at round {round_index} (overflow "
-            "or NaN in its local computation): check the scale of its data."
+def _expected_layout(problem, theta, results):
+    """The statistic's layout: declared by the problem, else what most clients sent."""
+    shapes = problem.statistic_shapes(theta)
+    if shapes is not None:
+        return StatLayout(shapes)
+    sent = [
+        r[0] for r in results
+        if not isinstance(r, ClientFailure) and isinstance(r, tuple) and len(r) == 2
+    ]
+    return majority_layout(sent)
+
+
+def _client_cv(state, i):
+    """Client ``i``'s control variate as the server mirrors it, in current coordinates."""
+    c = state.clients[i]
+    if state.log_scale is None:
+        return c.cv
+    return c.cv * np.exp(state.log_scale - c.log_scale).astype(c.cv.dtype, copy=False)
+
+
+def _check_loss(loss):
+    """A client's reported loss: a finite real number."""
+    try:
+        value = float(loss)
+    except (TypeError, ValueError) as exc:
+        raise InvalidMessageError(f"the loss is not a real number ({exc})") from exc
+    if not np.isfinite(value):
+        raise InvalidMessageError(
+            "the loss is not finite (overflow or NaN in the client's computation: check the "
+            "scale of its data)"
         )
+    return value
 
 
 @dataclass
@@ -597,9 +571,26 @@ class _FailureLog:
         self.min_clients = min_clients
         self.warned = False
 
-    def answers(self, indices, results, round_index, needed=None):
-        """Answers of the clients that did not fail; warn once, check the count."""
+    def answers(self, indices, results, round_index, needed=None, validate=None):
+        """Answers of the clients that did not fail; warn once, check the count.
+
+        ``validate(i, answer)`` checks an answer on arrival and returns it (or
+        a checked form of it); an :class:`InvalidMessageError` makes it a
+        failure of that client in that round, like any other.
+        """
         answered, failures = _split_answers(indices, results)
+        if validate is not None:
+            checked = []
+            for i, res in answered:
+                try:
+                    checked.append((i, validate(i, res)))
+                except InvalidMessageError as exc:
+                    err = InvalidMessageError(
+                        f"client {i} sent an invalid message at round {round_index}: {exc}"
+                    )
+                    failures.append((i, ClientFailure("InvalidMessageError", str(err), err)))
+            answered = checked
+            failures.sort(key=lambda f: f[0])
         if failures and not self.warned:
             i, f = failures[0]
             warnings.warn(
@@ -969,15 +960,27 @@ class FedMM:
             )
             for i, X in enumerate(clients)
         )
-        answered, fails = failures.answers(range(n), results, 0, needed=1)
+        # the expected layout: what most clients sent (one faulty client
+        # cannot impose its own on the honest ones)
+        sent = [r for r in results if not isinstance(r, ClientFailure)]
+        init_layout = None
+        if any(r is not None for r in sent):
+            init_layout = majority_layout([r for r in sent if r is not None])
+
+        def check_init(i, stat):
+            if init_layout is None:
+                if stat is not None:
+                    raise InvalidMessageError("sent an initialization statistic nobody else sent")
+                return None
+            flat = init_layout.flatten(stat, dtype)
+            return check_vector_message(flat, init_layout.size, "initialization statistic")
+
+        answered, fails = failures.answers(range(n), results, 0, needed=1, validate=check_init)
         failed += fails
         agg_init = None
-        if answered[0][1] is not None:
-            init_layout = _Layout(answered[0][1])
+        if init_layout is not None:
             idx = [i for i, _ in answered]
-            flat = [init_layout.flatten(s, dtype) for _, s in answered]
-            for i, f in zip(idx, flat):
-                _check_message(f, i, "initialization statistic", 0)
+            flat = [f for _, f in answered]
             bits_up += len(idx) * init_layout.size * 8 * itemsize
             w = weights[idx] / weights[idx].sum()
             combine = getattr(self.problem, "combine_init_statistics", None)
@@ -1005,7 +1008,7 @@ class FedMM:
             return FedMMState(
                 theta=theta0, s_hat=None, cv=None, log_scale=None,
                 clients=[ClientState(cv=None, rng=r) for r in client_rngs],
-                layout=_Layout(param_layout.as_dict(theta0)), **common,
+                layout=StatLayout.of(param_layout.as_dict(theta0)), **common,
             )
         results = parallel(
             delayed(_guarded)(
@@ -1014,15 +1017,20 @@ class FedMM:
             )
             for i, X in enumerate(clients)
         )
-        answered, fails = failures.answers(range(n), results, 0, needed=1)
+        layout = _expected_layout(problem, theta0, results)
+
+        def check_full(i, answer):
+            if not (isinstance(answer, tuple) and len(answer) == 2):
+                raise InvalidMessageError("expected a (statistic, loss) pair")
+            stat, loss = answer
+            flat = check_statistic_message(problem, layout, layout.flatten(stat, dtype), theta0)
+            return flat, _check_loss(loss)
+
+        answered, fails = failures.answers(range(n), results, 0, needed=1, validate=check_full)
         failed += fails
         idx = [i for i, _ in answered]
-        layout = _Layout(answered[0][1][0])
-        stats = [layout.flatten(s, dtype) for _, (s, _) in answered]
+        stats = [f for _, (f, _) in answered]
         losses = np.array([loss for _, (_, loss) in answered], dtype=float)
-        for i, f, loss in zip(idx, stats, losses):
-            _check_message(f, i, "statistic", 0)
-            _check_message(loss, i, "loss", 0)
         bits_up += len(idx) * (layout.size * 8 * itemsize + 64)
         w = weights[idx] / weights[idx].sum()
         s_agg = aggregate(stats, w)
@@ -1085,12 +1093,25 @@ class FedMM:
                 for i in active
             )
         results = parallel(tasks) if len(active) else []
-        answered, failed = failures.answers(active, results, round_index)
+        surrogate = self.aggregation == "surrogate"
+        size = state.layout.size if surrogate else param_layout.size
+        exact = surrogate and cfg.compressor.omega(size) == 0
+
+        def check(i, answer):
+            msg, new_client = answer
+            payload = check_vector_message(msg.payload, size, "message")
+            loss = _check_loss(msg.loss)
+            if exact:
+                # an exact message is S_i - S_hat - V_i: check S_i itself
+                implied = state.s_hat + _client_cv(state, i) + payload
+                scale = np.abs(state.s_hat).max() + np.abs(payload).max() + 1.0
+                atol = 16 * np.finfo(implied.dtype).eps * scale
+                check_statistic_message(problem, state.layout, implied, theta, atol)
+            return ClientMessage(payload=payload, bits=msg.bits, loss=loss), new_client
+
+        answered, failed = failures.answers(active, results, round_index, validate=check)
         idx = np.array([i for i, _ in answered], dtype=int)
         messages = [msg for _, (msg, _) in answered]
-        for i, msg in zip(idx, messages):
-            _check_message(msg.payload, i, "message", round_index)
-            _check_message(msg.loss, i, "loss", round_index)
         new_clients = list(state.clients)
         for i, (_, new_client) in answered:
             new_clients[i] = new_client
@@ -1212,7 +1233,7 @@ class FedMM:
         pin = len(clients) > 1
         with Parallel(n_jobs=self.n_jobs) as parallel:
             results = parallel(delayed(_client_full)(problem, X, theta, pin) for X in clients)
-        layout = _Layout(results[0][0])
+        layout = _expected_layout(problem, theta, results)
         dtype = clients[0].dtype
         stat = aggregate([layout.flatten(s, dtype) for s, _ in results], weights)
         loss = float(np.dot(weights, [loss for _, loss in results]))

@@ -14,7 +14,60 @@ from ._params import Interval, StrOptions
 from ._clients import check_clients, check_transform_input, is_client_list
 from .problems.ot import EntropicOTProblem
 
-__all__ = ["FederatedOTMap"]
+__all__ = ["FederatedOTMap", "TargetSample"]
+
+
+class TargetSample:
+    """A target sample that cross-validation passes whole to every fit.
+
+    scikit-learn's cross-validation tools (``cross_validate``,
+    ``GridSearchCV``, ...) treat every fit parameter with as many rows as
+    ``X`` as sample-aligned and cut it to each fold's training rows, and
+    pass every other value whole. A target sample is not aligned with the
+    source rows, so an array that happens to have as many rows as ``X``
+    would be cut. This wrapper has no length, so it is never indexed: use
+    it whenever :class:`FederatedOTMap`'s ``target`` is routed through
+    cross-validation.
+
+    Parameters
+    ----------
+    points : array-like of shape (m, n_features) or (m,)
+        The target points, validated by :meth:`FederatedOTMap.fit`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skfedmm import FederatedOTMap, TargetSample
+    >>> X = np.random.default_rng(0).standard_normal((50, 2))
+    >>> Y = np.random.default_rng(1).standard_normal((50, 2)) + 3
+    >>> ot_map = FederatedOTMap(random_state=0).fit(X, target=TargetSample(Y))
+    >>> ot_map.target_.shape
+    (50, 2)
+    """
+
+    def __init__(self, points):
+        self.points = points
+
+    def __repr__(self):
+        shape = getattr(self.points, "shape", None)
+        return f"TargetSample(<{'array of shape ' + str(shape) if shape is not None else type(self.points).__name__}>)"
+
+
+def _standard_reference(rng, weights, n_features, dtype):
+    """``n`` standard normal points, standardized exactly when ``n > n_features``.
+
+    The weighted sample (weights ``b``) has mean 0 and covariance I exactly
+    (the symmetric whitening, the smallest change of the draw); with
+    ``n <= n_features`` it is only centred.
+    """
+    Y = rng.standard_normal((weights.shape[0], n_features))
+    Y -= weights @ Y
+    if weights.shape[0] > n_features:
+        cov = (Y * weights[:, None]).T @ Y
+        evals, evecs = np.linalg.eigh(cov)
+        if evals.min() > 1e-12 * max(evals.max(), 1.0):
+            Y = Y @ (evecs / np.sqrt(evals)) @ evecs.T
+    return Y.astype(dtype)
 
 
 def _reference_seed(random_state):
@@ -31,7 +84,8 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
 
     The source distribution :math:`\mu = \sum_i w_i \mu_i` is the pooled
     rows of all clients, who never send a row; the target
-    :math:`\nu = \sum_j b_j \delta_{y_j}` is a known sample ``y``. The fit
+    :math:`\nu = \sum_j b_j \delta_{y_j}` is a known sample ``target`` (a
+    fit parameter). The fit
     learns the dual potential :math:`g` of semi-discrete entropic optimal
     transport,
 
@@ -56,10 +110,23 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     - :math:`y_j` are the ``m`` target points, :math:`b_j` their weights
       (``target_weights``, uniform by default);
     - :math:`\varepsilon` is the regularization in the units of the cost
-      :math:`\tfrac12\|x - y\|^2`: ``epsilon`` times the mean transport cost
-      :math:`\bar c = \mathbb{E}_{\mu\otimes\nu} \tfrac12\|x - y\|^2` with
-      ``normalize_cost="mean"`` (so ``epsilon`` is scale-free), ``epsilon``
-      itself with ``normalize_cost=None``;
+      :math:`\tfrac12\|x - y\|^2`: :math:`\varepsilon = \epsilon\,\sigma^2`
+      with ``normalize_cost="spread"`` (the default), :math:`\varepsilon =
+      \epsilon` with ``normalize_cost=None``, :math:`\epsilon` being the
+      ``epsilon`` parameter;
+    - :math:`\sigma^2` is the spread of the two samples, the mean variance
+      per coordinate of the source and of the target, each around its own
+      mean:
+
+      .. math::
+
+          \sigma^2 = \frac{1}{2d}\Big(\sum_i w_i \frac{1}{n_i}\sum_{x \in X_i}
+          \|x - \bar x\|^2 + \sum_{j=1}^m b_j\|y_j - \bar y\|^2\Big),
+
+      :math:`\bar x` and :math:`\bar y = \sum_j b_j y_j` the two means and
+      :math:`d` the number of features (each client sends the mean of its
+      rows and their mean squared distance to that mean once; the server
+      combines them exactly, by the law of total variance);
     - :math:`\chi(x; g)` is the soft assignment of :math:`x` to the target
       points, computed by a stable log-sum-exp.
 
@@ -79,26 +146,93 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     Averaging the clients' own Sinkhorn potentials instead
     (``aggregation="parameter"``) is biased when clients differ.
 
-    **Federated normalizing map.** With ``y=None`` the target is a seeded
-    standard normal sample of ``n_reference`` points in the source
-    dimension: the fitted map is then a multivariate normalizing (quantile)
-    map of the pooled source distribution, learned without pooling the
-    rows: ``transform`` sends the source to an approximately standard
-    normal sample, for example to standardize features jointly across
-    sites, or to compare sites in a common reference space.
+    **Invariances.** With the squared cost the entropic plan does not change
+    when either sample is translated (the cross terms are absorbed by the
+    potentials), and :math:`\sigma^2` is computed around each sample's own
+    mean, so it does not change either; the potential starts from the
+    translation that aligns the two means, so every round is equivariant,
+    not only the limit: mapping onto ``target + c`` gives
+    ``transform(X) + c``, and translating the source rows does not change
+    where they go. Scaling both samples by :math:`s` scales
+    :math:`\sigma^2` by :math:`s^2` and the map by :math:`s`. ``epsilon``
+    has a meaning of its own: the Gibbs kernel
+    :math:`e^{-\|x - y\|^2 / (2\varepsilon)}` is a Gaussian blur of
+    standard deviation :math:`\sqrt{\epsilon}\,\sigma` per coordinate, in
+    any dimension (the default 0.05 blurs over about 0.22 of the data's
+    standard deviation).
+
+    **Entropic bias.** :math:`T_\varepsilon(x)` is the mean of the target
+    points under the soft assignment, so the mapped sample is a little
+    less spread than the target: between Gaussians of equal variance
+    :math:`\sigma^2` per coordinate, the map shrinks variances by the factor
+    :math:`\rho^2`, :math:`\rho = \sqrt{1 + \epsilon^2 / 4} - \epsilon / 2
+    \approx 1 - \epsilon / 2`, about 0.95 at the default ``epsilon``.
+    Lower ``epsilon`` for less bias (more rounds, and a noisier map from a
+    small target sample); raise it for a smoother, lower-variance map. The
+    blur is the same in every direction, so a coordinate whose scale is
+    much smaller than :math:`\sigma` is blurred more: standardize the
+    features first when their scales differ widely.
+
+    **Federated normalizing map.** With ``target=None`` the target is a
+    seeded sample of ``n_reference`` standard normal points in the source
+    dimension, standardized exactly (mean 0 and covariance I under
+    ``target_weights``) when ``n_reference > n_features``: the fitted map is
+    then a multivariate normalizing (quantile) map of the pooled source
+    distribution, learned without pooling the rows. ``transform`` sends the
+    source to an approximately standard normal sample (covariance about
+    :math:`0.95\,I` at the defaults, by the entropic bias above), for
+    example to standardize features jointly across sites, or to compare
+    sites in a common reference space.
+
+    **Target, pipelines and cross-validation.** ``y`` is ignored, as in
+    every unsupervised transformer, so the map can stand in front of a
+    classifier in a :class:`~sklearn.pipeline.Pipeline`. The target sample
+    is the keyword-only fit parameter ``target``; with metadata routing
+    (``sklearn.set_config(enable_metadata_routing=True)``) request it with
+    ``set_fit_request(target=True)``. Cross-validation tools cut every fit
+    parameter that has as many rows as ``X`` to each fold's training rows
+    (they take it for sample-aligned, like ``client_ids``) and pass others
+    whole; a target sample is not aligned with the source rows, so pass
+    ``target=TargetSample(Y)``, which every fold receives whole whatever
+    its size (a plain array with as many rows as ``X`` would be cut).
+
+    **Continued training.** With ``warm_start`` or :meth:`partial_fit`,
+    ``epsilon`` and ``normalize_cost`` may change between calls: the
+    potential :math:`g` (in cost units) and the statistics, stored as masses
+    relative to the potential (which do not depend on
+    :math:`\varepsilon`), are kept, and the next round uses the new
+    :math:`\varepsilon` (with exact rounds: Sinkhorn with an
+    :math:`\varepsilon` schedule, e.g. epsilon-scaling). The target, its
+    weights and the reference sample (``n_reference``) cannot change:
+    the potential and every statistic are indexed by the target points.
+    Nor can ``normalize_cost`` go from None to ``"spread"``: the clients
+    did not send the moments it needs.
+
+    **POT.** The numbers, not the interface, are those of POT's
+    ``ot.da.SinkhornTransport(reg_e=2 * epsilon_)`` on the pooled rows
+    (POT's squared Euclidean cost has no :math:`\tfrac12`) with uniform
+    target weights: at convergence :meth:`transform` equals its continuous
+    out-of-sample map (``out_of_sample_map="continuous"``, POT's default).
+    The interface differs (``fit(X, target=...)`` instead of
+    ``fit(Xs=..., Xt=...)``; no ``coupling_``, which would be an
+    ``n x m`` matrix the server never sees; no ``inverse_transform``).
 
     Parameters
     ----------
     epsilon : float, default=0.05
-        Entropic regularization, > 0: relative to the mean transport cost
-        with ``normalize_cost="mean"``, in the units of
-        :math:`\tfrac12\|x - y\|^2` otherwise. Smaller values give a sharper
-        map and need more rounds.
-    normalize_cost : {"mean", None}, default="mean"
-        ``"mean"``: divide the costs by the mean transport cost between the
-        source and the target, which the initial round computes exactly
-        (each client sends its mean squared distance to the target mean).
-        ``None``: ``epsilon`` is absolute.
+        Entropic regularization, > 0: relative to the spread
+        :math:`\sigma^2` with ``normalize_cost="spread"``, in the units of
+        :math:`\tfrac12\|x - y\|^2` otherwise. Smaller values give a sharper,
+        less biased map and need more rounds.
+    normalize_cost : {"spread", None}, default="spread"
+        ``"spread"``: :math:`\varepsilon = \epsilon\,\sigma^2`, which the
+        server computes exactly before the initial round (each client sends
+        the mean of its rows and their mean squared distance to that mean);
+        the potential then starts from that of the translation aligning the
+        two means, and the fit is translation and scale equivariant.
+        ``None``: ``epsilon`` is absolute, the potential starts at 0 and the
+        clients send nothing before the initial round (the map is then
+        equivariant only up to ``tol``).
     max_iter : int, default=1000
         Maximum number of FedMM rounds after the initial round.
     tol : float, default=1e-4
@@ -107,10 +241,11 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         compression or minibatches) is at most ``tol``. 0 runs ``max_iter``
         rounds.
     n_reference : int, default=1000
-        Number of standard normal reference points when ``y`` is None.
+        Number of standard normal reference points when ``target`` is None.
     target_weights : array-like of shape (m,), default=None
         Positive weights of the target points (normalized to sum to 1);
-        uniform when None. With ``y=None`` it has ``n_reference`` entries.
+        uniform when None. With ``target=None`` it has ``n_reference``
+        entries.
     n_jobs : int, default=None
         Clients run in parallel with joblib (any backend chosen with
         :func:`joblib.parallel_config`). Results do not depend on it.
@@ -129,7 +264,7 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         The dual potential :math:`g` on the target points, in the units of
         the cost, with mean zero (the gauge).
     target_ : ndarray of shape (m, `n_features_in_`)
-        The target points (a copy of ``y``, or the reference sample).
+        The target points (a copy of ``target``, or the reference sample).
     target_weights_ : ndarray of shape (m,)
         The target weights :math:`b`, summing to 1.
     epsilon_ : float
@@ -137,8 +272,7 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         (``epsilon * cost_scale_``): POT's ``reg_e`` for the same problem is
         ``2 * epsilon_`` (POT's squared Euclidean cost has no 1/2).
     cost_scale_ : float
-        The mean transport cost :math:`\bar c` (1 when ``normalize_cost`` is
-        None).
+        The spread :math:`\sigma^2` (1 when ``normalize_cost`` is None).
     marginal_error_ : float
         :math:`\|\sum_i w_i \bar\chi_i - b\|_1` measured by the last round
         (at the potential before its last update; an estimate when rounds
@@ -164,8 +298,10 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
 
     See Also
     --------
+    TargetSample : Wrap the target so that cross-validation passes it whole.
     ot.da.SinkhornTransport : POT's centralized estimator; with
-        ``out_of_sample_map="continuous"`` it maps new points the same way.
+        ``reg_e = 2 * epsilon_`` its continuous out-of-sample map gives the
+        same numbers on the pooled rows.
     FederatedDictionaryLearning : Dictionary learning, trained the same way.
 
     References
@@ -189,7 +325,7 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     >>> rng = np.random.default_rng(0)
     >>> clients = [rng.standard_normal((200, 2)) * 0.5 + i for i in range(3)]
     >>> target = rng.standard_normal((100, 2))
-    >>> ot_map = FederatedOTMap(epsilon=0.05, random_state=0).fit(clients, target)
+    >>> ot_map = FederatedOTMap(epsilon=0.05, random_state=0).fit(clients, target=target)
     >>> ot_map.transform(clients[0]).shape
     (200, 2)
     >>> bool(ot_map.marginal_error_ <= 1e-4)
@@ -205,7 +341,7 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     _parameter_constraints = {
         **FederatedMixin._parameter_constraints,
         "epsilon": [Interval(Real, 0, None, closed="neither")],
-        "normalize_cost": [StrOptions({"mean"}), None],
+        "normalize_cost": [StrOptions({"spread"}), None],
         "max_iter": [Interval(Integral, 0, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "n_reference": [Interval(Integral, 1, None, closed="left")],
@@ -218,13 +354,17 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
 
     _fixed_when_resuming = {
         "aggregation": "the training state of one aggregation is not that of the other",
+        "target_weights": (
+            "the potential and the statistics are those of the target points with their "
+            "weights"
+        ),
     }
 
     def __init__(
         self,
         epsilon=0.05,
         *,
-        normalize_cost="mean",
+        normalize_cost="spread",
         max_iter=1000,
         tol=1e-4,
         n_reference=1000,
@@ -275,75 +415,84 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     def _check_params(self):
         self._validate_params()
 
-    def _check_target(self, y, n_features, dtype):
-        """The target points and weights, validated, in the clients' dtype."""
-        if y is None:
-            rng = np.random.default_rng(_reference_seed(self.random_state))
-            target = rng.standard_normal((self.n_reference, n_features)).astype(dtype)
-        else:
-            try:
-                target = check_array(
-                    y, ensure_2d=False, dtype=[np.float64, np.float32], input_name="y"
-                )
-            except (ValueError, TypeError) as exc:
-                raise type(exc)(f"y (the target sample): {exc}") from exc
-            if target.ndim == 1:
-                target = target.reshape(-1, 1)
-            if target.ndim != 2:
-                raise ValueError(
-                    f"y (the target sample) must be 1-D (points on the line) or 2-D "
-                    f"(m points x n_features), got shape {target.shape}."
-                )
-            if target.shape[1] != n_features:
-                raise ValueError(
-                    f"y (the target sample) has {target.shape[1]} feature(s) but the source "
-                    f"X has {n_features}: the cost 1/2 ||x - y||^2 needs points of the same "
-                    "dimension (a 1-D y is read as points on the line)."
-                )
-            target = np.array(target, dtype=dtype, copy=True)
-        m = target.shape[0]
+    def _check_weights(self, m):
+        """The target weights ``b``, validated and normalized."""
         if self.target_weights is None:
-            weights = np.full(m, 1.0 / m)
-        else:
-            try:
-                weights = check_array(
-                    self.target_weights, ensure_2d=False, dtype=np.float64,
-                    input_name="target_weights",
-                )
-            except (ValueError, TypeError) as exc:
-                raise type(exc)(f"target_weights: {exc}") from exc
-            if weights.shape != (m,):
-                raise ValueError(
-                    f"target_weights has shape {weights.shape}; expected ({m},), one weight "
-                    "per target point."
-                )
-            if np.any(weights <= 0):
-                raise ValueError(
-                    "target_weights must be strictly positive (drop the target points with "
-                    "zero weight)."
-                )
-            weights = weights / weights.sum()
-        return target, weights
+            return np.full(m, 1.0 / m)
+        try:
+            weights = check_array(
+                self.target_weights, ensure_2d=False, dtype=np.float64,
+                input_name="target_weights",
+            )
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"target_weights: {exc}") from exc
+        if weights.shape != (m,):
+            raise ValueError(
+                f"target_weights has shape {weights.shape}; expected ({m},), one weight "
+                "per target point."
+            )
+        if np.any(weights <= 0):
+            raise ValueError(
+                "target_weights must be strictly positive (drop the target points with "
+                "zero weight)."
+            )
+        return weights / weights.sum()
+
+    def _check_target(self, target, n_features, dtype):
+        """The target points and weights, validated, in the clients' dtype."""
+        if isinstance(target, TargetSample):
+            target = target.points
+        if target is None:
+            weights = self._check_weights(self.n_reference)
+            rng = np.random.default_rng(_reference_seed(self.random_state))
+            return _standard_reference(rng, weights, n_features, dtype), weights
+        try:
+            points = check_array(
+                target, ensure_2d=False, dtype=[np.float64, np.float32], input_name="target"
+            )
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"target (the target sample): {exc}") from exc
+        if points.ndim == 1:
+            points = points.reshape(-1, 1)
+        if points.ndim != 2:
+            raise ValueError(
+                f"target (the target sample) must be 1-D (points on the line) or 2-D "
+                f"(m points x n_features), got shape {points.shape}."
+            )
+        if points.shape[1] != n_features:
+            raise ValueError(
+                f"target (the target sample) has {points.shape[1]} feature(s) but the source "
+                f"X has {n_features}: the cost 1/2 ||x - y||^2 needs points of the same "
+                "dimension (a 1-D target is read as points on the line)."
+            )
+        points = np.array(points, dtype=dtype, copy=True)
+        return points, self._check_weights(points.shape[0])
 
     def _make_problem(self, target, weights):
         return EntropicOTProblem(
             target, weights, epsilon=self.epsilon, normalize_cost=self.normalize_cost,
         )
 
-    def fit(self, X, y=None, *, client_ids=None):
-        """Learn the potential of the map from the clients' rows onto ``y``.
+    def fit(self, X, y=None, *, target=None, client_ids=None):
+        """Learn the potential of the map from the clients' rows onto ``target``.
 
         Parameters
         ----------
         X : list of array-like of shape (n_i, n_features), or array-like of shape (n_samples, n_features)
             The source: one array per client, or all rows (split by
             ``client_ids``; one client when it is None). Never modified.
-        y : array-like of shape (m, n_features) or (m,), default=None
-            The target sample (a 1-D ``y`` is ``m`` points on the line, for a
-            source with one feature). None: a standard normal reference
-            sample of ``n_reference`` points, drawn from ``random_state``
-            (a federated normalizing map). With ``warm_start`` the previous
-            fit's target is kept (``y`` must then be None or the same).
+        y : None
+            Ignored (present for API consistency: the map can precede a
+            supervised estimator in a pipeline).
+        target : array-like of shape (m, n_features) or (m,), or TargetSample, default=None
+            The target sample (a 1-D ``target`` is ``m`` points on the
+            line, for a source with one feature). None: a standard normal
+            reference sample of ``n_reference`` points, drawn from
+            ``random_state`` (a federated normalizing map). With
+            ``warm_start`` the previous fit's target is kept (``target`` must
+            then be None or the same). A routable fit parameter
+            (``set_fit_request(target=True)``); wrap it in
+            :class:`TargetSample` when it goes through cross-validation.
         client_ids : array-like of shape (n_samples,), default=None
             The client of each row when ``X`` is one array.
 
@@ -354,23 +503,26 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         """
         resume = self.warm_start and self._can_resume()
         clients, _ = check_clients(self, X, client_ids, reset=not resume)
-        self._fit_rounds(clients, y, self.max_iter, self.tol, resume)
+        self._fit_rounds(clients, target, self.max_iter, self.tol, resume)
         return self
 
-    def partial_fit(self, X, y=None, *, client_ids=None):
+    def partial_fit(self, X, y=None, *, target=None, client_ids=None):
         """Run one FedMM round on the given clients (streaming use).
 
-        The first call initializes (the initial full round, with the target
-        ``y``) and runs one round; later calls continue from the full
+        The first call initializes (the initial full round, with
+        ``target``) and runs one round; later calls continue from the full
         training state, each client computing its masses on the rows it
         gives in that call. The number of clients and the target stay those
-        of the first call.
+        of the first call; ``epsilon`` and ``normalize_cost`` may change
+        (see "Continued training" above).
 
         Parameters
         ----------
         X : list of array-like of shape (n_i, n_features), or array-like of shape (n_samples, n_features)
             The clients' current rows.
-        y : array-like of shape (m, n_features) or (m,), default=None
+        y : None
+            Ignored.
+        target : array-like of shape (m, n_features) or (m,), or TargetSample, default=None
             The target sample, used by the first call (None afterwards, or
             the same target).
         client_ids : array-like of shape (n_samples,), default=None
@@ -382,26 +534,50 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         """
         resume = self._can_resume()
         clients, _ = check_clients(self, X, client_ids, reset=not resume)
-        self._fit_rounds(clients, y, 1, 0.0, resume, warn=False)
+        self._fit_rounds(clients, target, 1, 0.0, resume, warn=False)
         return self
 
-    def _fit_rounds(self, clients, y, max_iter, tol, resume, warn=True):
+    def _check_resumed_target(self, target):
+        """The previous fit's target, after checking that the call keeps it."""
+        previous = self.target_
+        if target is not None:
+            new, _ = self._check_target(target, self.n_features_in_, previous.dtype)
+            if not np.array_equal(new, previous):
+                raise ValueError(
+                    "target differs from the target of the fit being continued: the potential "
+                    "and every statistic are indexed by the target points, so the target "
+                    "cannot change when training continues; set warm_start=False (or fit a new "
+                    "estimator) to map onto a new target."
+                )
+        elif getattr(self, "_reference_size", None) is not None and self.n_reference != self._reference_size:
+            raise ValueError(
+                f"n_reference changed from {self._reference_size} to {self.n_reference} since "
+                "the previous fit, but it cannot change when training continues (the potential "
+                "and every statistic are indexed by the reference points); set "
+                "warm_start=False (or fit a new estimator) to use a new reference sample."
+            )
+        if self.normalize_cost is not None and self.fedmm_state_.init_stat is None:
+            raise ValueError(
+                f"normalize_cost changed from None to {self.normalize_cost!r} since the previous "
+                "fit, but it cannot when training continues: the clients sent no moments for "
+                "the spread in the initial round; set warm_start=False (or fit a new estimator)."
+            )
+        return previous, self.target_weights_
+
+    def _fit_rounds(self, clients, target, max_iter, tol, resume, warn=True):
         self._check_params()
         if resume:
-            target, weights = self.target_, self.target_weights_
-            if y is not None:
-                new_target, _ = self._check_target(y, self.n_features_in_, target.dtype)
-                if not np.array_equal(new_target, target):
-                    raise ValueError(
-                        "Training continues from the previous fit, whose target differs from "
-                        "this y; fit a new estimator (or set warm_start=False) for a new target."
-                    )
+            target, weights = self._check_resumed_target(target)
+            reference_size = getattr(self, "_reference_size", None)
         else:
-            target, weights = self._check_target(y, self.n_features_in_, clients[0].dtype)
+            reference_size = None if target is not None else self.n_reference
+            target, weights = self._check_target(target, self.n_features_in_, clients[0].dtype)
+
         def record(state):
             self.potential_ = state.theta
             self.target_ = target
             self.target_weights_ = weights
+            self._reference_size = reference_size
             self.cost_scale_ = float(state.problem.cost_scale_)
             self.epsilon_ = float(state.problem.reg_)
 
@@ -426,13 +602,15 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
                 ConvergenceWarning,
             )
 
-    def fit_transform(self, X, y=None, *, client_ids=None):
+    def fit_transform(self, X, y=None, *, target=None, client_ids=None):
         """Fit, then map the training rows.
 
         Parameters
         ----------
         X : list of array-like or array-like of shape (n_samples, n_features)
-        y : array-like of shape (m, n_features) or (m,), default=None
+        y : None
+            Ignored.
+        target : array-like of shape (m, n_features) or (m,), or TargetSample, default=None
         client_ids : array-like of shape (n_samples,), default=None
 
         Returns
@@ -440,7 +618,7 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         X_new : ndarray of shape (n_samples, n_features)
             The mapped rows, clients in order when ``X`` is a list.
         """
-        self.fit(X, y, client_ids=client_ids)
+        self.fit(X, target=target, client_ids=client_ids)
         if is_client_list(X):
             return np.vstack([self.transform(Xi) for Xi in X])
         return self.transform(X)

@@ -37,6 +37,16 @@ class CauchyLocation(MMProblem):
     def minimize(self, stat, theta_prev, rng=None):
         return stat["wx"] / stat["w"][0]
 
+    def check_statistic(self, stat, theta, atol=0.0):
+        # 0 < w <= 1/c, and ||wx - w theta|| <= 1 / (2 sqrt(c)) since
+        # ||x - theta|| / (c + ||x - theta||^2) <= 1 / (2 sqrt(c))
+        w = float(stat["w"][0])
+        if not 0 < w <= 1 / self.c + atol:
+            return f"w = {w:.3g} outside (0, 1/c]"
+        if np.linalg.norm(stat["wx"] - w * theta) > 0.5 / np.sqrt(self.c) + atol:
+            return "wx too far from w * theta"
+        return None
+
     def project(self, stat):
         return {"wx": stat["wx"], "w": np.maximum(stat["w"], 1e-12)}
 

@@ -83,7 +83,7 @@ def test_empty_cluster_is_reseeded_without_rows(data):
     init = np.vstack([X[:K - 1], np.full((1, D), 1e3)])  # the last centre attracts no row
     fed = FederatedKMeans(K, init=init, max_iter=50, tol=0, random_state=0).fit(splits(X)["uneven"])
     assert np.bincount(fed.labels_, minlength=K).min() > 0
-    assert fed.history_["restarted"][1] == 1
+    assert np.abs(fed.cluster_centers_).max() < 100
     ref = KMeans(K, init="k-means++", n_init=10, random_state=0).fit(X)
     assert fed.inertia_ <= 1.05 * ref.inertia_
 

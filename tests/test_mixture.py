@@ -143,8 +143,8 @@ def test_project_keeps_statistics_valid(data, covariance_type):
     theta = problem.init_parameter(None, None)
     stat, _ = problem.local_statistic(X, theta)
     same = problem.project(stat)
-    for name in stat:
-        np.testing.assert_array_equal(same[name], stat[name])
+    for name in stat:  # (up to the symmetrization of the second moments)
+        np.testing.assert_allclose(same[name], stat[name], rtol=1e-14, atol=0)
     rng = np.random.default_rng(0)
     noisy = {name: v + rng.normal(scale=5 * np.abs(v).max(), size=np.shape(v)) for name, v in stat.items()}
     if covariance_type in ("full", "tied"):  # keep the noise symmetric, as the scatter is
@@ -159,9 +159,9 @@ def test_project_keeps_statistics_valid(data, covariance_type):
         scatter = s2 - (s1 / s0[:, None]).T @ s1
         assert np.linalg.eigvalsh(scatter).min() >= -1e-9 * np.abs(scatter).max()
     elif covariance_type == "diag":
-        assert np.all(s2 - s1**2 / s0[:, None] >= 0)
+        assert np.all(s2 - s1**2 / s0[:, None] >= -1e-12 * np.abs(s2).max())
     else:
-        assert np.all(s2 - (s1**2).sum(axis=1) / s0 >= 0)
+        assert np.all(s2 - (s1**2).sum(axis=1) / s0 >= -1e-12 * np.abs(s2).max())
     theta = problem.minimize(fixed, theta)  # a valid model (positive definite covariances)
     assert np.all(np.isfinite(theta["precisions_cholesky"]))
 
@@ -177,7 +177,7 @@ def test_noisy_rounds_stay_valid_and_close(data, covariance_type):
                                            participation=0.7, compression=("qsgd", {"s": 16}),
                                            random_state=0).fit, clients)
     assert np.all(np.isfinite(noisy.means_))
-    assert noisy.score(X) > batch.score(X) - 0.1
+    assert noisy.score(X) > batch.score(X) - 0.05
 
 
 def test_warm_start_continues_bitwise(data):

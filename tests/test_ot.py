@@ -1,4 +1,4 @@
-"""Tests of FederatedOTMap and EntropicOTProblem (issue 3)."""
+"""Tests of FederatedOTMap and EntropicOTProblem."""
 
 import warnings
 
@@ -11,7 +11,7 @@ from sklearn import config_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from skfedmm import FederatedOTMap
+from skfedmm import FederatedOTMap, TargetSample
 from skfedmm.problems import EntropicOTProblem
 from skfedmm.problems.ot import _chunk_rows
 
@@ -55,55 +55,7 @@ def map_error(est, X_test, monge):
 
 
 # ------------------------------------------------------ scikit-learn checks
-# The common checks call fit(X, y) with y the class labels of X (a 1-D
-# array of n_samples values); for FederatedOTMap y is the *target sample*,
-# so a 1-D y is n points on the line and a multi-feature X rejects it with a
-# ValueError. Those checks are expected to fail for that one reason.
-_Y_IS_TARGET = "fit(X, y) passes labels as y; FederatedOTMap's y is the target sample"
-EXPECTED_FAILED_CHECKS = {
-    "check_transformer_general": _Y_IS_TARGET,
-    "check_transformer_data_not_an_array": _Y_IS_TARGET,
-    "check_transformers_unfitted_stateless": _Y_IS_TARGET,
-    "check_transformer_preserve_dtypes": _Y_IS_TARGET,
-    "check_fit_check_is_fitted": _Y_IS_TARGET,
-    "check_methods_sample_order_invariance": _Y_IS_TARGET,
-    "check_methods_subset_invariance": _Y_IS_TARGET,
-    "check_fit2d_1sample": _Y_IS_TARGET,
-    "check_dict_unchanged": _Y_IS_TARGET,
-    "check_dont_overwrite_parameters": _Y_IS_TARGET,
-    "check_fit_idempotent": _Y_IS_TARGET,
-    "check_n_features_in": _Y_IS_TARGET,
-    "check_fit_score_takes_y": _Y_IS_TARGET,
-    "check_estimators_fit_returns_self": _Y_IS_TARGET,
-    "check_pipeline_consistency": _Y_IS_TARGET,
-    "check_estimators_dtypes": _Y_IS_TARGET,
-    "check_estimators_pickle": _Y_IS_TARGET,
-    "check_readonly_memmap_input": _Y_IS_TARGET,
-    "check_n_features_in_after_fitting": _Y_IS_TARGET,
-    "check_f_contiguous_array_estimator": _Y_IS_TARGET,
-    "check_transformer_n_iter": _Y_IS_TARGET,
-    "check_get_feature_names_out_error": _Y_IS_TARGET,
-    "check_set_output_transform": _Y_IS_TARGET,
-    "check_global_output_transform_pandas": _Y_IS_TARGET,
-    "check_global_set_output_transform_polars": _Y_IS_TARGET,
-    "check_set_output_transform_pandas": _Y_IS_TARGET,
-    "check_set_output_transform_polars": _Y_IS_TARGET,
-    "check_estimators_overwrite_params": _Y_IS_TARGET,
-    "check_estimators_nan_inf": _Y_IS_TARGET,
-    "check_positive_only_tag_during_fit": _Y_IS_TARGET,
-    "check_dtype_object": _Y_IS_TARGET,
-    "check_fit2d_predict1d": _Y_IS_TARGET,
-}
-
-
-def _expected_failed_checks(estimator):
-    return EXPECTED_FAILED_CHECKS
-
-
-@parametrize_with_checks(
-    [FederatedOTMap(max_iter=3, tol=0.0, n_reference=20, random_state=0)],
-    expected_failed_checks=_expected_failed_checks,
-)
+@parametrize_with_checks([FederatedOTMap(max_iter=3, tol=0.0, n_reference=20, random_state=0)])
 def test_sklearn_compatible(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
@@ -119,11 +71,11 @@ def test_batch_fedmm_is_semidiscrete_sinkhorn(split):
     n_iter = 15
     est = FederatedOTMap(0.2, normalize_cost=None, max_iter=n_iter, tol=0.0, random_state=0)
     if split == "one":
-        est.fit(X, Y)
+        est.fit(X, target=Y)
     elif split == "three":
-        est.fit([X[:30], X[30:200], X[200:]], Y)
+        est.fit([X[:30], X[30:200], X[200:]], target=Y)
     else:
-        est.fit(X, Y, client_ids=rng.integers(0, 5, size=X.shape[0]))
+        est.fit(X, target=Y, client_ids=rng.integers(0, 5, size=X.shape[0]))
     g = sinkhorn_semidiscrete(X, Y, 0.2, n_iter)
     assert est.n_iter_ == n_iter
     assert_allclose(est.potential_, g, rtol=0, atol=1e-10)
@@ -158,9 +110,9 @@ def test_chunking_respects_budget_and_leaves_results_unchanged():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((500, 3))
     Y = rng.standard_normal((300, 3))
-    ref = FederatedOTMap(0.1, max_iter=10, tol=0.0).fit(X, Y)
+    ref = FederatedOTMap(0.1, max_iter=10, tol=0.0).fit(X, target=Y)
     with config_context(working_memory=0.01):  # blocks of 4 rows x 300
-        small = FederatedOTMap(0.1, max_iter=10, tol=0.0).fit(X, Y)
+        small = FederatedOTMap(0.1, max_iter=10, tol=0.0).fit(X, target=Y)
         assert_allclose(small.transform(X), ref.transform(X), rtol=1e-10, atol=1e-12)
     assert_allclose(small.potential_, ref.potential_, rtol=1e-10, atol=1e-12)
 
@@ -169,12 +121,14 @@ def test_chunking_respects_budget_and_leaves_results_unchanged():
 def test_gaussian_monge_map_federated_vs_pooled_vs_parameter_vs_pot():
     ot = pytest.importorskip("ot")
     clients, X, Y, X_test, monge = gaussian_problem()
-    params = dict(epsilon=0.02, max_iter=500, tol=1e-6, random_state=0)
-    fed = FederatedOTMap(**params).fit(clients, Y)
-    pooled = FederatedOTMap(**params).fit(np.vstack(clients), Y)
+    params = dict(epsilon=0.1, max_iter=500, tol=1e-6, random_state=0)
+    fed = FederatedOTMap(**params).fit(clients, target=Y)
+    pooled = FederatedOTMap(**params).fit(np.vstack(clients), target=Y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        param = FederatedOTMap(**{**params, "max_iter": 100}, aggregation="parameter").fit(clients, Y)
+        param = FederatedOTMap(**{**params, "max_iter": 100}, aggregation="parameter").fit(
+            clients, target=Y
+        )
     assert fed.marginal_error_ <= 1e-6
     err_fed = map_error(fed, X_test, monge)
     err_pooled = map_error(pooled, X_test, monge)
@@ -194,7 +148,7 @@ def test_one_dimensional_map_is_monotone():
     rng = np.random.default_rng(0)
     clients = [rng.exponential(size=(100, 1)) + i for i in range(4)]
     y = rng.standard_normal(80)  # 1-D y: points on the line
-    est = FederatedOTMap(0.01, random_state=0).fit(clients, y)
+    est = FederatedOTMap(0.01, random_state=0).fit(clients, target=y)
     grid = np.linspace(-2, 8, 500)[:, None]
     mapped = est.transform(grid).ravel()
     # nondecreasing up to float rounding where the map saturates at the ends
@@ -208,7 +162,7 @@ def test_small_epsilon_float32_stays_finite_and_improves():
     clients32 = [c.astype(np.float32) for c in clients]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        est = FederatedOTMap(1e-3, max_iter=60, random_state=0).fit(clients32, Y)
+        est = FederatedOTMap(3e-3, max_iter=60, random_state=0).fit(clients32, target=Y)
     assert est.potential_.dtype == np.float32
     assert np.all(np.isfinite(est.potential_))
     out = est.transform(clients32[0])
@@ -232,12 +186,14 @@ def test_small_epsilon_float32_stays_finite_and_improves():
 def test_control_variates_reach_tol_and_cv_rate_zero_stalls(noise):
     clients, _, Y, _, _ = gaussian_problem(n=150, m=100, seed=1)
     tol = 1e-3
-    est = FederatedOTMap(0.1, max_iter=400, tol=tol, random_state=0, **noise).fit(clients, Y)
+    est = FederatedOTMap(0.3, max_iter=400, tol=tol, random_state=0, **noise).fit(
+        clients, target=Y
+    )
     assert est.marginal_error_ <= tol and est.n_iter_ < 400
     with pytest.warns(ConvergenceWarning, match="did not reach tol"):
         ablation = FederatedOTMap(
-            0.1, max_iter=200, tol=tol, random_state=0, cv_rate=0.0, **noise
-        ).fit(clients, Y)
+            0.3, max_iter=200, tol=tol, random_state=0, cv_rate=0.0, **noise
+        ).fit(clients, target=Y)
     assert np.min(ablation.history_["mean_field"][-50:]) > 10 * tol
 
 
@@ -245,8 +201,8 @@ def test_parallel_clients_bitwise_identical():
     clients, _, Y, _, _ = gaussian_problem(n=100, m=60, seed=2)
     kw = dict(epsilon=0.05, max_iter=15, tol=0.0, random_state=3, compression="qsgd",
               participation=0.6)
-    a = FederatedOTMap(n_jobs=1, **kw).fit(clients, Y)
-    b = FederatedOTMap(n_jobs=2, **kw).fit(clients, Y)
+    a = FederatedOTMap(n_jobs=1, **kw).fit(clients, target=Y)
+    b = FederatedOTMap(n_jobs=2, **kw).fit(clients, target=Y)
     assert_array_equal(a.potential_, b.potential_)
     assert_array_equal(a.history_["mean_field"], b.history_["mean_field"])
 
@@ -254,43 +210,103 @@ def test_parallel_clients_bitwise_identical():
 def test_warm_start_continues_bitwise():
     clients, _, Y, _, _ = gaussian_problem(n=80, m=50, seed=4)
     kw = dict(epsilon=0.05, tol=0.0, random_state=0, participation=0.5)
-    full = FederatedOTMap(max_iter=10, **kw).fit(clients, Y)
-    part = FederatedOTMap(max_iter=5, warm_start=True, **kw).fit(clients, Y)
-    part.fit(clients, Y)
+    full = FederatedOTMap(max_iter=10, **kw).fit(clients, target=Y)
+    part = FederatedOTMap(max_iter=5, warm_start=True, **kw).fit(clients, target=Y)
+    part.fit(clients, target=Y)
     assert part.n_iter_ == 10
     assert_array_equal(part.potential_, full.potential_)
 
 
-def test_normalize_cost_makes_epsilon_scale_free():
+# ----------------------------------------------------- invariances (metamorphic)
+@pytest.mark.parametrize("shift", [5.0, -20.0, 1e3])
+def test_translating_the_target_translates_the_map(shift):
     clients, _, Y, X_test, _ = gaussian_problem(n=60, m=50, seed=5)
-    est = FederatedOTMap(0.05, random_state=0).fit(clients, Y)
-    big = FederatedOTMap(0.05, random_state=0).fit([100 * c for c in clients], 100 * Y)
-    assert_allclose(big.cost_scale_, 1e4 * est.cost_scale_, rtol=1e-10)
-    assert_allclose(big.transform(100 * X_test), 100 * est.transform(X_test), rtol=1e-6, atol=1e-6)
+    c = shift * np.array([1.0, -0.5])
+    est = FederatedOTMap(random_state=0).fit(clients, target=Y)
+    moved = FederatedOTMap(random_state=0).fit(clients, target=Y + c)
+    assert moved.n_iter_ == est.n_iter_
+    assert_allclose(moved.cost_scale_, est.cost_scale_, rtol=1e-10)
+    assert_allclose(moved.transform(X_test), est.transform(X_test) + c, rtol=1e-8, atol=1e-8 * abs(shift))
+
+
+@pytest.mark.parametrize("shift", [5.0, -20.0, 1e3])
+def test_translating_the_source_leaves_the_map_unchanged(shift):
+    clients, _, Y, X_test, _ = gaussian_problem(n=60, m=50, seed=5)
+    a = shift * np.array([0.3, 1.0])
+    est = FederatedOTMap(random_state=0).fit(clients, target=Y)
+    moved = FederatedOTMap(random_state=0).fit([c + a for c in clients], target=Y)
+    assert moved.n_iter_ == est.n_iter_
+    assert_allclose(moved.cost_scale_, est.cost_scale_, rtol=1e-10)
+    assert_allclose(moved.transform(X_test + a), est.transform(X_test), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 100.0])
+def test_scaling_both_samples_scales_the_map(scale):
+    clients, _, Y, X_test, _ = gaussian_problem(n=60, m=50, seed=5)
+    est = FederatedOTMap(random_state=0).fit(clients, target=Y)
+    big = FederatedOTMap(random_state=0).fit([scale * c for c in clients], target=scale * Y)
+    assert_allclose(big.cost_scale_, scale**2 * est.cost_scale_, rtol=1e-10)
+    assert_allclose(big.potential_, scale**2 * est.potential_, rtol=1e-8, atol=1e-10 * scale**2)
+    assert_allclose(big.transform(scale * X_test), scale * est.transform(X_test), rtol=1e-8,
+                    atol=1e-10 * scale)
+
+
+def test_spread_is_the_pooled_per_coordinate_variance_whatever_the_split():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 3)) * [1.0, 2.0, 0.5] + 7
+    Y = rng.standard_normal((40, 3)) * 3 - 2
+    b = rng.random(40) + 0.5
+    expected = 0.5 * (X.var(axis=0).sum() + np.average(((Y - np.average(Y, 0, b)) ** 2).sum(1), weights=b)) / 3
+    for split in (X, [X[:10], X[10:200], X[200:]]):
+        est = FederatedOTMap(target_weights=b, max_iter=1, tol=0).fit(split, target=Y)
+        assert_allclose(est.cost_scale_, expected, rtol=1e-12)
+        assert_allclose(est.epsilon_, 0.05 * expected, rtol=1e-12)
+
+
+def test_reference_map_covariance_within_ten_percent_of_identity():
+    """The normalizing map at the defaults: covariance ~ rho^2 I, rho^2 ~ 0.95."""
+    rng = np.random.default_rng(0)
+    for d in (2, 5):
+        clients = [rng.standard_normal((600, d)) * 2 + 0.5 * i - 3 for i in range(3)]
+        est = FederatedOTMap(random_state=0).fit(clients)
+        # the reference sample is standardized exactly
+        assert_allclose(est.target_.mean(axis=0), 0, atol=1e-12)
+        assert_allclose(np.cov(est.target_.T, bias=True), np.eye(d), atol=1e-12)
+        Z = est.transform(np.vstack(clients))
+        eig = np.linalg.eigvalsh(np.cov(Z.T))
+        assert np.all((eig > 0.9) & (eig < 1.1)), eig
+        # the documented entropic bias between Gaussians of equal spread
+        rho = np.sqrt(1 + 0.05**2 / 4) - 0.05 / 2
+        assert_allclose(eig.mean(), rho**2, atol=0.03)
 
 
 def test_normalizing_map_with_reference_target():
     rng = np.random.default_rng(0)
     clients = [rng.gamma(2.0, size=(300, 2)) * [1, 3] + 4 * i for i in range(3)]
-    a = FederatedOTMap(0.005, n_reference=300, random_state=7).fit(clients)
-    b = FederatedOTMap(0.005, n_reference=300, random_state=7, max_iter=1, tol=0.0).fit(clients)
+    a = FederatedOTMap(0.02, n_reference=300, random_state=7).fit(clients)
+    b = FederatedOTMap(0.02, n_reference=300, random_state=7, max_iter=1, tol=0.0).fit(clients)
     assert_array_equal(a.target_, b.target_)  # seeded reference sample
     assert a.target_.shape == (300, 2)
     Z = a.fit_transform(clients)
     assert Z.shape == (900, 2)
-    assert_allclose(Z.mean(axis=0), a.target_.mean(axis=0), atol=0.05)
+    assert_allclose(Z.mean(axis=0), 0, atol=0.05)
     # the correlated, skewed source comes out close to the standard normal sample
     assert np.corrcoef(np.vstack(clients).T)[0, 1] > 0.3
-    # (the entropic map shrinks the spread a little: it averages target points)
-    assert_allclose(np.cov(Z.T), np.cov(a.target_.T), atol=0.2)
+    assert_allclose(np.cov(Z.T), np.eye(2), atol=0.1)
     assert abs(np.corrcoef(Z.T)[0, 1]) < 0.1
+
+
+def test_reference_with_few_points_is_centred():
+    X = np.random.default_rng(0).standard_normal((30, 4))
+    est = FederatedOTMap(n_reference=3, max_iter=2, tol=0, random_state=0).fit(X)
+    assert_allclose(est.target_.mean(axis=0), 0, atol=1e-12)
 
 
 def test_target_weights_are_used():
     rng = np.random.default_rng(0)
     X = rng.standard_normal((400, 1))
     y = np.array([-1.0, 1.0])
-    est = FederatedOTMap(0.05, target_weights=[3, 1], tol=1e-8, max_iter=500).fit(X, y)
+    est = FederatedOTMap(0.05, target_weights=[3, 1], tol=1e-8, max_iter=500).fit(X, target=y)
     assert_allclose(est.target_weights_, [0.75, 0.25])
     chi = est.soft_assignments(X)
     assert_allclose(chi.mean(axis=0), [0.75, 0.25], atol=1e-6)
@@ -300,7 +316,7 @@ def test_parameter_aggregation_reports_exact_marginal_error():
     clients, _, Y, _, _ = gaussian_problem(n=50, m=30, seed=6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        est = FederatedOTMap(0.1, max_iter=5, aggregation="parameter").fit(clients, Y)
+        est = FederatedOTMap(0.1, max_iter=5, aggregation="parameter").fit(clients, target=Y)
     prob = EntropicOTProblem(Y, epsilon=est.epsilon_, normalize_cost=None)
     masses = sum(len(c) * prob.local_statistic(c, est.potential_)[0]["mass"] for c in clients)
     expected = np.abs(masses / sum(map(len, clients)) - est.target_weights_).sum()
@@ -311,15 +327,16 @@ def test_parameter_aggregation_reports_exact_marginal_error():
 @pytest.mark.parametrize(
     "params, y, err, match",
     [
-        (dict(epsilon=0.0), None, ValueError, "epsilon must be > 0"),
-        (dict(epsilon=-1.0), None, ValueError, "epsilon must be > 0"),
-        (dict(epsilon="small"), None, TypeError, "epsilon must be a number"),
-        (dict(normalize_cost="max"), None, ValueError, "normalize_cost"),
-        (dict(n_reference=0), None, ValueError, "n_reference must be >= 1"),
-        (dict(), np.ones((5, 2)), ValueError, "y .the target sample. has 2 feature.s. but the source X has 3"),
+        (dict(epsilon=0.0), None, ValueError, "The 'epsilon' parameter of FederatedOTMap must be"),
+        (dict(epsilon=-1.0), None, ValueError, "The 'epsilon' parameter of FederatedOTMap must be"),
+        (dict(epsilon="small"), None, TypeError, "The 'epsilon' parameter of FederatedOTMap must be"),
+        (dict(normalize_cost="mean"), None, ValueError, "The 'normalize_cost' parameter"),
+        (dict(n_reference=0), None, ValueError, "The 'n_reference' parameter of FederatedOTMap"),
+        (dict(), np.ones((5, 2)), ValueError, "target .the target sample. has 2 feature.s. but the source X has 3"),
         (dict(), np.ones(5), ValueError, "has 1 feature.s. but the source X has 3"),
-        (dict(), np.array([[0, 1, np.nan]]), ValueError, "y .the target sample.*NaN"),
-        (dict(), np.ones((2, 2, 3)), ValueError, "y .the target sample."),
+        (dict(), np.array([[0, 1, np.nan]]), ValueError, "target .the target sample.*NaN"),
+        (dict(), np.ones((2, 2, 3)), ValueError, "target .the target sample."),
+        (dict(target_weights=[1, 2]), None, ValueError, "target_weights has shape .2,.; expected .1000,."),
         (dict(target_weights=[1, 2]), np.ones((3, 3)), ValueError, "target_weights has shape"),
         (dict(target_weights=[1, 0, 1]), np.ones((3, 3)), ValueError, "strictly positive"),
         (dict(target_weights=[1, np.inf, 1]), np.ones((3, 3)), ValueError, "target_weights"),
@@ -328,7 +345,10 @@ def test_parameter_aggregation_reports_exact_marginal_error():
 def test_bad_parameters_and_targets(params, y, err, match):
     X = np.random.default_rng(0).standard_normal((20, 3))
     with pytest.raises(err, match=match):
-        FederatedOTMap(max_iter=2, **params).fit(X, y)
+        FederatedOTMap(max_iter=2, **params).fit(X, target=y)
+    if y is not None:  # the same through the wrapper
+        with pytest.raises(err, match=match):
+            FederatedOTMap(max_iter=2, **params).fit(X, target=TargetSample(y))
 
 
 def test_bad_client_is_named():
@@ -351,3 +371,207 @@ def test_transform_checks_features_and_fit():
     with pytest.raises(ValueError, match="features"):
         est.transform(X[:, :2])
     assert_array_equal(est.predict(X), est.transform(X))
+
+
+# ------------------------------------------------------------------- POT
+def test_transform_equals_pot_continuous_map_with_twice_epsilon():
+    """The documented parity: POT's continuous out-of-sample map, reg_e = 2 * epsilon_."""
+    ot = pytest.importorskip("ot")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 2)) * [1.0, 0.5]
+    Y = rng.standard_normal((80, 2)) @ [[1.0, 0.3], [0.0, 0.8]] + [2.0, -1.0]
+    X_new = rng.standard_normal((200, 2)) * 1.2
+    est = FederatedOTMap(0.2, tol=1e-12, max_iter=5000).fit(
+        [X[:100], X[100:]], target=Y
+    )
+    pot = ot.da.SinkhornTransport(reg_e=2 * est.epsilon_, max_iter=5000, tol=1e-13)
+    pot.fit(Xs=X, Xt=Y)
+    assert pot.out_of_sample_map == "continuous"
+    assert_allclose(est.transform(X_new), pot.transform(Xs=X_new), rtol=1e-7, atol=1e-7)
+    # on the training rows POT uses its coupling: the same soft assignments
+    assert_allclose(est.transform(X), pot.transform(Xs=X), rtol=1e-7, atol=1e-7)
+
+
+# ------------------------------------------- y, pipelines and metadata routing
+def test_y_is_ignored():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 3))
+    labels = rng.integers(0, 2, size=60)
+    a = FederatedOTMap(max_iter=5, tol=0, n_reference=30, random_state=0).fit(X)
+    b = FederatedOTMap(max_iter=5, tol=0, n_reference=30, random_state=0).fit(X, labels)
+    assert_array_equal(a.potential_, b.potential_)
+    assert_array_equal(a.target_, b.target_)
+    Z = FederatedOTMap(max_iter=5, tol=0, n_reference=30, random_state=0).fit_transform(X, labels)
+    assert_array_equal(Z, a.transform(X))
+
+
+def test_pipeline_before_a_classifier():
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+
+    X, labels = make_classification(n_samples=300, n_features=3, n_informative=3,
+                                    n_redundant=0, random_state=0)
+    pipe = Pipeline([("ot", FederatedOTMap(n_reference=200, random_state=0)),
+                     ("clf", LogisticRegression())])
+    pipe.fit(X, labels)
+    raw = LogisticRegression().fit(X, labels).score(X, labels)
+    assert pipe.score(X, labels) > raw - 0.1
+    # the target goes to the map as a step parameter (no routing needed)
+    Y = np.random.default_rng(1).standard_normal((150, 3)) + 5
+    pipe.fit(X, labels, ot__target=Y)
+    assert_array_equal(pipe.named_steps["ot"].target_, Y)
+    assert pipe.score(X, labels) > raw - 0.1
+
+
+def _routed_cv(target, n_rows=120):
+    """cross_validate of a pipeline with the target routed to the map."""
+    from sklearn import config_context
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_validate
+    from sklearn.pipeline import make_pipeline
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((n_rows, 2))
+    labels = (X[:, 0] > 0).astype(int)
+    with config_context(enable_metadata_routing=True):
+        ot_map = FederatedOTMap(max_iter=5, tol=0, random_state=0).set_fit_request(target=True)
+        pipe = make_pipeline(ot_map, LogisticRegression())
+        res = cross_validate(pipe, X, labels, cv=3, params={"target": target},
+                             return_estimator=True)
+    return [est[0].target_ for est in res["estimator"]]
+
+
+def test_routed_target_of_another_size_reaches_every_fold_whole():
+    Y = np.random.default_rng(1).standard_normal((50, 2))
+    for fitted in _routed_cv(Y):
+        assert_array_equal(fitted, Y)
+
+
+def test_routed_target_with_as_many_rows_as_X_is_split_unless_wrapped():
+    Y = np.random.default_rng(1).standard_normal((120, 2))
+    # the documented trap: scikit-learn takes it for sample-aligned and cuts it
+    assert [t.shape[0] for t in _routed_cv(Y)] == [80, 80, 80]
+    # the wrapper has no length: every fold maps onto the whole target
+    for fitted in _routed_cv(TargetSample(Y)):
+        assert_array_equal(fitted, Y)
+
+
+def test_grid_search_routes_the_target():
+    from sklearn import config_context
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import Pipeline
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((90, 2))
+    labels = (X[:, 1] > 0).astype(int)
+    Y = rng.standard_normal((90, 2)) * 2 + 1
+    with config_context(enable_metadata_routing=True):
+        pipe = Pipeline([
+            ("ot", FederatedOTMap(max_iter=5, tol=0, random_state=0).set_fit_request(target=True)),
+            ("clf", LogisticRegression()),
+        ])
+        search = GridSearchCV(pipe, {"ot__epsilon": [0.05, 0.5]}, cv=3)
+        search.fit(X, labels, target=TargetSample(Y))
+    assert_array_equal(search.best_estimator_.named_steps["ot"].target_, Y)
+
+
+# ------------------------------------------------- continued training (resume)
+def _resume_clients():
+    clients, _, Y, _, _ = gaussian_problem(n=60, m=40, seed=7)
+    return clients, Y
+
+
+def test_epsilon_change_takes_effect_next_round_as_sinkhorn_with_a_schedule():
+    clients, Y = _resume_clients()
+    X = np.vstack(clients)
+    kw = dict(normalize_cost=None, tol=0.0, random_state=0)
+    est = FederatedOTMap(0.5, max_iter=4, warm_start=True, **kw).fit(clients, target=Y)
+    est.set_params(epsilon=0.2, max_iter=6).fit(clients)
+    assert est.n_iter_ == 10 and est.epsilon_ == 0.2
+    # plain Sinkhorn: 5 steps at 0.5 (initial round + 4), then 6 at 0.2
+    b = np.full(len(Y), 1.0 / len(Y))
+    C = 0.5 * ((X[:, None, :] - Y[None, :, :]) ** 2).sum(-1)
+    g = np.zeros(len(Y))
+    for eps in [0.5] * 5 + [0.2] * 6:
+        Z = (g - C) / eps + np.log(b)
+        chi = np.exp(Z - logsumexp(Z, axis=1, keepdims=True))
+        g = g + eps * np.log(b / chi.mean(axis=0))
+        g -= g.mean()
+    assert_allclose(est.potential_, g, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["warm_start", "partial_fit"])
+def test_epsilon_change_with_noisy_rounds_converges_to_the_new_problem(method):
+    clients, Y = _resume_clients()
+    noisy = dict(participation=0.5, participation_scheme="fixed", compression=("qsgd", {"s": 16}),
+                 random_state=0)
+    est = FederatedOTMap(1.0, max_iter=30, tol=0, warm_start=True, **noisy)
+    if method == "warm_start":
+        est.fit(clients, target=Y)
+        est.set_params(epsilon=0.3, max_iter=400, tol=1e-4).fit(clients)
+    else:
+        for _ in range(30):
+            est.partial_fit(clients, target=Y)
+        est.set_params(epsilon=0.3)
+        for _ in range(400):
+            est.partial_fit(clients)
+    fresh = FederatedOTMap(0.3, tol=1e-10, max_iter=3000).fit(clients, target=Y)
+    assert_allclose(est.epsilon_, fresh.epsilon_, rtol=1e-12)
+    assert np.max(np.abs(est.potential_ - fresh.potential_)) < 0.05 * np.ptp(fresh.potential_)
+
+
+def test_normalize_cost_can_drop_but_not_appear_when_resuming():
+    clients, Y = _resume_clients()
+    est = FederatedOTMap(0.3, max_iter=3, tol=0, warm_start=True).fit(clients, target=Y)
+    spread = est.cost_scale_
+    est.set_params(normalize_cost=None, epsilon=0.3 * spread).fit(clients)
+    assert est.cost_scale_ == 1.0 and est.n_iter_ == 6
+    assert_allclose(est.epsilon_, 0.3 * spread)
+    est.set_params(normalize_cost="spread", epsilon=0.3).fit(clients)  # the moments were kept
+    assert_allclose(est.cost_scale_, spread) and est.n_iter_ == 9
+    plain = FederatedOTMap(0.3, normalize_cost=None, max_iter=3, tol=0, warm_start=True)
+    plain.fit(clients, target=Y)
+    with pytest.raises(ValueError, match="normalize_cost changed from None to 'spread'"):
+        plain.set_params(normalize_cost="spread").fit(clients)
+    assert plain.n_iter_ == 3  # nothing ran
+
+
+def test_target_cannot_change_when_resuming():
+    clients, Y = _resume_clients()
+    est = FederatedOTMap(0.3, max_iter=3, tol=0, warm_start=True).fit(clients, target=Y)
+    est.fit(clients, target=Y.copy())  # the same target is fine
+    est.fit(clients, target=TargetSample(Y))
+    assert est.n_iter_ == 9
+    with pytest.raises(ValueError, match="target differs from the target of the fit being"):
+        est.fit(clients, target=Y + 1)
+    with pytest.raises(ValueError, match="target differs"):
+        est.partial_fit(clients, target=Y[:10])
+    assert est.n_iter_ == 9
+
+
+def test_target_weights_cannot_change_when_resuming():
+    clients, Y = _resume_clients()
+    est = FederatedOTMap(0.3, max_iter=3, tol=0, warm_start=True).fit(clients, target=Y)
+    est.set_params(target_weights=np.arange(1, len(Y) + 1))
+    with pytest.raises(ValueError, match="(?s)target_weights changed from None to .* weights"):
+        est.fit(clients)
+
+
+def test_n_reference_cannot_change_when_resuming_onto_the_reference():
+    clients, Y = _resume_clients()
+    est = FederatedOTMap(0.3, n_reference=30, max_iter=3, tol=0, warm_start=True).fit(clients)
+    with pytest.raises(ValueError, match="n_reference changed from 30 to 40"):
+        est.set_params(n_reference=40).fit(clients)
+    # irrelevant with an explicit target
+    other = FederatedOTMap(0.3, max_iter=3, tol=0, warm_start=True).fit(clients, target=Y)
+    other.set_params(n_reference=40).fit(clients)
+    assert other.n_iter_ == 6
+
+
+def test_resumed_fit_validates_parameters_again():
+    clients, Y = _resume_clients()
+    est = FederatedOTMap(0.3, max_iter=3, tol=0, warm_start=True).fit(clients, target=Y)
+    with pytest.raises(ValueError, match="The 'epsilon' parameter of FederatedOTMap"):
+        est.set_params(epsilon=-1.0).fit(clients)

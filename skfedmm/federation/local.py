@@ -147,6 +147,10 @@ class _BlasLimit:
 
 
 _BLAS = _BlasLimit()
+if hasattr(os, "register_at_fork"):
+    # a forked worker starts with no holder (and a fresh lock), whatever the
+    # parent held when it forked
+    os.register_at_fork(after_in_child=_BLAS.__init__)
 
 
 @contextlib.contextmanager

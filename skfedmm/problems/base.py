@@ -200,6 +200,49 @@ class MMProblem(ABC):
         theta : ndarray or dict of ndarray
         """
 
+    def statistic_shapes(self, theta):
+        """The names and shapes of the statistic at ``theta`` (optional).
+
+        The server checks every client's message against this layout. A
+        problem that does not declare it (the default, None) gets the layout
+        most clients send in the initial round.
+
+        Parameters
+        ----------
+        theta : ndarray or dict of ndarray
+
+        Returns
+        -------
+        shapes : dict of str to tuple, or None
+        """
+        return None
+
+    def check_statistic(self, stat, theta, atol=0.0):
+        """Why a client's statistic is outside its valid set, or None (optional).
+
+        Called by the server on every statistic it can reconstruct exactly
+        (the initial round, and every round without compression), so that a
+        faulty or malicious client is rejected (a failure of that client in
+        that round) instead of silently corrupting the model. For example:
+        masses must be nonnegative, a second moment's diagonal too.
+
+        Parameters
+        ----------
+        stat : dict of ndarray
+            The client's mean statistic over its batch.
+        theta : ndarray or dict of ndarray
+            The parameter it was computed at.
+        atol : float, default=0.0
+            Rounding slack of a reconstructed statistic, in its units.
+
+        Returns
+        -------
+        reason : str or None
+            None when the statistic is valid (the default accepts anything
+            finite).
+        """
+        return None
+
     def project(self, stat):
         """Put a statistic back into its valid set (default: unchanged).
 

@@ -549,6 +549,20 @@ class DictionaryLearningProblem(MMProblem):
         prepared.second_moment_ = (M + M.T) / 2
         return prepared
 
+    def check_statistic(self, stat, theta, atol=0.0):
+        """``A`` (and ``M``) are second moments: nonnegative diagonals, Cauchy-Schwarz."""
+        A = stat["A"]
+        diag = np.diagonal(A)
+        if np.any(diag < -atol):
+            return f"A has a negative diagonal entry ({diag.min():.3g})"
+        root = np.sqrt(np.maximum(diag, 0))
+        slack = 1 + 64 * np.finfo(A.dtype).eps  # rounding of the products
+        if np.any(np.abs(A) > np.outer(root, root) * slack + atol):
+            return "A is not a second moment (|A_jl| > sqrt(A_jj A_ll))"
+        if "M" in stat and np.any(np.diagonal(stat["M"]) < -atol):
+            return "M has a negative diagonal entry"
+        return None
+
     def local_statistic(self, X, theta):
         code = self.encode(X, theta)
         n = X.shape[0]

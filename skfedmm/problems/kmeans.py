@@ -22,7 +22,8 @@ the current centres :math:`\tau` gives a majorizer,
     S(x; \tau) = \big(\mathbb 1[j(x) = j],\; \mathbb 1[j(x) = j]\, x,\;
     \mathbb 1[j(x) = j]\, \|x\|^2\big)_{j = 1..k},
 
-(per-cluster mass, sum and sum of squared norms), whose M-step
+(per-cluster mass, sum and sum of squared norms; computed in standardized
+coordinates, see :meth:`KMeansProblem.prepare`), whose M-step
 :math:`T(s)_j = s^{(1)}_j / s^{(0)}_j` is the cluster mean: batch MM is
 Lloyd's algorithm exactly. The squared norms do not enter :math:`T`; they
 give the server each cluster's within-cluster sum of squares
@@ -266,15 +267,29 @@ class KMeansProblem(MMProblem):
             stat.update(centres=centres, mass=mass)
         return stat
 
+    def _coordinates(self):
+        """The standardization of the statistic: shift and (scalar) scale."""
+        return getattr(self, "shift_", 0.0), getattr(self, "scale_", 1.0)
+
     def local_statistic(self, X, theta):
         n, k = X.shape[0], theta.shape[0]
-        labels, sq_dist = assign_clusters(X, theta)
-        stat = {
-            "count": np.bincount(labels, minlength=k).astype(X.dtype) / n,
-            "sum": _cluster_sums(X, labels, k) / n,
-            "sq": np.bincount(labels, weights=np.einsum("ij,ij->i", X, X), minlength=k).astype(X.dtype) / n,
-        }
-        return stat, float(sq_dist.sum() / n)
+        # one product for the assignments: ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2
+        scores = X @ theta.T
+        scores *= -2.0
+        scores += np.einsum("ij,ij->i", theta, theta)
+        labels = np.argmin(scores, axis=1)
+        x_sq = np.einsum("ij,ij->i", X, X)
+        loss = float(np.maximum(x_sq + scores[np.arange(n), labels], 0).sum() / n)
+        count = np.bincount(labels, minlength=k).astype(X.dtype)
+        sums = _cluster_sums(X, labels, k)
+        sq = np.bincount(labels, weights=x_sq, minlength=k).astype(X.dtype)
+        shift, scale = self._coordinates()
+        # the same statistic in standardized coordinates z = (x - shift) / scale
+        # (exact algebra on the sums: no per-row pass)
+        shifted = sums - np.outer(count, shift)
+        sq = (sq - 2 * sums @ shift + count * np.dot(shift, shift)) / scale**2
+        stat = {"count": count / n, "sum": shifted / (scale * n), "sq": np.maximum(sq, 0) / n}
+        return stat, loss
 
     def loss(self, X, theta):
         return float(np.mean(assign_clusters(X, theta)[1]))
@@ -301,14 +316,24 @@ class KMeansProblem(MMProblem):
         return out
 
     def prepare(self, init_stat):
-        """A copy holding the mean per-feature variance of the pooled rows.
+        """A copy holding the pooled mean and scale of the rows.
 
-        scikit-learn scales ``tol`` by it; the estimator reads
-        ``feature_variance_``.
+        ``feature_variance_`` is the mean per-feature variance of the pooled
+        rows (scikit-learn scales ``tol`` by it). The statistic is computed
+        in standardized coordinates :math:`z = (x - m) / \sigma`, with
+        ``shift_`` :math:`m` the pooled mean and ``scale_`` :math:`\sigma`
+        the square root of ``feature_variance_`` (one scalar: distances keep
+        their geometry). Masses, sums and squared norms then have comparable
+        sizes, which matters when a norm-based compressor (QSGD) adds noise
+        to the message as a whole; with exact rounds the centres are the
+        same up to rounding.
         """
         prepared = copy.copy(self)
-        var = np.maximum(np.asarray(init_stat["sq"]) - np.asarray(init_stat["mean"]) ** 2, 0)
+        mean = np.asarray(init_stat["mean"])
+        var = np.maximum(np.asarray(init_stat["sq"]) - mean**2, 0)
         prepared.feature_variance_ = float(np.mean(var))
+        prepared.shift_ = mean.copy()
+        prepared.scale_ = float(np.sqrt(prepared.feature_variance_)) or 1.0
         return prepared
 
     def init_parameter(self, init_stat, rng):
@@ -332,12 +357,14 @@ class KMeansProblem(MMProblem):
 
     def minimize(self, stat, theta_prev, rng=None):
         count, sums = stat["count"], stat["sum"]
+        shift, scale = self._coordinates()
         empty = self._empty(count)
         centres = np.array(theta_prev, copy=True)
         full = ~empty
-        centres[full] = sums[full] / count[full, None]
+        centres[full] = shift + scale * (sums[full] / count[full, None])
         if empty.any() and rng is not None:
             with np.errstate(all="ignore"):
+                # within-cluster sum of squares (standardized units) per cluster
                 sse = np.where(full, stat["sq"] - np.einsum("ij,ij->i", sums, sums) / count, -np.inf)
             donors = np.argsort(-sse, kind="stable")
             d = centres.shape[1]
@@ -345,7 +372,7 @@ class KMeansProblem(MMProblem):
                 donor = donors[t % max(int(full.sum()), 1)]
                 if not full[donor]:
                     continue  # nothing assigned anywhere: leave the centre
-                radius = np.sqrt(max(float(sse[donor]), 0.0) / float(count[donor]))
+                radius = scale * np.sqrt(max(float(sse[donor]), 0.0) / float(count[donor]))
                 u = rng.standard_normal(d)
                 u /= max(np.linalg.norm(u), np.finfo(float).tiny)
                 centres[j] = centres[donor] + radius * u
@@ -359,10 +386,24 @@ class KMeansProblem(MMProblem):
         return bool(np.any(theta_new[empty] != theta_prev[empty]))
 
     def project(self, stat):
+        """Nonnegative masses and squared norms, Cauchy-Schwarz-consistent sums.
+
+        :math:`\|s^{(1)}_j\|^2 \le s^{(0)}_j s^{(2)}_j` holds for any
+        cluster (Jensen); sums violating it (compression noise) are shrunk
+        onto it, which bounds the centre by the cluster's root-mean-square
+        norm. A cluster of zero mass has zero sums. A valid statistic is
+        returned unchanged.
+        """
         count = np.maximum(stat["count"], 0)
+        sq = np.maximum(stat["sq"], 0)
+        sums = stat["sum"]
+        norm = np.sqrt(np.einsum("ij,ij->i", sums, sums))
+        bound = np.sqrt(count * sq)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shrink = np.where(norm > bound, bound / np.where(norm > 0, norm, 1.0), 1.0)
         keep = count > 0
         return {
             "count": count,
-            "sum": np.where(keep[:, None], stat["sum"], 0),
-            "sq": np.where(keep, np.maximum(stat["sq"], 0), 0),
+            "sum": np.where(keep[:, None], sums * shrink[:, None], 0),
+            "sq": np.where(keep, sq, 0),
         }

@@ -326,15 +326,21 @@ class GaussianMixtureProblem(MMProblem):
             stat.update(rows=rows, present=present)
         return stat
 
+    def _coordinates(self):
+        """The standardization of the statistic: shift and (scalar) scale."""
+        return getattr(self, "shift_", None), getattr(self, "scale_", 1.0)
+
     def local_statistic(self, X, theta):
         n = X.shape[0]
         wlp = weighted_log_prob(X, theta, self.covariance_type)
         log_norm = logsumexp(wlp, axis=1)
         resp = np.exp(wlp - log_norm[:, None])
+        shift, scale = self._coordinates()
+        Z = X if shift is None else (X - shift) / scale
         stat = {
             "resp": resp.sum(axis=0) / n,
-            "x": (resp.T @ X) / n,
-            "xx": self._second_moment(X, resp) / n,
+            "x": (resp.T @ Z) / n,
+            "xx": self._second_moment(Z, resp) / n,
         }
         return stat, -float(np.mean(log_norm))
 
@@ -368,6 +374,29 @@ class GaussianMixtureProblem(MMProblem):
             out["rows"] = np.concatenate([s["rows"] for s in stats])
             out["present"] = np.concatenate([w * s["present"] for s, w in zip(stats, weights)])
         return out
+
+    def prepare(self, init_stat):
+        """A copy holding the pooled mean and scale of the rows.
+
+        The round statistic is computed in standardized coordinates
+        :math:`z = (x - m) / \sigma`, with ``shift_`` :math:`m` the pooled
+        mean and ``scale_`` :math:`\sigma` the root of the mean per-feature
+        variance (one scalar), and the M-step maps back
+        (:math:`\mu = m + \sigma \mu_z`, :math:`\Sigma = \sigma^2
+        \Sigma_z + \lambda I`). Masses, first and second moments then have
+        comparable sizes, which matters when a norm-based compressor adds
+        noise to the message as a whole; with exact rounds the parameters
+        are the same up to rounding. Without an initialization statistic
+        (all initial parameters given) the coordinates are the data's own.
+        """
+        if init_stat is None:
+            return self
+        prepared = copy.copy(self)
+        mean = np.asarray(init_stat["mean"])
+        prepared.shift_ = mean.copy()
+        var = self._pooled_variance(mean, np.asarray(init_stat["second"]))
+        prepared.scale_ = float(np.sqrt(np.mean(var))) or 1.0
+        return prepared
 
     def _pooled_variance(self, mean, second):
         """Per-feature variance of the pooled rows (from the moments)."""
@@ -497,16 +526,24 @@ class GaussianMixtureProblem(MMProblem):
         s2 = stat["xx"]
         t = self.covariance_type
         d = means.shape[1]
+        shift, scale = self._coordinates()
         if t == "full":
             cov = s2 / nk[:, None, None] - np.einsum("ki,kj->kij", means, means)
-            cov[:, np.arange(d), np.arange(d)] += self.reg_covar
         elif t == "tied":
             cov = (s2 - (nk[:, None] * means).T @ means) / nk.sum()
-            cov.flat[:: d + 1] += self.reg_covar
         elif t == "diag":
-            cov = s2 / nk[:, None] - means**2 + self.reg_covar
+            cov = s2 / nk[:, None] - means**2
         else:
-            cov = (s2 / nk - np.einsum("ij,ij->i", means, means)) / d + self.reg_covar
+            cov = (s2 / nk - np.einsum("ij,ij->i", means, means)) / d
+        if shift is not None:  # back from standardized coordinates
+            means = shift + scale * means
+            cov = scale**2 * cov
+        if t == "full":
+            cov[:, np.arange(d), np.arange(d)] += self.reg_covar
+        elif t == "tied":
+            cov.flat[:: d + 1] += self.reg_covar
+        else:
+            cov = cov + self.reg_covar
         theta = {
             "weights": nk / nk.sum(),
             "means": means,
@@ -532,7 +569,8 @@ class GaussianMixtureProblem(MMProblem):
         second moments are clipped at 0 and the first moments by
         Cauchy-Schwarz, :math:`|s^{(1)}_{kj}| \le (s^{(0)}_k
         s^{(2)}_{kj})^{1/2}`; for ``"tied"`` the pooled scatter's negative
-        eigenvalues are clipped. A component whose mass is below
+        eigenvalues are clipped (second moments are symmetrized first). A
+        component whose mass is below
         :math:`10^{-6} / K` of the total is restarted at the pooled mean and
         second moment with that mass (its mean would otherwise be a ratio
         of noise to noise). A valid statistic whose components all have
@@ -543,6 +581,8 @@ class GaussianMixtureProblem(MMProblem):
         s2 = np.array(stat["xx"], copy=True)
         t = self.covariance_type
         k = s0.size
+        if t in ("full", "tied"):  # (compression noise is not symmetric)
+            s2 = (s2 + np.swapaxes(s2, -1, -2)) / 2
         pos = np.maximum(s0, 0)
         if t == "full":
             for j in range(k):

@@ -16,9 +16,8 @@ where:
 
 - :math:`b \in \Delta_m` are the target weights (uniform by default);
 - :math:`\varepsilon > 0` is the entropic regularization, in the units of
-  the cost (``epsilon`` times the mean transport cost
-  :math:`\bar c = \mathbb{E}_{\mu \otimes \nu}\, c(x, y)` with
-  ``normalize_cost="mean"``);
+  the cost (``epsilon`` times the spread :math:`\sigma^2` of the two
+  samples, see :class:`EntropicOTProblem`, with ``normalize_cost="spread"``);
 - the per-row loss is the semi-dual integrand :math:`\ell(x, g) =
   -\langle b, g\rangle + \varepsilon \log \sum_j b_j e^{(g_j - c(x,
   y_j))/\varepsilon}`.
@@ -183,13 +182,34 @@ class EntropicOTProblem(MMProblem):
 
     - :math:`y_j` are the target points (rows of ``target``) and :math:`b`
       their weights;
-    - :math:`\varepsilon` is the regularization in cost units: ``epsilon``
-      times the mean transport cost :math:`\bar c = \tfrac12
-      (\mathbb{E}_\mu \|x - \bar y\|^2 + \sum_j b_j \|y_j - \bar y\|^2)`
-      with ``normalize_cost="mean"`` (:math:`\bar y = \sum_j b_j y_j`; the
-      cross term vanishes, so each client sends one number, its mean
-      squared distance to :math:`\bar y`, in the initial round), or
-      ``epsilon`` itself with ``normalize_cost=None``.
+    - :math:`\varepsilon` is the regularization in cost units:
+      :math:`\varepsilon = \epsilon\, \sigma^2` with ``normalize_cost="spread"``,
+      :math:`\varepsilon = \epsilon` with ``normalize_cost=None``
+      (:math:`\epsilon` is the ``epsilon`` parameter);
+    - :math:`\sigma^2` is the spread of the two samples, the mean variance
+      per coordinate of the source and the target, each around its own mean:
+
+      .. math::
+
+          \sigma^2 = \frac{1}{2d}\Big(\mathbb{E}_{x\sim\mu}\|x - \bar x\|^2
+          + \sum_{j=1}^m b_j \|y_j - \bar y\|^2\Big),
+          \qquad \bar x = \mathbb{E}_{x\sim\mu}\, x, \quad
+          \bar y = \sum_{j=1}^m b_j y_j,
+
+      with :math:`d` the number of features. Each client sends, once, the
+      mean of its rows and their mean squared distance to that mean; the
+      server combines them exactly (:meth:`combine_init_statistics`).
+
+    :math:`\sigma^2` does not change when either sample is translated, and
+    is multiplied by :math:`s^2` when both are scaled by :math:`s`. The
+    entropic plan of the squared cost is itself invariant to translations
+    of either sample (:math:`\tfrac12\|x + a - y\|^2` differs from
+    :math:`\tfrac12\|x - y\|^2` by :math:`\langle a, x\rangle - \langle a,
+    y\rangle + \tfrac12\|a\|^2`, absorbed by the potentials), so the fitted
+    map is translation equivariant and scale equivariant. The Gibbs kernel
+    :math:`e^{-\|x - y\|^2 / (2\varepsilon)}` is a Gaussian of standard
+    deviation :math:`\sqrt{\epsilon}\,\sigma` per coordinate: ``epsilon`` is
+    the squared blur in units of the data's spread, whatever the dimension.
 
     The statistic is ``{"mass": mean soft assignment}`` at the broadcast
     potential (see the module docstring for the mass coordinates), the
@@ -205,9 +225,9 @@ class EntropicOTProblem(MMProblem):
         Positive weights :math:`b` (normalized to sum to 1); uniform when
         None.
     epsilon : float, default=0.05
-        Regularization, relative to :math:`\bar c` or absolute (see
+        Regularization, relative to :math:`\sigma^2` or absolute (see
         ``normalize_cost``).
-    normalize_cost : {"mean", None}, default="mean"
+    normalize_cost : {"spread", None}, default="spread"
     working_memory : float, default=None
         Budget (MiB) of the ``chunk x m`` soft-assignment block; when None,
         1 MiB (cache-sized blocks are the fastest) or scikit-learn's
@@ -226,9 +246,9 @@ class EntropicOTProblem(MMProblem):
     Attributes
     ----------
     cost_scale_ : float
-        :math:`\bar c` (1 with ``normalize_cost=None``); set by
-        :meth:`init_parameter` on the server and shipped to the clients with
-        the problem.
+        :math:`\sigma^2` (1 with ``normalize_cost=None``), set on the
+        prepared copy that :meth:`prepare` returns (the server computes it
+        and ships it to the clients with the problem).
     reg_ : float
         :math:`\varepsilon` in cost units: ``epsilon * cost_scale_``.
 
@@ -268,7 +288,7 @@ class EntropicOTProblem(MMProblem):
     """
 
     def __init__(
-        self, target, target_weights=None, *, epsilon=0.05, normalize_cost="mean",
+        self, target, target_weights=None, *, epsilon=0.05, normalize_cost="spread",
         working_memory=None, min_mass=None,
     ):
         target = np.asarray(target)
@@ -292,8 +312,8 @@ class EntropicOTProblem(MMProblem):
             b = b / b.sum()
         if not isinstance(epsilon, Real) or isinstance(epsilon, bool) or not 0 < epsilon < np.inf:
             raise ValueError(f"epsilon must be a finite float > 0, got {epsilon!r}.")
-        if normalize_cost not in ("mean", None):
-            raise ValueError(f"normalize_cost must be 'mean' or None, got {normalize_cost!r}.")
+        if normalize_cost not in ("spread", None):
+            raise ValueError(f"normalize_cost must be 'spread' or None, got {normalize_cost!r}.")
         dtype = target.dtype
         self.target = target
         self.dtype = dtype
@@ -339,24 +359,72 @@ class EntropicOTProblem(MMProblem):
 
     # --------------------------------------------------------- protocol
     def init_statistic(self, X):
-        """Mean squared distance of the rows to the target mean (for ``"mean"``)."""
+        r"""The moments :math:`\sigma^2` needs (``normalize_cost="spread"`` only).
+
+        Returns
+        -------
+        stat : dict or None
+            ``{"mean": (d,), "var": (1,)}``: the mean of the client's rows
+            minus the target mean :math:`\bar y`, and the mean squared
+            distance of the rows to their own mean. None with
+            ``normalize_cost=None`` (nothing leaves the client).
+        """
         if self.normalize_cost is None:
             return None
         self._check_rows(X)
+        n, d = X.shape
+        step = _chunk_rows(n, d * 8, self.working_memory)
+        total = np.zeros(d)
+        for start in range(0, n, step):
+            total += (X[start : start + step] - self.center).sum(axis=0, dtype=np.float64)
+        mean = total / n
+        # second pass around the client's own mean: no cancellation, however
+        # far the rows are from the target
         sq = 0.0
-        step = _chunk_rows(X.shape[0], X.shape[1] * 8, self.working_memory)
-        for start in range(0, X.shape[0], step):
-            D = X[start : start + step] - self.center
+        for start in range(0, n, step):
+            D = (X[start : start + step] - self.center) - mean
             sq += float(np.einsum("ij,ij->", D, D, dtype=np.float64))
-        return {"sq_dist": np.array([sq / X.shape[0]])}
+        return {"mean": mean, "var": np.array([sq / n])}
+
+    def combine_init_statistics(self, stats, weights):
+        r"""The pooled mean and spread, combined exactly (law of total variance).
+
+        :math:`\bar x = \sum_i w_i \bar x_i` and
+        :math:`\mathbb{E}\|x - \bar x\|^2 = \sum_i w_i (v_i + \|\bar x_i -
+        \bar x\|^2)`, :math:`v_i` the clients' spreads around their own means.
+        """
+        means = np.array([np.asarray(st["mean"], dtype=np.float64) for st in stats])
+        var = np.array([float(st["var"][0]) for st in stats])
+        w = np.asarray(weights, dtype=np.float64)
+        mean = w @ means
+        between = np.einsum("ij,ij->i", means - mean, means - mean)
+        return {"mean": mean, "var": np.array([float(w @ (var + between))])}
+
+    def spread(self, init_stat):
+        r"""The spread :math:`\sigma^2` from the combined init statistic."""
+        source = float(init_stat["var"][0])
+        target = float(self.weights.astype(np.float64) @ (2 * self._y_sq))
+        return 0.5 * (source + target) / self.target.shape[1]
 
     def prepare(self, init_stat):
-        """A copy of the problem with :attr:`cost_scale_` set from the init statistic."""
+        """A copy of the problem with :attr:`cost_scale_` set from the init statistic.
+
+        Raises
+        ------
+        ValueError
+            With ``normalize_cost="spread"`` and no init statistic (a fit
+            continued from one made with ``normalize_cost=None``, whose
+            clients sent none).
+        """
         prepared = copy.copy(self)
-        if self.normalize_cost == "mean":
-            if init_stat is None:
-                raise ValueError("normalize_cost='mean' needs the clients' init statistic.")
-            scale = 0.5 * (float(init_stat["sq_dist"][0]) + float(self.weights.astype(float) @ (2 * self._y_sq)))
+        if self.normalize_cost == "spread":
+            if init_stat is None or "var" not in init_stat:
+                raise ValueError(
+                    "normalize_cost='spread' needs the clients' mean and spread, sent in the "
+                    "initial round, and this training state has none (it was started with "
+                    "normalize_cost=None); start a new fit to normalize the cost."
+                )
+            scale = self.spread(init_stat)
             # degenerate data (source and target one common point): any scale works
             prepared.cost_scale_ = scale if np.isfinite(scale) and scale > 0 else 1.0
         else:
@@ -364,8 +432,23 @@ class EntropicOTProblem(MMProblem):
         return prepared
 
     def init_parameter(self, init_stat, rng):
-        """:math:`g_0 = 0`."""
-        return np.zeros(self.target.shape[0], dtype=self.dtype)
+        r"""The potential of the translation that aligns the means, or 0.
+
+        With the clients' moments (``normalize_cost="spread"``),
+        :math:`g_{0,j} = \langle \bar y - \bar x, y_j - \bar y\rangle`
+        (mean zero), the dual potential of the map :math:`x \mapsto x +
+        \bar y - \bar x`. Translating the source by :math:`a` and the target
+        by :math:`c` adds :math:`\langle c - a, y_j\rangle` + const to it,
+        which is exactly how the potentials of the translated problem
+        differ, so every iterate (not only the limit) is translation
+        equivariant, and far-apart samples start from a sensible map.
+        Without moments (``normalize_cost=None``), :math:`g_0 = 0`.
+        """
+        if init_stat is None or "mean" not in init_stat:
+            return np.zeros(self.target.shape[0], dtype=self.dtype)
+        shift = -np.asarray(init_stat["mean"], dtype=np.float64)  # ybar - xbar
+        g = self._Yc.astype(np.float64) @ shift
+        return (g - g.mean()).astype(self.dtype)
 
     def _rows_lse(self, zmax, rowsum, Xc):
         r"""Sum over a chunk of :math:`(\ell(x, g) + \langle b, g\rangle) / \varepsilon`."""
@@ -374,6 +457,20 @@ class EntropicOTProblem(MMProblem):
             + float(np.sum(np.log(rowsum), dtype=np.float64))
             - 0.5 * float(np.einsum("ij,ij->", Xc, Xc, dtype=np.float64)) / self.reg_
         )
+
+    def statistic_shapes(self, theta):
+        """``{"mass": (m,)}``, one mass per target point."""
+        return {"mass": (self.target.shape[0],)}
+
+    def check_statistic(self, stat, theta, atol=0.0):
+        """Masses are a mean of soft assignments: nonnegative, summing to one."""
+        mass = np.asarray(stat["mass"], dtype=np.float64)
+        if np.any(mass < -atol):
+            return f"a negative mass ({mass.min():.3g})"
+        slack = atol * mass.size + 1e3 * np.finfo(self.dtype).eps
+        if abs(mass.sum() - 1.0) > slack:
+            return f"masses summing to {mass.sum():.6g}, not 1"
+        return None
 
     def local_statistic(self, X, theta):
         """Mean soft assignment ``{"mass": (m,)}`` and mean semi-dual loss."""

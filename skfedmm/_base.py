@@ -64,7 +64,9 @@ class FederatedMixin:
                     "(or fit a new estimator) to train with the new value."
                 )
 
-    def _run_engine(self, clients, problem, *, max_iter, tol, convergence, resume, record):
+    def _run_engine(
+        self, clients, problem, *, max_iter, tol, convergence, resume, record, client_init=None
+    ):
         """Run (or continue) FedMM and record the fitted state.
 
         ``problem`` is built from the current, validated parameters; a
@@ -87,7 +89,8 @@ class FederatedMixin:
 
         self._resume_params = {name: getattr(self, name) for name in self._fixed_when_resuming}
         return engine.fit(
-            clients, state=self.fedmm_state_ if resume else None, on_commit=on_commit
+            clients, state=self.fedmm_state_ if resume else None, on_commit=on_commit,
+            client_init=None if resume else client_init,
         )
 
     def _can_resume(self):

@@ -108,16 +108,73 @@ def check_clients(estimator, X, client_ids=None, *, dtype=(np.float64, np.float3
             f"client_ids must have one label per row of X: got shape {ids.shape} "
             f"for X with {X.shape[0]} rows."
         )
+    clients, labels = _split_by_ids(X, ids)
+    return clients, labels
+
+
+def _split_by_ids(X, ids):
+    """Rows of ``X`` grouped by client label (labels sorted, rows in order)."""
     try:
         labels, inverse = np.unique(ids, return_inverse=True)
     except TypeError as exc:
         raise TypeError(f"client_ids must be sortable labels: {exc}") from exc
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(len(labels) + 1))
-    clients = [
+    parts = [
         np.ascontiguousarray(X[order[bounds[k] : bounds[k + 1]]]) for k in range(len(labels))
     ]
-    return clients, labels
+    return parts, labels
+
+
+def check_per_client_rows(name, value, clients, client_ids=None, *, n_columns, dtype):
+    """Per-row data aligned with the clients' rows (e.g. initial codes).
+
+    Parameters
+    ----------
+    name : str
+        The parameter's name, for errors.
+    value : list of array-like of shape (n_i, n_columns), or array-like of shape (n_samples, n_columns)
+        One array per client (when the clients were given as a list), or
+        one array aligned with ``X`` (split like ``X`` by ``client_ids``).
+    clients : list of ndarray
+        The validated clients.
+    client_ids : array-like of shape (n_samples,), default=None
+    n_columns : int
+    dtype : dtype
+
+    Returns
+    -------
+    parts : list of ndarray of shape (n_i, n_columns)
+        Copies, one per client.
+    """
+    if is_client_list(value):
+        if len(value) != len(clients):
+            raise ValueError(
+                f"{name} has {len(value)} arrays for {len(clients)} clients; give one per client."
+            )
+        raw = list(value)
+    else:
+        try:
+            whole = check_array(value, dtype=dtype, input_name=name)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{name}: {exc}") from exc
+        n = sum(X.shape[0] for X in clients)
+        if whole.shape[0] != n:
+            raise ValueError(f"{name} has {whole.shape[0]} rows; X has {n}.")
+        raw = [whole] if client_ids is None else _split_by_ids(whole, np.asarray(client_ids))[0]
+    parts = []
+    for i, (part, X) in enumerate(zip(raw, clients)):
+        try:
+            part = check_array(part, dtype=dtype, input_name=name, copy=True)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"client {i}: {name}: {exc}") from exc
+        if part.shape != (X.shape[0], n_columns):
+            raise ValueError(
+                f"client {i}: {name} has shape {part.shape}; expected {(X.shape[0], n_columns)} "
+                "(one row per row of the client, one column per component)."
+            )
+        parts.append(part)
+    return parts
 
 
 def check_transform_input(estimator, X, **kwargs):

@@ -316,10 +316,15 @@ class FederatedKMeans(
         return self.n_init
 
     def _stop_rule(self, info):
-        # scikit-learn's rule: squared centre shift at most tol * mean feature variance
-        # (a round where no client answered leaves the centres still: not a plateau)
+        # scikit-learn's rule: squared centre shift at most tol * mean feature
+        # variance, or no label changed ("strict convergence"): the centres
+        # then move by rounding only (the server statistic is updated as
+        # S + (S_new - S)), hence the relative 1e-13 floor. A round where no
+        # client answered leaves the centres still: not a plateau.
         history = info["history"]
-        return bool(history.n_active[-1] > 0 and history.param_change[-1] ** 2 <= self._tol_scaled)
+        change = history.param_change[-1]
+        floor = 1e-13 * float(np.linalg.norm(info["theta"]))
+        return bool(history.n_active[-1] > 0 and (change**2 <= self._tol_scaled or change <= floor))
 
     def fit(self, X, y=None, *, client_ids=None):
         """Compute the k-means clustering of the clients' rows.
@@ -364,10 +369,10 @@ class FederatedKMeans(
                 clients, problem, max_iter=self.max_iter - 1 if not resume else self.max_iter,
                 tol=0.0, convergence="objective", resume=resume, record=record,
             )
-            self.labels_ = _per_row(X, client_ids, clients, self._labels)
-            self.inertia_ = float(sum(
-                assign_clusters(Xi, self.cluster_centers_)[1].sum() for Xi in clients
-            ))
+            # the final E-step, on every client: its labels and its inertia
+            final = [assign_clusters(Xi, self.cluster_centers_) for Xi in clients]
+            self.labels_ = _per_row(X, client_ids, final, lambda f: f[0])
+            self.inertia_ = float(sum(sq.sum() for _, sq in final))
             return self.inertia_
 
         self._best_of(self._seeds(1 if resume else self._n_init()), run, lambda a, b: a < b)

@@ -9,7 +9,13 @@ from sklearn.utils.validation import check_array, check_is_fitted
 
 from ._base import FEDERATED_PARAMS_DOC, FederatedMixin
 from ._params import Interval, StrOptions
-from ._clients import check_clients, check_sample_weight, check_transform_input, is_client_list
+from ._clients import (
+    check_clients,
+    check_per_client_rows,
+    check_sample_weight,
+    check_transform_input,
+    is_client_list,
+)
 from .problems.dictionary import DictionaryLearningProblem, lasso_objective
 
 __all__ = ["FederatedDictionaryLearning"]
@@ -71,6 +77,16 @@ class FederatedDictionaryLearning(
     n_jobs : int, default=None
         Clients run in parallel with joblib (any backend chosen with
         :func:`joblib.parallel_config`); also used by :meth:`transform`.
+    code_init : ndarray of shape (n_samples, n_components) or list of such arrays, default=None
+        Initial codes of the training rows: one array per client when
+        ``fit`` gets a list of clients, else one array aligned with ``X``
+        (split like ``X`` by ``client_ids``). MM gives them a natural
+        meaning: each client computes the statistics :math:`A_i =
+        \overline{h^\top h}`, :math:`B_i = \overline{x^\top h}` of its
+        initial codes (the codes never leave it), and the initial
+        dictionary is the M-step of the aggregated statistics, warm-started
+        at ``dict_init`` (or the ``init`` rule). Used by a new fit, not by a
+        continued one.
     dict_init : ndarray of shape (n_components, n_features), default=None
         Initial dictionary (rows projected onto the unit ball).
     callback : callable, default=None
@@ -174,6 +190,7 @@ class FederatedDictionaryLearning(
         "transform_n_nonzero_coefs": [Interval(Integral, 1, None, closed="left"), None],
         "transform_alpha": [Interval(Real, 0, None, closed="left"), None],
         "n_jobs": [Integral, None],
+        "code_init": ["array-like", list, None],
         "dict_init": ["array-like", None],
         "callback": [callable, None],
         "verbose": ["verbose"],
@@ -203,6 +220,7 @@ class FederatedDictionaryLearning(
         transform_n_nonzero_coefs=None,
         transform_alpha=None,
         n_jobs=None,
+        code_init=None,
         dict_init=None,
         callback=None,
         verbose=False,
@@ -236,6 +254,7 @@ class FederatedDictionaryLearning(
         self.transform_n_nonzero_coefs = transform_n_nonzero_coefs
         self.transform_alpha = transform_alpha
         self.n_jobs = n_jobs
+        self.code_init = code_init
         self.dict_init = dict_init
         self.callback = callback
         self.verbose = verbose
@@ -319,7 +338,7 @@ class FederatedDictionaryLearning(
         self._validate_params()
         resume = self.warm_start and self._can_resume()
         clients, _ = check_clients(self, X, client_ids, reset=not resume)
-        self._fit_rounds(clients, self.max_iter, self.tol, resume)
+        self._fit_rounds(clients, self.max_iter, self.tol, resume, client_ids)
         return self
 
     def partial_fit(self, X, y=None, *, client_ids=None):
@@ -346,18 +365,26 @@ class FederatedDictionaryLearning(
         self._validate_params()
         resume = self._can_resume()
         clients, _ = check_clients(self, X, client_ids, reset=not resume)
-        self._fit_rounds(clients, 1, 0.0, resume)
+        self._fit_rounds(clients, 1, 0.0, resume, client_ids)
         return self
 
-    def _fit_rounds(self, clients, max_iter, tol, resume):
+    def _fit_rounds(self, clients, max_iter, tol, resume, client_ids=None):
+        problem = self._make_problem(self.n_features_in_, clients[0].dtype)
+        codes = None
+        if self.code_init is not None and not resume:
+            codes = check_per_client_rows(
+                "code_init", self.code_init, clients, client_ids,
+                n_columns=problem.n_components, dtype=clients[0].dtype,
+            )
+
         def record(state):
             self.components_ = state.theta
             self.error_ = state.history["objective"]
 
         self._run_engine(
-            clients,
-            self._make_problem(self.n_features_in_, clients[0].dtype),
+            clients, problem,
             max_iter=max_iter, tol=tol, convergence="objective", resume=resume, record=record,
+            client_init=codes,
         )
 
     def fit_transform(self, X, y=None, *, client_ids=None):

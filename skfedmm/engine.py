@@ -399,10 +399,16 @@ def _draw_batch(X, batch_size, rng):
     return X[rows]
 
 
-def _client_init(problem, X, pin):
-    """Initialization messages: the init statistic (or None)."""
+def _client_init(problem, X, pin, init=None):
+    """Initialization messages: the init statistic (or None).
+
+    ``init`` is the client's own initialization data (for example its rows'
+    initial codes), when the fit was given some; it never leaves the client.
+    """
     with _ClientContext(pin):
-        return problem.init_statistic(_aligned(X))
+        if init is None:
+            return problem.init_statistic(_aligned(X))
+        return problem.init_statistic(_aligned(X), init)
 
 
 def _client_full(problem, X, theta, pin):
@@ -801,7 +807,7 @@ class FedMM:
         return np.random.SeedSequence(entropy)
 
     # ------------------------------------------------------------ main API
-    def fit(self, clients, state=None, max_iter=None, *, on_commit=None):
+    def fit(self, clients, state=None, max_iter=None, *, on_commit=None, client_init=None):
         """Run FedMM on the clients.
 
         Parameters
@@ -820,6 +826,10 @@ class FedMM:
             Called with each committed state (after the initialization and
             after every round), before the user's ``callback``: an
             interrupted fit has handed out the state it can be resumed from.
+        client_init : list, default=None
+            Per-client initialization data (for example initial codes),
+            passed to each client's :meth:`MMProblem.init_statistic` as its
+            second argument in a new run; it stays with its client.
 
         Returns
         -------
@@ -849,7 +859,9 @@ class FedMM:
             failures = _FailureLog(self.min_clients)
             t0 = time.perf_counter()
             if state is None:
-                state = self._initialize(parallel, clients, weights, dtype, pin, t0, failures)
+                state = self._initialize(
+                    parallel, clients, weights, dtype, pin, t0, failures, client_init
+                )
                 if on_commit is not None:
                     on_commit(state)
             else:
@@ -944,7 +956,7 @@ class FedMM:
         return bool(change < self.tol * abs(full[-1]))
 
     # -------------------------------------------------------------- rounds
-    def _initialize(self, parallel, clients, weights, dtype, pin, t0, failures):
+    def _initialize(self, parallel, clients, weights, dtype, pin, t0, failures, client_init):
         n = len(clients)
         seeds = self._streams().spawn(n + 2)
         server_rng = np.random.default_rng(seeds[0])
@@ -955,8 +967,9 @@ class FedMM:
         failed = []
         results = parallel(
             delayed(_guarded)(
-                _client_init, self.problem, X, pin, timeout=self.client_timeout,
-                guard=_client_guard(clients, i),
+                _client_init, self.problem, X, pin,
+                None if client_init is None else client_init[i],
+                timeout=self.client_timeout, guard=_client_guard(clients, i),
             )
             for i, X in enumerate(clients)
         )

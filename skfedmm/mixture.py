@@ -5,7 +5,6 @@ import warnings
 from numbers import Integral, Real
 
 import numpy as np
-from scipy.special import logsumexp
 from sklearn.base import BaseEstimator, DensityMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
@@ -15,7 +14,7 @@ from ._base import FEDERATED_PARAMS_DOC, FederatedMixin
 from ._clients import check_clients, check_transform_input, is_client_list
 from ._params import Interval, StrOptions
 from .cluster import _MultiInitMixin, _per_row
-from .problems.mixture import GaussianMixtureProblem, weighted_log_prob
+from .problems.mixture import GaussianMixtureProblem, log_responsibilities, weighted_log_prob
 
 __all__ = ["FederatedGaussianMixture"]
 
@@ -429,7 +428,7 @@ class FederatedGaussianMixture(_MultiInitMixin, DensityMixin, BaseEstimator):
         -------
         log_prob : ndarray of shape (n_samples,)
         """
-        return logsumexp(self._weighted_log_prob(self._check_X(X)), axis=1)
+        return log_responsibilities(self._weighted_log_prob(self._check_X(X)))[0]
 
     def score(self, X, y=None):
         """Mean log-likelihood of the rows of ``X``.
@@ -472,8 +471,7 @@ class FederatedGaussianMixture(_MultiInitMixin, DensityMixin, BaseEstimator):
         -------
         resp : ndarray of shape (n_samples, n_components)
         """
-        wlp = self._weighted_log_prob(self._check_X(X))
-        return np.exp(wlp - logsumexp(wlp, axis=1)[:, None])
+        return log_responsibilities(self._weighted_log_prob(self._check_X(X)))[1]
 
     def sample(self, n_samples=1):
         """Draw rows from the fitted mixture.

@@ -251,3 +251,18 @@ def test_problem_on_engine_directly(data):
     X, _ = data
     state = FedMM(GaussianMixtureProblem(K, "spherical"), max_iter=5).fit(splits(X)["uneven"])
     assert set(state.theta) == {"weights", "means", "covariances", "precisions_cholesky"}
+
+
+def test_log_responsibilities_is_scipy_logsumexp():
+    from scipy.special import logsumexp
+
+    from skfedmm.problems.mixture import log_responsibilities
+
+    a = np.random.default_rng(0).normal(scale=300, size=(50, 4))
+    a[0, :] = -np.inf
+    a[1, 2] = -np.inf
+    log_norm, resp = log_responsibilities(a)
+    with np.errstate(invalid="ignore"):
+        expected = logsumexp(a, axis=1)
+        np.testing.assert_allclose(log_norm, expected, rtol=1e-14)
+        np.testing.assert_allclose(resp[1:], np.exp(a - expected[:, None])[1:], rtol=1e-12, atol=1e-300)

@@ -79,16 +79,23 @@ def assign_clusters(X, centres):
     -------
     labels : ndarray of int of shape (n_samples,)
     sq_dist : ndarray of shape (n_samples,)
-        :math:`\\|x - c_{j(x)}\\|^2`, computed from the differences (not from
-        the expanded square), as scikit-learn's inertia.
+        :math:`\|x - c_{j(x)}\|^2 = \|x\|^2 - 2 x \cdot c_{j(x)} +
+        \|c_{j(x)}\|^2` from the one matrix product that gives the
+        assignments (clipped at 0).
     """
+    labels, scores = _nearest(X, centres)
+    n = X.shape[0]
+    sq = np.einsum("ij,ij->i", X, X) + scores[np.arange(n), labels]
+    return labels, np.maximum(sq, 0, out=sq)
+
+
+def _nearest(X, centres):
+    """Labels and the scores :math:`\|c\|^2 - 2 x \cdot c` they minimize."""
     # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the row term does not change the argmin
     scores = X @ centres.T
     scores *= -2.0
     scores += np.einsum("ij,ij->i", centres, centres)
-    labels = np.argmin(scores, axis=1)
-    diff = X - centres[labels]
-    return labels, np.einsum("ij,ij->i", diff, diff)
+    return np.argmin(scores, axis=1), scores
 
 
 def _cluster_sums(X, labels, k, weights=None):
@@ -273,11 +280,7 @@ class KMeansProblem(MMProblem):
 
     def local_statistic(self, X, theta):
         n, k = X.shape[0], theta.shape[0]
-        # one product for the assignments: ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2
-        scores = X @ theta.T
-        scores *= -2.0
-        scores += np.einsum("ij,ij->i", theta, theta)
-        labels = np.argmin(scores, axis=1)
+        labels, scores = _nearest(X, theta)
         x_sq = np.einsum("ij,ij->i", X, X)
         loss = float(np.maximum(x_sq + scores[np.arange(n), labels], 0).sum() / n)
         count = np.bincount(labels, minlength=k).astype(X.dtype)

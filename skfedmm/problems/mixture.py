@@ -17,6 +17,7 @@ Jensen's inequality with the responsibilities at the current parameter
 :math:`\tau`,
 :math:`r_k(x) = \pi_k \mathcal N(x; \mu_k, \Sigma_k) / \sum_l \pi_l
 \mathcal N(x; \mu_l, \Sigma_l)` (computed in log space with
+:func:`log_responsibilities`, the log-sum-exp of
 :func:`scipy.special.logsumexp`), gives a majorizer of the negative
 log-likelihood that is linear in the statistic
 
@@ -55,7 +56,6 @@ import copy
 
 import numpy as np
 from scipy import linalg
-from scipy.special import logsumexp
 
 from .base import MMProblem
 from .kmeans import _client_rng, local_kmeans_summary, match_to, pooled_kmeans
@@ -64,6 +64,7 @@ __all__ = [
     "GaussianMixtureProblem",
     "compute_precision_cholesky",
     "estimate_log_gaussian_prob",
+    "log_responsibilities",
     "precision_cholesky_from_precisions",
 ]
 
@@ -189,6 +190,36 @@ def weighted_log_prob(X, theta, covariance_type):
     return estimate_log_gaussian_prob(
         X, theta["means"], theta["precisions_cholesky"], covariance_type
     ) + log_w
+
+
+def log_responsibilities(weighted_log_prob):
+    """Row-wise log-sum-exp and the responsibilities, in one pass of ``exp``.
+
+    The computation of :func:`scipy.special.logsumexp` along rows (shift by
+    the row maximum, so that nothing overflows; an all ``-inf`` row stays
+    ``-inf``), also returning the normalized exponentials it computes on the
+    way, which are the responsibilities: no second ``exp`` pass.
+
+    Parameters
+    ----------
+    weighted_log_prob : ndarray of shape (n_samples, n_components)
+        :math:`\log \pi_k + \log \mathcal N(x; \mu_k, \Sigma_k)`.
+
+    Returns
+    -------
+    log_norm : ndarray of shape (n_samples,)
+        :math:`\log \sum_k \pi_k \mathcal N(x; \mu_k, \Sigma_k)`.
+    resp : ndarray of shape (n_samples, n_components)
+        :math:`r_k(x)`, rows summing to 1.
+    """
+    top = np.max(weighted_log_prob, axis=1)
+    top = np.where(np.isfinite(top), top, 0)
+    with np.errstate(under="ignore", divide="ignore", invalid="ignore"):
+        resp = np.exp(weighted_log_prob - top[:, None])
+        total = resp.sum(axis=1)
+        log_norm = np.log(total) + top
+        resp /= total[:, None]
+    return log_norm, resp
 
 
 def _psd_part(C):
@@ -333,8 +364,7 @@ class GaussianMixtureProblem(MMProblem):
     def local_statistic(self, X, theta):
         n = X.shape[0]
         wlp = weighted_log_prob(X, theta, self.covariance_type)
-        log_norm = logsumexp(wlp, axis=1)
-        resp = np.exp(wlp - log_norm[:, None])
+        log_norm, resp = log_responsibilities(wlp)
         shift, scale = self._coordinates()
         Z = X if shift is None else (X - shift) / scale
         stat = {
@@ -345,7 +375,7 @@ class GaussianMixtureProblem(MMProblem):
         return stat, -float(np.mean(log_norm))
 
     def loss(self, X, theta):
-        return -float(np.mean(logsumexp(weighted_log_prob(X, theta, self.covariance_type), axis=1)))
+        return -float(np.mean(log_responsibilities(weighted_log_prob(X, theta, self.covariance_type))[0]))
 
     # ------------------------------------------------------------ server
     def combine_init_statistics(self, stats, weights):

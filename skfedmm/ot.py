@@ -197,16 +197,24 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     its size (a plain array with as many rows as ``X`` would be cut).
 
     **Continued training.** With ``warm_start`` or :meth:`partial_fit`,
-    ``epsilon`` and ``normalize_cost`` may change between calls: the
-    potential :math:`g` (in cost units) and the statistics, stored as masses
-    relative to the potential (which do not depend on
-    :math:`\varepsilon`), are kept, and the next round uses the new
-    :math:`\varepsilon` (with exact rounds: Sinkhorn with an
-    :math:`\varepsilon` schedule, e.g. epsilon-scaling). The target, its
-    weights and the reference sample (``n_reference``) cannot change:
-    the potential and every statistic are indexed by the target points.
-    Nor can ``normalize_cost`` go from None to ``"spread"``: the clients
-    did not send the moments it needs.
+    ``epsilon`` and ``normalize_cost`` may change between calls, and the
+    next round uses the new :math:`\varepsilon`. The potential :math:`g`
+    is kept (it is in cost units), and so are the statistics, which are
+    stored as masses relative to the potential rather than as
+    :math:`S = \chi\, e^{-g/\varepsilon}`: the server's masses
+    (:math:`b` once the potential has moved, whatever
+    :math:`\varepsilon`) and the clients' control variates (offsets
+    between a client's masses and the server's). Those were measured at the
+    old :math:`\varepsilon`, so for a few rounds the control variates are
+    stale offsets, which leaves the aggregate unbiased
+    (:math:`V = \sum_i w_i V_i` still holds) and is corrected as clients
+    take part. With exact rounds the result is Sinkhorn with an
+    :math:`\varepsilon` schedule (for example epsilon-scaling: a few rounds
+    at a large value, then the target value). The target, its weights and
+    the reference sample (``n_reference``) cannot change: the potential
+    and every statistic are indexed by the target points. Nor can
+    ``normalize_cost`` go from None to ``"spread"``: the clients did not
+    send the moments it needs.
 
     **POT.** The numbers, not the interface, are those of POT's
     ``ot.da.SinkhornTransport(reg_e=2 * epsilon_)`` on the pooled rows

@@ -190,3 +190,56 @@ def test_fit_does_not_mutate_the_problem():
     state = FedMM(problem, max_iter=3, random_state=0).fit(make_clients())
     assert vars(problem) == before
     assert state.problem is problem  # no fit-time constants: prepare returns it
+
+
+# ------------------------------------------------------------- code_init
+def test_code_init_defines_the_initial_dictionary_by_one_m_step():
+    """Initial codes give A0 = mean h h^T, B0 = mean x^T h, and the initial
+    dictionary is the M-step of their aggregate, whatever the client split."""
+    from skfedmm.problems.dictionary import update_dict
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 6))
+    codes = rng.standard_normal((40, 3)) * (rng.random((40, 3)) < 0.5)
+    D0 = rng.standard_normal((3, 6))
+    D0 /= np.linalg.norm(D0, axis=1, keepdims=True)
+    ids = np.repeat([0, 1, 2, 3], 10)
+    params = dict(n_components=3, alpha=0.1, max_iter=0, dict_init=D0, random_state=0)
+    one = FederatedDictionaryLearning(code_init=codes, **params).fit(X)
+    split = FederatedDictionaryLearning(code_init=codes, **params).fit(X, client_ids=ids)
+    as_list = FederatedDictionaryLearning(
+        code_init=[codes[ids == i] for i in range(4)], **params
+    ).fit([X[ids == i] for i in range(4)])
+    problem = one.problem_
+    expected = update_dict(D0, codes.T @ codes / 40, X.T @ codes / 40,
+                           max_sweeps=problem.dict_max_sweeps, tol=problem.dict_tol)
+    np.testing.assert_allclose(one.components_, split.components_, atol=1e-12)
+    np.testing.assert_allclose(one.components_, as_list.components_, atol=1e-12)
+    # the initial dictionary (before the initial round's M-step) is the M-step of (A0, B0)
+    init = problem.prepare(problem.init_statistic(X, codes))
+    theta0 = init.init_parameter(problem.init_statistic(X, codes), np.random.default_rng(0))
+    np.testing.assert_allclose(theta0, expected, atol=1e-12)
+    # and the codes change the fit
+    plain = FederatedDictionaryLearning(**params).fit(X)
+    assert not np.allclose(plain.components_, one.components_)
+
+
+def test_code_init_errors_name_the_client():
+    X = [np.ones((5, 3)), np.ones((4, 3))]
+    est = FederatedDictionaryLearning(n_components=2, code_init=[np.ones((5, 2)), np.ones((3, 2))])
+    with pytest.raises(ValueError, match="client 1: code_init has shape"):
+        est.fit(X)
+    with pytest.raises(ValueError, match="code_init has 1 arrays for 2 clients"):
+        est.set_params(code_init=[np.ones((5, 2))]).fit(X)
+
+
+def test_split_sign_feature_names_match_transform():
+    import pandas as pd
+
+    X = np.random.default_rng(0).standard_normal((30, 5))
+    est = FederatedDictionaryLearning(n_components=3, split_sign=True, max_iter=2, random_state=0)
+    est.set_output(transform="pandas").fit(X)
+    out = est.transform(X)
+    assert isinstance(out, pd.DataFrame)
+    assert out.shape == (30, 6)
+    assert list(out.columns) == list(est.get_feature_names_out())

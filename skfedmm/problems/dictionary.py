@@ -522,10 +522,18 @@ class DictionaryLearningProblem(MMProblem):
         )
         return code.astype(X.dtype, copy=False)
 
-    def init_statistic(self, X):
+    def init_statistic(self, X, code=None):
+        """The client's second moment ``M`` (PCA init, residual rule) and,
+        given initial codes ``code`` (``code_init``, which stay with the
+        client), their statistics ``A0 = mean h h^T``, ``B0 = mean x^T h``."""
+        stat = {}
         if self._pca_init() or self.uses_residual_rule():
-            return {"M": (X.T @ X) / X.shape[0]}
-        return None
+            stat["M"] = (X.T @ X) / X.shape[0]
+        if code is not None:
+            code = np.asarray(code, dtype=X.dtype)
+            stat["A0"] = (code.T @ code) / X.shape[0]
+            stat["B0"] = (X.T @ code) / X.shape[0]
+        return stat or None
 
     def prepare(self, init_stat):
         """A copy holding the aggregated second moment, for the residual rule.
@@ -576,10 +584,22 @@ class DictionaryLearningProblem(MMProblem):
 
     # ------------------------------------------------------------ server
     def init_parameter(self, init_stat, rng):
+        """The ``dict_init``/``init`` dictionary, then, with initial codes, one
+        M-step on their aggregated statistics ``(A0, B0)``."""
+        D = self._start_dictionary(init_stat, rng)
+        if init_stat is not None and "A0" in init_stat:
+            D = update_dict(
+                D, init_stat["A0"], init_stat["B0"], positive=self.positive_dict,
+                max_sweeps=self.dict_max_sweeps, tol=self.dict_tol, rng=rng,
+                M=getattr(self, "second_moment_", None),
+            )
+        return D
+
+    def _start_dictionary(self, init_stat, rng):
         k = self.n_components
         if self.dict_init is not None:
             return _project_atoms(self.dict_init, self.positive_dict)
-        if init_stat is not None:
+        if self._pca_init() and init_stat is not None:
             M = init_stat["M"]
             d = M.shape[0]
             evals, evecs = np.linalg.eigh((M + M.T) / 2)

@@ -68,7 +68,7 @@ __all__ = ["KMeansProblem", "assign_clusters", "local_kmeans_summary", "pooled_k
 
 
 def assign_clusters(X, centres):
-    """Nearest centre of every row and the squared distance to it.
+    r"""Nearest centre of every row and the squared distance to it.
 
     Parameters
     ----------
@@ -90,7 +90,7 @@ def assign_clusters(X, centres):
 
 
 def _nearest(X, centres):
-    """Labels and the scores :math:`\|c\|^2 - 2 x \cdot c` they minimize."""
+    r"""Labels and the scores :math:`\|c\|^2 - 2 x \cdot c` they minimize."""
     # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the row term does not change the argmin
     scores = X @ centres.T
     scores *= -2.0
@@ -319,7 +319,7 @@ class KMeansProblem(MMProblem):
         return out
 
     def prepare(self, init_stat):
-        """A copy holding the pooled mean and scale of the rows.
+        r"""A copy holding the pooled mean and scale of the rows.
 
         ``feature_variance_`` is the mean per-feature variance of the pooled
         rows (scikit-learn scales ``tol`` by it). The statistic is computed
@@ -389,7 +389,7 @@ class KMeansProblem(MMProblem):
         return bool(np.any(theta_new[empty] != theta_prev[empty]))
 
     def project(self, stat):
-        """Nonnegative masses and squared norms, Cauchy-Schwarz-consistent sums.
+        r"""Nonnegative masses and squared norms, Cauchy-Schwarz-consistent sums.
 
         :math:`\|s^{(1)}_j\|^2 \le s^{(0)}_j s^{(2)}_j` holds for any
         cluster (Jensen); sums violating it (compression noise) are shrunk

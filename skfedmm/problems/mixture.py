@@ -193,7 +193,7 @@ def weighted_log_prob(X, theta, covariance_type):
 
 
 def log_responsibilities(weighted_log_prob):
-    """Row-wise log-sum-exp and the responsibilities, in one pass of ``exp``.
+    r"""Row-wise log-sum-exp and the responsibilities, in one pass of ``exp``.
 
     The computation of :func:`scipy.special.logsumexp` along rows (shift by
     the row maximum, so that nothing overflows; an all ``-inf`` row stays
@@ -406,7 +406,7 @@ class GaussianMixtureProblem(MMProblem):
         return out
 
     def prepare(self, init_stat):
-        """A copy holding the pooled mean and scale of the rows.
+        r"""A copy holding the pooled mean and scale of the rows.
 
         The round statistic is computed in standardized coordinates
         :math:`z = (x - m) / \sigma`, with ``shift_`` :math:`m` the pooled
@@ -587,7 +587,7 @@ class GaussianMixtureProblem(MMProblem):
         return theta
 
     def project(self, stat):
-        """Positive masses and positive semi-definite moments.
+        r"""Positive masses and positive semi-definite moments.
 
         Under compression noise and partial participation the server's
         statistic can leave the valid set. Per component, the moment matrix

@@ -40,7 +40,6 @@ References
    heterogeneity mitigation and variance reduction. NeurIPS 2021.
 """
 
-import contextlib
 import copy
 import math
 import time
@@ -49,7 +48,6 @@ from dataclasses import dataclass, field, replace
 from numbers import Integral, Real
 
 import numpy as np
-from joblib import Parallel, delayed
 
 from ._params import (
     ENGINE_PARAMS,
@@ -60,6 +58,8 @@ from ._params import (
     StrOptions,
     validate_params,
 )
+from .federation.client import ClientConfig, ClientMessage, ClientState  # noqa: F401
+from .federation.transport import LocalTransport, Transport
 from ._messages import (
     InvalidMessageError,
     ParamLayout,
@@ -69,20 +69,7 @@ from ._messages import (
     majority_layout,
 )
 from .compression import make_compressor
-from .federation.local import (  # noqa: F401 - where clients run; names kept importable here
-    ClientFailure,
-    _aligned,
-    _AlignedRows,
-    _client_guard,
-    _ClientContext,
-    _dask_client,
-    _guarded,
-    _load_rows,
-    _MappedRows,
-    _Placed,
-    _place_clients,
-    blas_limited,
-)
+from .federation.local import ClientFailure
 
 __all__ = [
     "ClientFailureWarning",
@@ -105,11 +92,7 @@ _Layout = StatLayout
 _ParamLayout = ParamLayout
 
 
-def _map_param(fn, theta):
-    """Apply ``fn`` to a parameter's array(s), keeping its structure."""
-    if isinstance(theta, dict):
-        return {k: fn(v) for k, v in theta.items()}
-    return fn(theta)
+
 
 
 # --------------------------------------------------------------------------
@@ -235,7 +218,7 @@ _HISTORY_FIELDS = (
 
 @dataclass
 class History:
-    """Per-round record of a FedMM fit (design section 6).
+    """Per-round record of a FedMM fit.
 
     Row 0 is the initialization (the init statistic and, for surrogate
     aggregation, the initial full round); row ``t`` is round ``t``.
@@ -350,121 +333,6 @@ def _check_loss(loss):
     return value
 
 
-@dataclass
-class ClientState:
-    """What a client keeps between rounds.
-
-    Attributes
-    ----------
-    cv : ndarray or None
-        The control variate :math:`V_i` (flat statistic), None before the
-        initial round and in parameter aggregation.
-    rng : numpy.random.Generator
-        The client's stream (minibatches, compression, local M-steps).
-    log_scale : ndarray or None
-        Cumulative log-coordinate of ``cv`` for problems with
-        :meth:`MMProblem.rescale`.
-    """
-
-    cv: object
-    rng: object
-    log_scale: object = None
-
-
-@dataclass
-class ClientMessage:
-    """What a client sends to the server in one round.
-
-    Attributes
-    ----------
-    payload : ndarray of shape (d,)
-        The compressed message (:math:`c_i`, or the compressed parameter
-        change for parameter aggregation).
-    bits : int
-        Exact size of the encoded payload.
-    loss : float
-        Mean loss on the client's batch at the broadcast parameter.
-    """
-
-    payload: object
-    bits: int
-    loss: float
-
-
-def _draw_batch(X, batch_size, rng):
-    n = X.shape[0]
-    if batch_size is None or batch_size >= n:
-        return X
-    rows = np.sort(rng.choice(n, size=batch_size, replace=False))
-    return X[rows]
-
-
-def _client_init(problem, X, pin, init=None):
-    """Initialization messages: the init statistic (or None).
-
-    ``init`` is the client's own initialization data (for example its rows'
-    initial codes), when the fit was given some; it never leaves the client.
-    """
-    with _ClientContext(pin):
-        if init is None:
-            return problem.init_statistic(_aligned(X))
-        return problem.init_statistic(_aligned(X), init)
-
-
-def _client_full(problem, X, theta, pin):
-    """Uncompressed statistic and loss on all rows (initial full round)."""
-    with _ClientContext(pin):
-        return problem.local_statistic(_aligned(X), _map_param(_aligned, theta))
-
-
-def _client_loss(problem, X, theta, pin):
-    with _ClientContext(pin):
-        return problem.loss(_aligned(X), _map_param(_aligned, theta))
-
-
-def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
-    """One surrogate-aggregation round on one client."""
-    with _ClientContext(cfg.pin):
-        # a private copy: a failed round leaves the client's stream untouched
-        rng = copy.deepcopy(state.rng)
-        X, s_hat, cv = (_aligned(a) for a in (X, s_hat, state.cv))
-        theta = _map_param(_aligned, theta)
-        if log_scale is not None and not np.array_equal(log_scale, state.log_scale):
-            cv = cv * np.exp(log_scale - state.log_scale).astype(cv.dtype, copy=False)
-        batch = _draw_batch(X, cfg.batch_size, rng)
-        stat, loss = problem.local_statistic(batch, theta)
-        s_i = cfg.layout.flatten(stat, s_hat.dtype)
-        delta = s_i - s_hat - cv
-        payload, bits = cfg.compressor.compress(delta, rng)
-        new_cv = cv + cfg.cv_rate * payload if cfg.cv_rate != 0 else cv
-        new_state = ClientState(cv=new_cv, rng=rng, log_scale=log_scale)
-        return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
-
-
-def _client_parameter(problem, X, state, theta, cfg):
-    """One parameter-aggregation round: local MM steps, send the change."""
-    with _ClientContext(cfg.pin):
-        rng = copy.deepcopy(state.rng)
-        X, theta = _aligned(X), _map_param(_aligned, theta)
-        param_layout = cfg.param_layout
-        local = theta
-        loss = np.nan
-        for k in range(cfg.local_steps):
-            batch = _draw_batch(X, cfg.batch_size, rng)
-            stat, batch_loss = problem.local_statistic(batch, local)
-            if k == 0:
-                loss = batch_loss
-            local = param_layout.cast(problem.minimize(stat, local, rng), cfg.dtype)
-        delta = param_layout.flatten(local, cfg.dtype) - param_layout.flatten(theta, cfg.dtype)
-        payload, bits = cfg.compressor.compress(delta, rng)
-        new_state = ClientState(cv=None, rng=rng)
-        return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
-
-
-def _n_rows(clients, i):
-    return clients.shapes[i][0] if isinstance(clients, _Placed) else clients[i].shape[0]
-
-
 def _split_answers(indices, results):
     """Separate answers from failures, keeping client-index order."""
     answered, failures = [], []
@@ -537,37 +405,6 @@ class FedMMState:
     problem: object = None
     init_stat: object = None
     param_layout: object = None
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """What every client needs to run a round; fixed for one ``fit`` call.
-
-    Attributes
-    ----------
-    layout : object
-        The statistic's layout.
-    param_layout : object
-        The parameter's layout.
-    compressor : Compressor
-    cv_rate : float
-        The control-variate rate :math:`\\alpha`.
-    batch_size : int or None
-    local_steps : int
-    dtype : numpy.dtype
-        The dtype of the clients' rows and of the messages.
-    pin : bool
-        Limit BLAS to one thread in client work (several clients).
-    """
-
-    layout: object
-    param_layout: object
-    compressor: object
-    cv_rate: float
-    batch_size: object
-    local_steps: int
-    dtype: object
-    pin: bool
 
 
 class _FailureLog:
@@ -784,15 +621,23 @@ class FedMM:
         return {name: getattr(self, name) for name in self._parameter_constraints}
 
     # ---------------------------------------------------------------- checks
-    def _validate(self, clients):
+    def _transport(self, clients):
+        """The clients as a transport: a :class:`Transport` as given, or local."""
+        if isinstance(clients, Transport):
+            return clients
+        if len(clients) == 0:
+            raise ValueError("At least one client is needed.")
+        return LocalTransport(clients, n_jobs=self.n_jobs, timeout=self.client_timeout)
+
+    def _validate(self, transport):
         validate_params(self._parameter_constraints, self.get_params(), "FedMM")
         compressor = make_compressor(self.compression)
-        if len(clients) == 0:
+        if transport.n_clients == 0:
             raise ValueError("At least one client is needed.")
         exact = (
             self.participation == 1
             and compressor.omega(2) == 0
-            and (self.batch_size is None or self.batch_size >= max(X.shape[0] for X in clients))
+            and (self.batch_size is None or self.batch_size >= int(np.max(transport.n_rows)))
         )
         return compressor, exact
 
@@ -837,30 +682,23 @@ class FedMM:
             The final state; ``state.theta`` is the fitted parameter and
             ``state.history`` the per-round record.
         """
-        compressor, exact = self._validate(clients)
+        transport = self._transport(clients)
+        compressor, exact = self._validate(transport)
         max_iter = self.max_iter if max_iter is None else max_iter
-        n = len(clients)
-        dtype = clients[0].dtype
+        n = transport.n_clients
+        dtype = transport.dtype
         pin = n > 1
-        weights = client_weights([X.shape[0] for X in clients], self.client_weights)
+        weights = client_weights(transport.n_rows, self.client_weights)
+        if client_init is not None and len(client_init) != n:
+            raise ValueError(f"client_init has {len(client_init)} entries for {n} clients.")
         if state is not None:
             state = self._resume(state, weights)
-        with contextlib.ExitStack() as stack:
-            # one task per client on Dask, so that each runs where its rows are
-            # (joblib's automatic batching would group clients of different
-            # workers into one task and move their rows every round)
-            batch_size = 1 if _dask_client() is not None else "auto"
-            # BLAS on one thread in this process for the whole fit (clients
-            # in threads and the server's steps alike); workers limit theirs
-            stack.enter_context(blas_limited(pin))
-            parallel = stack.enter_context(Parallel(n_jobs=self.n_jobs, batch_size=batch_size))
-            # the rows go where the workers read them once, here
-            clients = _place_clients(clients, self.n_jobs, stack)
+        with transport:
             failures = _FailureLog(self.min_clients)
             t0 = time.perf_counter()
             if state is None:
                 state = self._initialize(
-                    parallel, clients, weights, dtype, pin, t0, failures, client_init
+                    transport, weights, dtype, pin, t0, failures, client_init
                 )
                 if on_commit is not None:
                     on_commit(state)
@@ -900,8 +738,7 @@ class FedMM:
                     raise ValueError(f"step_size gave gamma={gamma!r} at round {t}; it must be in (0, 1].")
                 evaluate = exact or (self.eval_every is not None and (t + 1) % self.eval_every == 0)
                 state = self._round(
-                    parallel, clients, state, server_rng, active, q, gamma, cfg, evaluate,
-                    failures, t0,
+                    transport, state, server_rng, active, q, gamma, cfg, evaluate, failures, t0,
                 )
                 if on_commit is not None:
                     on_commit(state)
@@ -956,8 +793,8 @@ class FedMM:
         return bool(change < self.tol * abs(full[-1]))
 
     # -------------------------------------------------------------- rounds
-    def _initialize(self, parallel, clients, weights, dtype, pin, t0, failures, client_init):
-        n = len(clients)
+    def _initialize(self, transport, weights, dtype, pin, t0, failures, client_init):
+        n = transport.n_clients
         seeds = self._streams().spawn(n + 2)
         server_rng = np.random.default_rng(seeds[0])
         init_rng = np.random.default_rng(seeds[1])
@@ -965,14 +802,7 @@ class FedMM:
         itemsize = np.dtype(dtype).itemsize
         bits_up = 0
         failed = []
-        results = parallel(
-            delayed(_guarded)(
-                _client_init, self.problem, X, pin,
-                None if client_init is None else client_init[i],
-                timeout=self.client_timeout, guard=_client_guard(clients, i),
-            )
-            for i, X in enumerate(clients)
-        )
+        results = transport.run("init", range(n), self.problem, pin, per_client=client_init)
         # the expected layout: what most clients sent (one faulty client
         # cannot impose its own on the honest ones)
         sent = [r for r in results if not isinstance(r, ClientFailure)]
@@ -1023,13 +853,7 @@ class FedMM:
                 clients=[ClientState(cv=None, rng=r) for r in client_rngs],
                 layout=StatLayout.of(param_layout.as_dict(theta0)), **common,
             )
-        results = parallel(
-            delayed(_guarded)(
-                _client_full, problem, X, theta0, pin, timeout=self.client_timeout,
-                guard=_client_guard(clients, i),
-            )
-            for i, X in enumerate(clients)
-        )
+        results = transport.run("full", range(n), problem, theta0, pin)
         layout = _expected_layout(problem, theta0, results)
 
         def check_full(i, answer):
@@ -1079,8 +903,7 @@ class FedMM:
             layout=layout, **common,
         )
 
-    def _round(self, parallel, clients, state, server_rng, active, q, gamma, cfg, evaluate,
-               failures, t0):
+    def _round(self, transport, state, server_rng, active, q, gamma, cfg, evaluate, failures, t0):
         """One round; returns the next state and leaves ``state`` untouched."""
         problem = state.problem
         weights = state.weights
@@ -1089,23 +912,12 @@ class FedMM:
         param_layout = state.param_layout
         theta_bits = param_layout.size * 8 * cfg.dtype.itemsize
         if self.aggregation == "surrogate":
-            tasks = (
-                delayed(_guarded)(
-                    _client_surrogate, problem, clients[i], state.clients[i], theta, state.s_hat,
-                    state.log_scale, cfg, timeout=self.client_timeout,
-                    guard=_client_guard(clients, i),
-                )
-                for i in active
+            results = transport.run(
+                "surrogate", active, problem, theta, state.s_hat, state.log_scale, cfg,
+                states=state.clients,
             )
         else:
-            tasks = (
-                delayed(_guarded)(
-                    _client_parameter, problem, clients[i], state.clients[i], theta, cfg,
-                    timeout=self.client_timeout, guard=_client_guard(clients, i),
-                )
-                for i in active
-            )
-        results = parallel(tasks) if len(active) else []
+            results = transport.run("parameter", active, problem, theta, cfg, states=state.clients)
         surrogate = self.aggregation == "surrogate"
         size = state.layout.size if surrogate else param_layout.size
         exact = surrogate and cfg.compressor.omega(size) == 0
@@ -1135,14 +947,14 @@ class FedMM:
         )
         row = dict(objective=objective, n_active=len(idx), step_size=gamma, failed=failed)
         full_batch = self.batch_size is None or all(
-            self.batch_size >= _n_rows(clients, i) for i in idx
+            self.batch_size >= transport.n_rows[i] for i in idx
         )
         if evaluate:
-            if len(idx) == len(clients) and full_batch:
+            if len(idx) == transport.n_clients and full_batch:
                 row["full_objective"] = objective
             else:
                 row["full_objective"] = self._full_loss(
-                    parallel, problem, clients, theta, weights, cfg.pin
+                    transport, problem, theta, weights, cfg.pin
                 )
         payloads = [m.payload for m in messages]
         # Failed clients are absent: the answers stand for the whole sampled
@@ -1207,16 +1019,11 @@ class FedMM:
         new_state.history._append(**row)
         return new_state
 
-    def _full_loss(self, parallel, problem, clients, theta, weights, pin):
-        results = parallel(
-            delayed(_guarded)(
-                _client_loss, problem, X, theta, pin, timeout=self.client_timeout,
-                guard=_client_guard(clients, i),
-            )
-            for i, X in enumerate(clients)
-        )
-        answered, _ = _split_answers(range(len(clients)), results)
-        if len(answered) < len(clients):
+    def _full_loss(self, transport, problem, theta, weights, pin):
+        n = transport.n_clients
+        results = transport.run("loss", range(n), problem, theta, pin)
+        answered, _ = _split_answers(range(n), results)
+        if len(answered) < n:
             return np.nan  # not an exact evaluation
         return float(np.dot(weights, [loss for _, loss in answered]))
 
@@ -1240,14 +1047,22 @@ class FedMM:
         stat : dict of ndarray
             :math:`\\sum_i w_i \\bar S_i(\\theta)`.
         """
+        transport = self._transport(clients)
         if weights is None:
-            weights = client_weights([X.shape[0] for X in clients], self.client_weights)
+            weights = client_weights(transport.n_rows, self.client_weights)
         problem = self.problem if state is None else state.problem
-        pin = len(clients) > 1
-        with Parallel(n_jobs=self.n_jobs) as parallel:
-            results = parallel(delayed(_client_full)(problem, X, theta, pin) for X in clients)
+        n = transport.n_clients
+        with transport:
+            results = transport.run("full", range(n), problem, theta, n > 1)
+        answered, failures = _split_answers(range(n), results)
+        if failures:
+            i, f = failures[0]
+            raise RuntimeError(
+                f"client {i} failed in the evaluation ({f.error}: {f.message})"
+            ) from f.exception
+        results = [r for _, r in answered]
         layout = _expected_layout(problem, theta, results)
-        dtype = clients[0].dtype
+        dtype = transport.dtype
         stat = aggregate([layout.flatten(s, dtype) for s, _ in results], weights)
         loss = float(np.dot(weights, [loss for _, loss in results]))
         return loss, layout.unflatten(stat)

@@ -50,7 +50,8 @@ class TargetSample:
 
     def __repr__(self):
         shape = getattr(self.points, "shape", None)
-        return f"TargetSample(<{'array of shape ' + str(shape) if shape is not None else type(self.points).__name__}>)"
+        what = f"array of shape {shape}" if shape is not None else type(self.points).__name__
+        return f"TargetSample(<{what}>)"
 
 
 def _standard_reference(rng, weights, n_features, dtype):
@@ -180,9 +181,11 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     then a multivariate normalizing (quantile) map of the pooled source
     distribution, learned without pooling the rows. ``transform`` sends the
     source to an approximately standard normal sample (covariance about
-    :math:`0.95\,I` at the defaults, by the entropic bias above), for
-    example to standardize features jointly across sites, or to compare
-    sites in a common reference space.
+    :math:`0.95\,I` at the defaults, by the entropic bias above, for a
+    source whose coordinates have comparable spreads; less along a
+    coordinate much narrower than the others), for example to standardize
+    features jointly across sites, or to compare sites in a common
+    reference space.
 
     **Target, pipelines and cross-validation.** ``y`` is ignored, as in
     every unsupervised transformer, so the map can stand in front of a

@@ -192,7 +192,7 @@ def plot_history(
     band multiplicative), so that the band stays positive.
 
     The default metrics are the three curves of the "impact of aggregation
-    space" study (design section 6): the objective, the parameter update
+    space" study: the objective, the parameter update
     size :math:`\|\theta_{t+1} - \theta_t\|_2` and the statistic update size
     :math:`\|\hat S_{t+1} - \hat S_t\|_2`, where :math:`\theta_t` is the
     broadcast parameter and :math:`\hat S_t` the server statistic of round

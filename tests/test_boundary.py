@@ -3,22 +3,23 @@
 import numpy as np
 import pytest
 
-import skfedmm.engine as engine
+import skfedmm.federation.transport as transport
 from skfedmm import FederatedDictionaryLearning
-from skfedmm.engine import ClientMessage, ClientState
+from skfedmm.federation.client import ClientMessage, ClientState
+from skfedmm.federation.local import _Placed
 
 
 def record_boundary(monkeypatch):
     """Record every object a client task returns to the server."""
     crossed = []
-    real = engine._guarded
+    real = transport._guarded
 
     def recording(task, *args, **kwargs):
         out = real(task, *args, **kwargs)
         crossed.append((task.__name__, out))
         return out
 
-    monkeypatch.setattr(engine, "_guarded", recording)
+    monkeypatch.setattr(transport, "_guarded", recording)
     return crossed
 
 
@@ -67,21 +68,21 @@ def test_process_workers_get_the_rows_once(monkeypatch):
 
     sizes = []
     captured = []
-    real_place = engine._place_clients
+    real_place = transport._place_clients
 
     def place(clients, n_jobs, stack):
         placed = real_place(clients, n_jobs, stack)
         captured.append(placed)
         return placed
 
-    monkeypatch.setattr(engine, "_place_clients", place)
+    monkeypatch.setattr(transport, "_place_clients", place)
     rng = np.random.default_rng(0)
     clients = [rng.standard_normal((3000, 8)) for _ in range(3)]
     with parallel_config(backend="loky"):
         est = FederatedDictionaryLearning(n_components=4, max_iter=3, random_state=0,
                                           n_jobs=2).fit(clients)
     placed = captured[0]
-    assert isinstance(placed, engine._Placed)
+    assert isinstance(placed, _Placed)
     for i in range(3):
         sizes.append(len(pickle.dumps(placed[i])))
     assert max(sizes) < 500  # a path, versus 192 kB of rows per client

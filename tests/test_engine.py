@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from joblib import parallel_config
 
-from skfedmm import QSGD, FedMM, MMProblem, PolynomialDecay, RandK
+from skfedmm import QSGD, FedMM, PolynomialDecay, RandK
 from skfedmm.engine import aggregate, auto_step_size, client_weights
 
 from ._helpers import CauchyLocation, make_clients

@@ -256,7 +256,8 @@ def test_spread_is_the_pooled_per_coordinate_variance_whatever_the_split():
     X = rng.standard_normal((300, 3)) * [1.0, 2.0, 0.5] + 7
     Y = rng.standard_normal((40, 3)) * 3 - 2
     b = rng.random(40) + 0.5
-    expected = 0.5 * (X.var(axis=0).sum() + np.average(((Y - np.average(Y, 0, b)) ** 2).sum(1), weights=b)) / 3
+    target_var = np.average(((Y - np.average(Y, axis=0, weights=b)) ** 2).sum(1), weights=b)
+    expected = 0.5 * (X.var(axis=0).sum() + target_var) / 3
     for split in (X, [X[:10], X[10:200], X[200:]]):
         est = FederatedOTMap(target_weights=b, max_iter=1, tol=0).fit(split, target=Y)
         assert_allclose(est.cost_scale_, expected, rtol=1e-12)
@@ -332,7 +333,8 @@ def test_parameter_aggregation_reports_exact_marginal_error():
         (dict(epsilon="small"), None, TypeError, "The 'epsilon' parameter of FederatedOTMap must be"),
         (dict(normalize_cost="mean"), None, ValueError, "The 'normalize_cost' parameter"),
         (dict(n_reference=0), None, ValueError, "The 'n_reference' parameter of FederatedOTMap"),
-        (dict(), np.ones((5, 2)), ValueError, "target .the target sample. has 2 feature.s. but the source X has 3"),
+        (dict(), np.ones((5, 2)), ValueError,
+         "target .the target sample. has 2 feature.s. but the source X has 3"),
         (dict(), np.ones(5), ValueError, "has 1 feature.s. but the source X has 3"),
         (dict(), np.array([[0, 1, np.nan]]), ValueError, "target .the target sample.*NaN"),
         (dict(), np.ones((2, 2, 3)), ValueError, "target .the target sample."),

@@ -283,3 +283,18 @@ def test_engine_never_stops_in_a_restart_round():
     plain = FedMM(FlatWithRestarts(), max_iter=50, tol=1e-8)
     plain.problem.restarted = lambda *args: False
     assert plain.fit(clients).round == 1
+
+
+def test_check_statistic_tolerates_a_tiny_code_lost_to_rounding():
+    """An atom used by one row with a code ~1e-13 (what a dead atom's first
+    use looks like): A_jj ~ 1e-27 vanishes in the server's rounding while
+    A_jl ~ 1e-13 does not; that is no invalid message."""
+    problem = DictionaryLearningProblem(2, 0.1, 3)
+    h = np.array([[2.0, -3e-13]])
+    A = h.T @ h
+    lost = A.copy()
+    lost[1, 1] = 0.0
+    theta = np.eye(2, 3)
+    assert problem.check_statistic({"A": lost, "B": np.zeros((3, 2))}, theta, atol=1e-15) is None
+    bad = np.array([[1.0, 0.5], [0.5, 0.1]])  # |A_01| > sqrt(A_00 A_11)
+    assert problem.check_statistic({"A": bad, "B": np.zeros((3, 2))}, theta, atol=1e-15)

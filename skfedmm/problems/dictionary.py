@@ -563,7 +563,10 @@ class DictionaryLearningProblem(MMProblem):
         diag = np.diagonal(A)
         if np.any(diag < -atol):
             return f"A has a negative diagonal entry ({diag.min():.3g})"
-        root = np.sqrt(np.maximum(diag, 0))
+        # an error atol on a diagonal entry allows sqrt(atol * A_ll) on the
+        # off-diagonal ones: an atom used by one row with a tiny code has
+        # A_jj ~ h^2 lost to rounding while A_jl ~ h stays visible
+        root = np.sqrt(np.maximum(diag, 0) + atol)
         slack = 1 + 64 * np.finfo(A.dtype).eps  # rounding of the products
         if np.any(np.abs(A) > np.outer(root, root) * slack + atol):
             return "A is not a second moment (|A_jl| > sqrt(A_jj A_ll))"

@@ -59,7 +59,6 @@ import warnings
 import zlib
 
 import numpy as np
-import scipy.sparse as sp
 from scipy.optimize import linear_sum_assignment
 
 from .base import MMProblem
@@ -92,18 +91,57 @@ def assign_clusters(X, centres):
 def _nearest(X, centres):
     r"""Labels and the scores :math:`\|c\|^2 - 2 x \cdot c` they minimize."""
     # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the row term does not change the argmin
-    scores = X @ centres.T
-    scores *= -2.0
+    scores = X @ (-2.0 * centres).T
     scores += np.einsum("ij,ij->i", centres, centres)
     return np.argmin(scores, axis=1), scores
 
 
-def _cluster_sums(X, labels, k, weights=None):
-    """Per-cluster sums of the rows (``k x d``), one sparse product."""
+def _lloyd_pass(X, centres):
+    """Labels, per-cluster counts and sums of the rows at ``centres``.
+
+    scikit-learn's compiled Lloyd kernel (``lloyd_iter_chunked_dense``, one
+    thread: the engine parallelizes over clients) when it is available,
+    which assigns and accumulates in one pass over the rows; it re-seeds a
+    cluster that gets no row of ``X`` from ``X``'s rows, so a pass where a
+    cluster is empty recomputes the sums from the labels instead (a client
+    often sees only some of the clusters). NumPy otherwise.
+    """
+    k = centres.shape[0]
+    if _LLOYD is not None and X.dtype in (np.float32, np.float64) and X.flags.c_contiguous:
+        dtype = X.dtype
+        centres_old = np.ascontiguousarray(centres, dtype=dtype)
+        centres_new = np.zeros_like(centres_old)
+        weight = np.zeros(k, dtype=dtype)
+        labels = np.full(X.shape[0], -1, dtype=np.int32)
+        shift = np.zeros(k, dtype=dtype)
+        _LLOYD(X, np.ones(X.shape[0], dtype=dtype), centres_old, centres_new, weight, labels,
+               shift, 1)
+        count = np.bincount(labels, minlength=k).astype(dtype)
+        if np.all(count > 0):
+            return labels, count, centres_new * count[:, None]
+        return labels, count, _cluster_sums(X, labels, k)
+    labels, _ = _nearest(X, centres)
+    return labels, np.bincount(labels, minlength=k).astype(X.dtype), _cluster_sums(X, labels, k)
+
+
+try:  # scikit-learn's private compiled Lloyd step (optional, for speed)
+    from sklearn.cluster._k_means_lloyd import lloyd_iter_chunked_dense as _LLOYD
+except ImportError:  # pragma: no cover
+    _LLOYD = None
+
+
+def _cluster_sums(X, labels, k, block=2**20):
+    """Per-cluster sums of the rows (``k x d``): one-hot matrix products (BLAS),
+    over blocks of rows whose one-hot matrix has at most ``block`` entries."""
     n = X.shape[0]
-    data = np.ones(n, dtype=X.dtype) if weights is None else weights.astype(X.dtype, copy=False)
-    onehot = sp.csr_matrix((data, (labels, np.arange(n))), shape=(k, n))
-    return np.asarray(onehot @ X)
+    rows = max(1, block // k)
+    sums = np.zeros((k, X.shape[1]), dtype=X.dtype)
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        onehot = np.zeros((stop - start, k), dtype=X.dtype)
+        onehot[np.arange(stop - start), labels[start:stop]] = 1
+        sums += onehot.T @ X[start:stop]
+    return sums
 
 
 def _client_rng(seed, X):
@@ -280,12 +318,12 @@ class KMeansProblem(MMProblem):
 
     def local_statistic(self, X, theta):
         n, k = X.shape[0], theta.shape[0]
-        labels, scores = _nearest(X, theta)
+        labels, count, sums = _lloyd_pass(X, theta)
         x_sq = np.einsum("ij,ij->i", X, X)
-        loss = float(np.maximum(x_sq + scores[np.arange(n), labels], 0).sum() / n)
-        count = np.bincount(labels, minlength=k).astype(X.dtype)
-        sums = _cluster_sums(X, labels, k)
         sq = np.bincount(labels, weights=x_sq, minlength=k).astype(X.dtype)
+        # the loss from the same sums: sum_j Q_j - 2 c_j . S_j + N_j ||c_j||^2
+        loss = float(max(sq.sum() - 2 * np.einsum("ij,ij->", theta, sums)
+                         + count @ np.einsum("ij,ij->i", theta, theta), 0.0) / n)
         shift, scale = self._coordinates()
         # the same statistic in standardized coordinates z = (x - shift) / scale
         # (exact algebra on the sums: no per-row pass)

@@ -1,0 +1,184 @@
+"""Transports: how the server reaches its clients.
+
+The round loop (:class:`skfedmm.FedMM`) never touches rows. It asks a
+transport to run one of the clients' tasks (:data:`CLIENT_TASKS`: ``"init"``,
+``"full"``, ``"loss"``, ``"surrogate"``, ``"parameter"``) on some clients
+with one payload, and gets back each client's answer or a
+:class:`~skfedmm.federation.local.ClientFailure`, in the order asked. Every
+transport runs the same client functions (:mod:`skfedmm.federation.client`),
+so the fitted model does not depend on the transport.
+
+- :class:`LocalTransport` runs them in this process or in joblib's workers
+  (any backend, including Dask), with the clients' rows placed once per fit.
+- A deployment (for example on Flower) implements the same interface with
+  the clients on other machines; their state stays with them.
+"""
+
+import contextlib
+from abc import ABC, abstractmethod
+
+import numpy as np
+from joblib import Parallel, delayed
+
+from .client import CLIENT_TASKS
+from .local import _client_guard, _dask_client, _guarded, _place_clients, blas_limited
+
+__all__ = ["LocalTransport", "Transport"]
+
+
+class Transport(ABC):
+    """How the server reaches its clients (the interface of the round loop).
+
+    A transport is entered (``with transport:``) for one fit; it then knows
+    how many clients there are, how many rows each holds and the dtype of
+    their rows, and runs tasks on them.
+
+    Notes
+    -----
+    Each task's answer must be exactly what the corresponding function of
+    :data:`~skfedmm.federation.client.CLIENT_TASKS` returns, or a
+    :class:`~skfedmm.federation.local.ClientFailure` when the client failed,
+    did not answer in time, or cannot be reached. The server checks every
+    answer on arrival (:mod:`skfedmm._messages`), whatever the transport.
+    """
+
+    @property
+    @abstractmethod
+    def n_clients(self):
+        """Number of clients."""
+
+    @property
+    @abstractmethod
+    def n_rows(self):
+        """Rows per client, an integer array of shape (n_clients,)."""
+
+    @property
+    @abstractmethod
+    def dtype(self):
+        """The floating dtype of the clients' rows (and messages)."""
+
+    @abstractmethod
+    def run(self, task, indices, problem, *args, states=None, per_client=None):
+        """Run a client task on the clients ``indices``.
+
+        Parameters
+        ----------
+        task : str
+            A key of :data:`~skfedmm.federation.client.CLIENT_TASKS`.
+        indices : sequence of int
+            The clients to run it on.
+        problem : MMProblem
+            The (prepared) problem.
+        *args
+            The round's payload, the same for every client (the task
+            function's arguments after the rows and the client state).
+        states : list of ClientState, default=None
+            The clients' states, for tasks that take one (indexed by client).
+            A deployment keeps them on the clients and may ignore these.
+        per_client : list, default=None
+            A last argument that differs per client (indexed by client), for
+            example initialization data.
+
+        Returns
+        -------
+        answers : list
+            One answer or ClientFailure per entry of ``indices``, in order.
+        """
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class LocalTransport(Transport):
+    """Clients in this process or in joblib's workers.
+
+    Parameters
+    ----------
+    clients : list of ndarray of shape (n_i, n_features)
+        The clients' rows, all of one floating dtype.
+    n_jobs : int or None, default=None
+        Clients run in parallel through joblib; the backend is whatever
+        :func:`joblib.parallel_config` selects (threads, processes, Dask).
+    timeout : float or None, default=None
+        Seconds a client may take before it counts as failed.
+
+    Notes
+    -----
+    Entering the transport places the rows where the workers read them
+    (once per fit: memory-mapped files for process workers, scattered once
+    on Dask), limits BLAS to one thread when several clients may compute at
+    once (results do not depend on ``n_jobs``), and opens the joblib pool.
+    Every task then ships only parameters, statistics and client states.
+    """
+
+    def __init__(self, clients, n_jobs=None, timeout=None):
+        self.clients = clients
+        self.n_jobs = n_jobs
+        self.timeout = timeout
+        self._stack = None
+
+    @property
+    def n_clients(self):
+        return len(self.clients)
+
+    @property
+    def n_rows(self):
+        return np.array([X.shape[0] for X in self.clients], dtype=int)
+
+    @property
+    def dtype(self):
+        return self.clients[0].dtype
+
+    @property
+    def pin(self):
+        """BLAS on one thread in client work (several clients)."""
+        return len(self.clients) > 1
+
+    def __enter__(self):
+        stack = contextlib.ExitStack()
+        try:
+            # BLAS on one thread in this process for the whole fit (clients
+            # in threads and the server's steps alike); workers limit theirs
+            stack.enter_context(blas_limited(self.pin))
+            # one task per client on Dask, so that each runs where its rows
+            # are (joblib's automatic batching would group clients of
+            # different workers into one task and move their rows every round)
+            batch_size = 1 if _dask_client() is not None else "auto"
+            self._parallel = stack.enter_context(
+                Parallel(n_jobs=self.n_jobs, batch_size=batch_size)
+            )
+            # the rows go where the workers read them once, here
+            self._placed = _place_clients(self.clients, self.n_jobs, stack)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc):
+        stack, self._stack = self._stack, None
+        self._parallel = self._placed = None
+        if stack is not None:
+            return stack.__exit__(*exc)
+        return False
+
+    def run(self, task, indices, problem, *args, states=None, per_client=None):
+        if self._stack is None:
+            raise RuntimeError("Enter the transport (`with transport:`) before running tasks.")
+        fn = CLIENT_TASKS[task]
+        indices = list(indices)
+        if not indices:
+            return []
+
+        def call(i):
+            head = (problem, self._placed[i]) + (() if states is None else (states[i],))
+            tail = () if per_client is None else (per_client[i],)
+            return delayed(_guarded)(
+                fn, *head, *args, *tail, timeout=self.timeout,
+                guard=_client_guard(self._placed, i),
+            )
+
+        return self._parallel(call(i) for i in indices)

@@ -8,7 +8,7 @@ the heterogeneous synthetic clients (10 x 300 rows, 40 features, 30 atoms)
 under several noise settings, for a grid of constant step sizes, and prints
 the objective (mean per row on all rows) after a fixed number of rounds,
 averaged over seeds, next to ``step_size="auto"``
-(:func:`skfedmm.engine.auto_step_size`, which depends on the compressor's
+(:func:`skfedmm.schedules.auto_step_size`, which depends on the compressor's
 omega and the participation rate).
 
 Usage::

@@ -100,6 +100,12 @@ API = [
         ("skfedmm", "FedMMState"),
         ("skfedmm", "History"),
         ("skfedmm", "PolynomialDecay"),
+        ("skfedmm.schedules", "auto_step_size"),
+    ]),
+    ("Transports", "Where clients run: the interface of the round loop and the local "
+     "transport (joblib, any backend, Dask).", [
+        ("skfedmm.federation", "Transport"),
+        ("skfedmm.federation", "LocalTransport"),
     ]),
     ("Problems", "The plug-in contract between the engine and an MM problem, and its "
      "instances.", [

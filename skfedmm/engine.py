@@ -44,7 +44,7 @@ import copy
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from numbers import Integral, Real
 
 import numpy as np
@@ -58,6 +58,8 @@ from ._params import (
     StrOptions,
     validate_params,
 )
+from .history import _Progress, History  # noqa: F401
+from .schedules import PolynomialDecay, _step_schedule, auto_step_size  # noqa: F401
 from .federation.client import ClientConfig, ClientMessage, ClientState  # noqa: F401
 from .federation.transport import LocalTransport, Transport
 from ._messages import (
@@ -119,178 +121,6 @@ def aggregate(messages, weights, out=None):
     for msg, w in zip(messages, weights):
         out += w * msg
     return out
-
-
-# --------------------------------------------------------------------------
-# Step sizes
-# --------------------------------------------------------------------------
-class PolynomialDecay:
-    r"""Step-size schedule :math:`\gamma_t = \gamma_0 / (t + 1)^a`.
-
-    With :math:`1/2 < a \le 1` this is a stochastic-approximation schedule,
-    needed for exact convergence under minibatch noise.
-
-    Parameters
-    ----------
-    gamma0 : float, default=1.0
-        Initial step size, in (0, 1].
-    power : float, default=0.6
-        Decay exponent :math:`a`.
-    """
-
-    def __init__(self, gamma0=1.0, power=0.6):
-        self.gamma0 = gamma0
-        self.power = power
-
-    def __call__(self, t):
-        return self.gamma0 / (t + 1) ** self.power
-
-    def __repr__(self):
-        return f"PolynomialDecay(gamma0={self.gamma0!r}, power={self.power!r})"
-
-    def __eq__(self, other):
-        return isinstance(other, PolynomialDecay) and vars(self) == vars(other)
-
-    def __hash__(self):
-        return hash((self.gamma0, self.power))
-
-
-def auto_step_size(omega, q):
-    r"""The step size of ``step_size="auto"``.
-
-    .. math::
-
-        \gamma = \frac{1}{1 + \omega + (1 - q) / (4 q)},
-
-    where :math:`\omega` is the compressor's variance constant and
-    :math:`q` the probability that a client takes part in a round: 1 for
-    exact rounds (then FedMM is batch MM), smaller as compression and
-    partial participation add variance to the server update (control
-    variates make the participation term smaller than the compression
-    one). ``benchmarks/bench_step_size.py`` compares it with a grid of
-    constants on the dictionary-learning benchmark.
-
-    Parameters
-    ----------
-    omega : float
-    q : float in (0, 1]
-
-    Returns
-    -------
-    gamma : float in (0, 1]
-    """
-    return 1.0 / (1.0 + omega + (1.0 - q) / (4.0 * q))
-
-
-def _step_schedule(step_size, omega, q):
-    if isinstance(step_size, str):
-        if step_size != "auto":
-            raise ValueError(f"step_size must be 'auto', a float or a callable, got {step_size!r}.")
-        gamma = auto_step_size(omega, q)
-        return lambda t: gamma
-    if callable(step_size):
-        return step_size
-    if isinstance(step_size, Real) and not isinstance(step_size, bool):
-        if not 0 < step_size <= 1:
-            raise ValueError(f"A constant step_size must be in (0, 1], got {step_size!r}.")
-        gamma = float(step_size)
-        return lambda t: gamma
-    raise TypeError(f"step_size must be 'auto', a float or a callable, got {step_size!r}.")
-
-
-# --------------------------------------------------------------------------
-# History
-# --------------------------------------------------------------------------
-_HISTORY_FIELDS = (
-    "objective",
-    "full_objective",
-    "mean_field",
-    "param_change",
-    "stat_change",
-    "step_size",
-    "bits_up",
-    "bits_down",
-    "n_active",
-    "time",
-    "restarted",
-)
-
-
-@dataclass
-class History:
-    """Per-round record of a FedMM fit.
-
-    Row 0 is the initialization (the init statistic and, for surrogate
-    aggregation, the initial full round); row ``t`` is round ``t``.
-
-    Attributes
-    ----------
-    objective : ndarray
-        Weighted mean of the losses the active clients report at
-        :math:`\\theta_t` (NaN when no client reported).
-    full_objective : ndarray
-        Exact :math:`W(\\theta_t)` on all rows of all clients, when evaluated
-        (batch rounds, or every ``eval_every`` rounds); NaN otherwise.
-    mean_field : ndarray
-        :math:`\\|H_t\\|_1`, the estimate of :math:`\\bar S(\\theta_t) - \\hat
-        S_t` (zero at a fixed point); NaN for parameter aggregation.
-    param_change : ndarray
-        :math:`\\|\\theta_{t+1} - \\theta_t\\|_2`.
-    stat_change : ndarray
-        :math:`\\|\\hat S_{t+1} - \\hat S_t\\|_2` (NaN for parameter
-        aggregation).
-    step_size : ndarray
-        :math:`\\gamma_t`.
-    bits_up, bits_down : ndarray
-        Bits sent by the clients to the server and by the server to the
-        clients during the round.
-    n_active : ndarray
-        Number of clients that took part.
-    time : ndarray
-        Wall-clock seconds since the start of the fit, at the end of the round.
-    restarted : ndarray
-        1 when the round's M-step restarted part of the parameter
-        (:meth:`MMProblem.restarted`, e.g. a re-placed dictionary atom), so
-        that the round cannot count as converged; 0 otherwise (NaN for the
-        initialization and for parameter aggregation).
-    failed : list of list of (int, str)
-        Per round, the clients that failed and the exception type.
-    """
-
-    objective: list = field(default_factory=list)
-    full_objective: list = field(default_factory=list)
-    mean_field: list = field(default_factory=list)
-    param_change: list = field(default_factory=list)
-    stat_change: list = field(default_factory=list)
-    step_size: list = field(default_factory=list)
-    bits_up: list = field(default_factory=list)
-    bits_down: list = field(default_factory=list)
-    n_active: list = field(default_factory=list)
-    time: list = field(default_factory=list)
-    restarted: list = field(default_factory=list)
-    failed: list = field(default_factory=list)
-
-    def _append(self, **row):
-        for name in _HISTORY_FIELDS:
-            getattr(self, name).append(row.get(name, np.nan))
-        self.failed.append(row.get("failed", []))
-
-    def as_dict(self):
-        """The history as a dict of NumPy arrays (``failed`` as a list)."""
-        out = {name: np.asarray(getattr(self, name), dtype=float) for name in _HISTORY_FIELDS}
-        out["failed"] = list(self.failed)
-        return out
-
-    def __getitem__(self, name):
-        if name == "failed":
-            return list(self.failed)
-        return np.asarray(getattr(self, name), dtype=float)
-
-    def __len__(self):
-        return len(self.objective)
-
-    def keys(self):
-        return list(_HISTORY_FIELDS) + ["failed"]
 
 
 # --------------------------------------------------------------------------
@@ -1066,41 +896,3 @@ class FedMM:
         stat = aggregate([layout.flatten(s, dtype) for s, _ in results], weights)
         loss = float(np.dot(weights, [loss for _, loss in results]))
         return loss, layout.unflatten(stat)
-
-
-class _Progress:
-    """Per-round progress report: a tqdm bar when available, else lines."""
-
-    def __init__(self, verbose, total):
-        self.verbose = verbose
-        self.bar = None
-        if verbose:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc="FedMM", leave=False)
-            except ImportError:
-                self.bar = None
-
-    def update(self, state):
-        if not self.verbose:
-            return
-        h = state.history
-        bits = sum(h.bits_up) + sum(h.bits_down)
-        info = dict(
-            objective=f"{h.objective[-1]:.5g}",
-            active=h.n_active[-1],
-            Mbits=f"{bits / 1e6:.3g}",
-        )
-        if self.bar is not None:
-            self.bar.set_postfix(info)
-            self.bar.update(1)
-        else:
-            print(
-                f"[FedMM] round {state.round:4d}  objective {info['objective']}  "
-                f"active {info['active']}  bits {bits:.3e}  elapsed {h.time[-1]:.2f}s"
-            )
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()

@@ -14,6 +14,23 @@ from .engine import FedMM
 __all__ = ["FEDERATED_PARAMS", "FEDERATED_PARAMS_DOC", "FederatedMixin"]
 
 
+def _same_value(a, b):
+    """Equality of parameter values, arrays and lists of arrays included."""
+    if a is b:
+        return True
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if hasattr(a, "shape") or hasattr(b, "shape"):
+        try:
+            return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+        except (TypeError, ValueError):
+            return False
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):
+        return False
+
+
 class FederatedMixin:
     """Builds the engine from an estimator's parameters and records the fit.
 
@@ -53,11 +70,7 @@ class FederatedMixin:
         previous = getattr(self, "_resume_params", {})
         for name, why in self._fixed_when_resuming.items():
             old, new = previous.get(name), getattr(self, name)
-            same = old is new or (
-                np.array_equal(old, new) if hasattr(old, "shape") or hasattr(new, "shape")
-                else old == new
-            )
-            if not same:
+            if not _same_value(old, new):
                 raise ValueError(
                     f"{name} changed from {old!r} to {new!r} since the previous fit, but it "
                     f"cannot change when training continues ({why}); set warm_start=False "

@@ -205,6 +205,9 @@ class FederatedDictionaryLearning(
 
     _fixed_when_resuming = {
         "n_components": "the statistics' shapes depend on it",
+        "init": "it sets the initial dictionary, which continued training is past",
+        "dict_init": "it sets the initial dictionary, which continued training is past",
+        "code_init": "it sets the initial dictionary, which continued training is past",
         "aggregation": "the training state of one aggregation is not that of the other",
     }
 

@@ -243,3 +243,17 @@ def test_split_sign_feature_names_match_transform():
     assert isinstance(out, pd.DataFrame)
     assert out.shape == (30, 6)
     assert list(out.columns) == list(est.get_feature_names_out())
+
+
+def test_changed_initialization_raises_instead_of_being_ignored():
+    clients = _clients()
+    est = _dl(code_init=[np.ones((30, 4))] * 4).fit(clients)
+    for name, value in [("init", "random"), ("dict_init", np.eye(4, 6)),
+                        ("code_init", [np.zeros((30, 4))] * 4)]:
+        before = est.get_params()[name]
+        with pytest.raises(ValueError, match=f"{name} changed"):
+            est.set_params(**{name: value}).fit(clients)
+        est.set_params(**{name: before})
+    # unchanged (equal, not identical) values continue
+    est.set_params(code_init=[np.ones((30, 4))] * 4, max_iter=1).fit(clients)
+    assert est.n_iter_ == 4

@@ -106,6 +106,34 @@ class FederatedMixin:
             client_init=None if resume else client_init,
         )
 
+    def fit_transport(self, transport, **fit_params):
+        """Fit on clients reached through a transport (their rows stay there).
+
+        The estimator's own ``fit`` runs unchanged, with the clients'
+        shapes as the transport reports them (``n_features_in_`` from the
+        clients' first answer, client weights from their row counts);
+        every round goes through ``transport``. Fit parameters that hold
+        per-row data (``client_ids``, ``code_init``) cannot be used: those
+        rows are on the clients.
+
+        Parameters
+        ----------
+        transport : Transport
+            A transport reporting its clients' ``n_features``, for example
+            :class:`skfedmm.flower.FlowerTransport`.
+        **fit_params : dict
+            Other parameters of ``fit`` (for example ``target``).
+
+        Returns
+        -------
+        self : object
+            The fitted estimator, an ordinary one: ``transform`` and
+            ``predict`` need no transport.
+        """
+        from .federation.transport import RemoteClients
+
+        return self.fit(RemoteClients(transport), **fit_params)
+
     def _can_resume(self):
         return hasattr(self, "fedmm_state_")
 

@@ -10,6 +10,8 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.utils.validation import check_array, validate_data
 
+from .federation.transport import RemoteClients
+
 __all__ = ["check_clients", "check_sample_weight", "check_transform_input", "is_client_list"]
 
 
@@ -72,6 +74,22 @@ def check_clients(estimator, X, client_ids=None, *, dtype=(np.float64, np.float3
     TypeError
         Non-numeric data, sparse matrices, wrong container types.
     """
+    if isinstance(X, RemoteClients):
+        # clients behind a transport: their rows stay with them; check the
+        # number of features they reported
+        if client_ids is not None:
+            raise ValueError("client_ids is only for one array X, not for remote clients.")
+        n_features = X[0].shape[1]
+        if reset:
+            estimator.n_features_in_ = n_features
+            if hasattr(estimator, "feature_names_in_"):
+                del estimator.feature_names_in_
+        elif n_features != estimator.n_features_in_:
+            raise ValueError(
+                f"X has {n_features} features, but {type(estimator).__name__} is expecting "
+                f"{estimator.n_features_in_} features as input."
+            )
+        return X, None
     if is_client_list(X):
         if client_ids is not None:
             raise ValueError(

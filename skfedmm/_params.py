@@ -149,8 +149,10 @@ FEDERATED_PARAMETERS = (
         """client_timeout : float or None, default=None
     Seconds a client may take in a round before it counts as failed
     (``TimeoutError``, recorded like any failure); None waits forever.
-    The late computation finishes in the background and is discarded;
-    with a timeout, results depend on timing.""",
+    The late computation finishes in the background (a daemon thread that
+    never delays the process's exit) and is discarded; until it ends, the
+    client is not asked again (at most one abandoned computation per
+    client). With a timeout, results depend on timing.""",
     ),
     FederatedParam(
         "warm_start", False, ["boolean"],

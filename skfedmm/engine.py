@@ -61,7 +61,7 @@ from ._params import (
 from .history import _Progress, History  # noqa: F401
 from .schedules import PolynomialDecay, _step_schedule, auto_step_size  # noqa: F401
 from .federation.client import ClientConfig, ClientMessage, ClientState  # noqa: F401
-from .federation.transport import LocalTransport, Transport
+from .federation.transport import LocalTransport, RemoteClients, Transport
 from ._messages import (
     InvalidMessageError,
     ParamLayout,
@@ -147,6 +147,12 @@ def _client_cv(state, i):
     if state.log_scale is None:
         return c.cv
     return c.cv * np.exp(state.log_scale - c.log_scale).astype(c.cv.dtype, copy=False)
+
+
+def _norm(v):
+    """The Euclidean norm for the history (inf, silently, past the float range)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return float(np.linalg.norm(v))
 
 
 def _check_loss(loss):
@@ -455,6 +461,8 @@ class FedMM:
         """The clients as a transport: a :class:`Transport` as given, or local."""
         if isinstance(clients, Transport):
             return clients
+        if isinstance(clients, RemoteClients):
+            return clients.transport
         if len(clients) == 0:
             raise ValueError("At least one client is needed.")
         return LocalTransport(clients, n_jobs=self.n_jobs, timeout=self.client_timeout)
@@ -720,7 +728,7 @@ class FedMM:
         loss = float(np.dot(w, losses))
         history._append(
             objective=loss, full_objective=loss if len(idx) == n else np.nan,
-            param_change=float(np.linalg.norm(param_layout.flatten(theta1) - param_layout.flatten(theta0))),
+            param_change=_norm(param_layout.flatten(theta1) - param_layout.flatten(theta0)),
             bits_up=bits_up, bits_down=bits_down, n_active=len(idx), failed=failed,
             time=time.perf_counter() - t0,
         )
@@ -814,7 +822,7 @@ class FedMM:
             _check_finite_param(param_layout, theta_new, round_index)
             row["restarted"] = float(bool(problem.restarted(layout.unflatten(s_new), theta, theta_new)))
             row["mean_field"] = float(np.abs(H).sum())
-            row["stat_change"] = float(np.linalg.norm(s_new - s_old))
+            row["stat_change"] = _norm(s_new - s_old)
             log_scale = state.log_scale
             factor = problem.rescale(layout.unflatten(s_new), theta, theta_new)
             if factor is not None:
@@ -836,9 +844,7 @@ class FedMM:
             else:
                 theta_new = theta
             _check_finite_param(param_layout, theta_new, round_index)
-        row["param_change"] = float(
-            np.linalg.norm(param_layout.flatten(theta_new) - param_layout.flatten(theta))
-        )
+        row["param_change"] = _norm(param_layout.flatten(theta_new) - param_layout.flatten(theta))
         row["bits_up"] = bits_up
         row["time"] = time.perf_counter() - t0
         # commit: nothing above changed ``state``; from here nothing can fail

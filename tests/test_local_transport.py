@@ -133,6 +133,8 @@ def test_fit_leaves_blas_threads_as_found(backend, n_jobs, timeout):
     extra = {"inner_max_num_threads": 2} if backend == "loky" else {}
     with threadpool_limits(limits=2, user_api="blas"):
         before = blas_threads()
+        if min(before) < 2:
+            pytest.skip("BLAS runs on one thread here")
         with parallel_config(backend=backend, n_jobs=n_jobs, **extra):
             state = FedMM(Gram(dim=30, strict=True), max_iter=4, random_state=0,
                           client_timeout=timeout).fit(clients)
@@ -159,6 +161,8 @@ def test_concurrent_fits_in_threads_leave_blas_threads_as_found():
 
     with threadpool_limits(limits=2, user_api="blas"):
         before = blas_threads()
+        if min(before) < 2:
+            pytest.skip("BLAS runs on one thread here")
         threads = [threading.Thread(target=fit) for _ in range(3)]
         for t in threads:
             t.start()
@@ -196,6 +200,8 @@ def test_blas_limit_is_reference_counted():
     if not blas_threads():
         pytest.skip("threadpoolctl finds no BLAS")
     with threadpool_limits(limits=2, user_api="blas"):
+        if min(blas_threads()) < 2:
+            pytest.skip("BLAS runs on one thread here")
         assert limit.acquire(fit=True)
         assert blas_threads() == [1] * len(blas_threads())
         assert not limit.acquire(fit=False)  # a fit holds it: tasks leave it alone

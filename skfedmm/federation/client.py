@@ -97,6 +97,22 @@ def _client_loss(problem, X, theta, pin):
         return problem.loss(_aligned(X), _map_param(_aligned, theta))
 
 
+def _current_cv(cv, cv_log_scale, log_scale):
+    """A control variate in the broadcast coordinates ``log_scale``."""
+    if log_scale is not None and not np.array_equal(log_scale, cv_log_scale):
+        cv = cv * np.exp(log_scale - cv_log_scale).astype(cv.dtype, copy=False)
+    return cv
+
+
+def _next_cv(cv, payload, cv_rate):
+    """The control variate after sending ``payload`` (:math:`V_i + \\alpha c_i`).
+
+    A deployment's server mirrors its clients' control variates with this
+    function and :func:`_current_cv`, the very operations the client runs.
+    """
+    return cv + cv_rate * payload if cv_rate != 0 else cv
+
+
 def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
     """One surrogate-aggregation round on one client."""
     with _ClientContext(cfg.pin):
@@ -104,15 +120,15 @@ def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
         rng = copy.deepcopy(state.rng)
         X, s_hat, cv = (_aligned(a) for a in (X, s_hat, state.cv))
         theta = _map_param(_aligned, theta)
-        if log_scale is not None and not np.array_equal(log_scale, state.log_scale):
-            cv = cv * np.exp(log_scale - state.log_scale).astype(cv.dtype, copy=False)
+        cv = _current_cv(cv, state.log_scale, log_scale)
         batch = _draw_batch(X, cfg.batch_size, rng)
         stat, loss = problem.local_statistic(batch, theta)
         s_i = cfg.layout.flatten(stat, s_hat.dtype)
         delta = s_i - s_hat - cv
         payload, bits = cfg.compressor.compress(delta, rng)
-        new_cv = cv + cfg.cv_rate * payload if cfg.cv_rate != 0 else cv
-        new_state = ClientState(cv=new_cv, rng=rng, log_scale=log_scale)
+        new_state = ClientState(
+            cv=_next_cv(cv, payload, cfg.cv_rate), rng=rng, log_scale=log_scale
+        )
         return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
 
 

@@ -16,6 +16,7 @@ so the fitted model does not depend on the transport.
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -23,7 +24,7 @@ from joblib import Parallel, delayed
 from .client import CLIENT_TASKS
 from .local import _client_guard, _dask_client, _guarded, _place_clients, blas_limited
 
-__all__ = ["LocalTransport", "Transport"]
+__all__ = ["LocalTransport", "RemoteClients", "Transport"]
 
 
 class Transport(ABC):
@@ -90,6 +91,50 @@ class Transport(ABC):
 
     def __exit__(self, *exc):
         return False
+
+
+class _RemoteRows:
+    """Stands for one remote client's rows: their shape and dtype, no values."""
+
+    ndim = 2
+
+    def __init__(self, n_rows, n_features, dtype):
+        self.shape = (int(n_rows), int(n_features))
+        self.dtype = np.dtype(dtype)
+
+
+class RemoteClients(Sequence):
+    """The clients of a transport, where an estimator's ``fit`` expects arrays.
+
+    An estimator fitted on a ``RemoteClients`` (see
+    :meth:`~skfedmm._base.FederatedMixin.fit_transport`) validates the
+    shapes the clients reported (``n_features_in_`` from the transport) and
+    runs its rounds on the transport; the items only carry each client's
+    shape and dtype.
+
+    Parameters
+    ----------
+    transport : Transport
+        A transport that knows its clients' ``n_features`` (the number of
+        columns every client reported).
+    """
+
+    def __init__(self, transport):
+        self.transport = transport
+        n_features = getattr(transport, "n_features", None)
+        if n_features is None:
+            raise TypeError(
+                f"{type(transport).__name__} does not report its clients' n_features; an "
+                "estimator cannot be fitted on it."
+            )
+        dtype = transport.dtype
+        self._rows = [_RemoteRows(n, n_features, dtype) for n in transport.n_rows]
+
+    def __len__(self):
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        return self._rows[i]
 
 
 class LocalTransport(Transport):

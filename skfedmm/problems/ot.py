@@ -316,6 +316,7 @@ class EntropicOTProblem(MMProblem):
             raise ValueError(f"normalize_cost must be 'spread' or None, got {normalize_cost!r}.")
         dtype = target.dtype
         self.target = target
+        self.target_weights = target_weights  # as given (a deployment rebuilds the problem)
         self.dtype = dtype
         self.weights = b.astype(dtype)
         self.epsilon = float(epsilon)

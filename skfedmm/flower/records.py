@@ -1,0 +1,811 @@
+"""The wire format of skfedmm on Flower: Flower records, never pickles.
+
+Every request the server sends and every reply a node sends is a Flower
+:class:`~flwr.app.RecordDict` of :class:`~flwr.app.ArrayRecord` (arrays)
+and :class:`~flwr.app.ConfigRecord` (ints, floats, strings, booleans and
+lists of them). Objects travel as *descriptions* that the other side
+rebuilds from an allow-list:
+
+- a problem (:class:`~skfedmm.problems.MMProblem`): its class (one of
+  :mod:`skfedmm.problems` or a class given to :func:`register_problem`), its
+  constructor parameters (read from the ``__init__`` signature: each must
+  be stored under its own name) and its fit-time constants (the public
+  attributes ending in ``_`` that :meth:`MMProblem.prepare` sets);
+- a compressor: its registered name and constructor parameters;
+- the client configuration (:class:`~skfedmm.federation.client.ClientConfig`):
+  the statistic's and the parameter's layouts as names and shapes;
+- a client state: the control variate and its log-coordinates as arrays,
+  the PCG64 bit generator's state with its 128-bit integers as decimal
+  strings.
+
+Both sides check every message before using it (:func:`decode_request` on
+the node, :func:`decode_reply` on the server): expected keys, array dtypes
+and shapes, finiteness. A malformed message raises :class:`WireError` and
+nothing of it is applied.
+"""
+
+import hashlib
+import importlib
+import inspect
+import math
+from numbers import Integral, Real
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from .._messages import InvalidMessageError, ParamLayout, StatLayout
+from ..compression import _COMPRESSORS, Compressor
+from ..federation.client import ClientConfig, ClientMessage, ClientState
+
+__all__ = [
+    "MESSAGE_TYPE",
+    "PROTOCOL",
+    "WireError",
+    "decode_reply",
+    "decode_request",
+    "encode_reply",
+    "encode_request",
+    "register_problem",
+]
+
+#: Flower message type of every skfedmm request (``@app.query("skfedmm")``).
+MESSAGE_TYPE = "query.skfedmm"
+#: Version of this wire format; both sides refuse another.
+PROTOCOL = "skfedmm/1"
+#: Tasks a node runs: "info" (rows, features, dtype) and the client tasks.
+TASKS = ("info", "init", "full", "loss", "surrogate", "parameter")
+_FLOATS = ("float32", "float64")
+
+
+class WireError(InvalidMessageError):
+    """A message that does not follow the wire format; nothing of it is applied."""
+
+
+# --------------------------------------------------------------------------
+# Allow-lists
+# --------------------------------------------------------------------------
+_REGISTERED = {}
+
+
+def _path(cls):
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _builtin_problems():
+    from .. import problems
+
+    return {_path(getattr(problems, name)): getattr(problems, name)
+            for name in problems.__all__ if name != "MMProblem"}
+
+
+def register_problem(cls):
+    """Allow a user-defined problem class on the wire (server and nodes).
+
+    Nodes rebuild only problems of :mod:`skfedmm.problems` and registered
+    classes: call this at import time of both the server app and the
+    client app (the module defining ``cls`` must be importable on the
+    nodes). Usable as a class decorator.
+
+    Parameters
+    ----------
+    cls : type
+        A subclass of :class:`~skfedmm.problems.MMProblem` whose
+        constructor parameters are stored under their own names.
+
+    Returns
+    -------
+    cls : type
+    """
+    from ..problems import MMProblem
+
+    if not (isinstance(cls, type) and issubclass(cls, MMProblem)):
+        raise TypeError(f"register_problem expects an MMProblem subclass, got {cls!r}.")
+    _REGISTERED[_path(cls)] = cls
+    return cls
+
+
+def _problem_class(path):
+    allowed = {**_builtin_problems(), **_REGISTERED}
+    if path not in allowed:
+        raise WireError(
+            f"problem class {path!r} is not allowed (skfedmm.problems or "
+            "skfedmm.flower.register_problem)"
+        )
+    return allowed[path]
+
+
+# --------------------------------------------------------------------------
+# Values: arrays as arrays, scalars and strings as config
+# --------------------------------------------------------------------------
+def _encode_values(values, cfg, arrays, prefix):
+    """Put named values into ``cfg`` / ``arrays`` under ``prefix``."""
+    none = []
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if value is None:
+            none.append(name)
+        elif isinstance(value, np.ndarray):
+            if value.dtype.kind not in "biuf":
+                raise TypeError(f"{key}: arrays of dtype {value.dtype} cannot travel")
+            arrays[key] = Array(np.ascontiguousarray(value))
+        elif isinstance(value, np.dtype):
+            cfg[f"{prefix}dtype:{name}"] = str(value)
+        elif isinstance(value, (bool, np.bool_)):
+            cfg[key] = bool(value)
+        elif isinstance(value, Integral):
+            cfg[key] = int(value)
+        elif isinstance(value, Real):
+            cfg[key] = float(value)
+        elif isinstance(value, str):
+            cfg[key] = value
+        else:
+            raise TypeError(
+                f"{key}: a value of type {type(value).__name__} cannot travel (arrays, numbers, "
+                "strings, booleans and None only)"
+            )
+    cfg[f"{prefix}:none"] = none
+
+
+def _decode_values(cfg, arrays, prefix):
+    out = {}
+    for name in cfg.get(f"{prefix}:none", []):
+        out[str(name)] = None
+    for key, value in cfg.items():
+        if not key.startswith(prefix) or key == f"{prefix}:none":
+            continue
+        name = key[len(prefix):]
+        if name.startswith("dtype:"):
+            try:
+                out[name[6:]] = np.dtype(str(value))
+            except TypeError as exc:
+                raise WireError(f"{key}: not a dtype ({value!r})") from exc
+        elif ":" not in name:
+            out[name] = value
+    for key in arrays.keys():
+        if key.startswith(prefix):
+            value = _array(arrays, key)
+            out[key[len(prefix):]] = value
+    return out
+
+
+def _array(arrays, key):
+    try:
+        value = arrays[key].numpy()
+    except Exception as exc:  # noqa: BLE001 - whatever a malformed Array raises
+        raise WireError(f"{key!r} is not a readable array ({exc})") from exc
+    if value.dtype.kind not in "biuf":
+        raise WireError(f"{key!r} has dtype {value.dtype}; expected real numbers")
+    if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+        raise WireError(f"{key!r} is not finite")
+    return value
+
+
+def constructor_params(obj):
+    """The constructor parameters of ``obj``, read from its ``__init__`` signature.
+
+    Parameters
+    ----------
+    obj : object
+        An object storing each constructor parameter under its own name
+        (as scikit-learn estimators do).
+
+    Returns
+    -------
+    params : dict
+    """
+    out = {}
+    for name, p in inspect.signature(type(obj).__init__).parameters.items():
+        if name == "self" or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if not hasattr(obj, name):
+            raise TypeError(
+                f"{type(obj).__name__} does not store its constructor parameter {name!r} "
+                "under that name, so it cannot be rebuilt on the nodes"
+            )
+        out[name] = getattr(obj, name)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Problems
+# --------------------------------------------------------------------------
+def encode_problem(problem):
+    """The problem as (config, arrays): class, parameters, fit-time constants.
+
+    Parameters
+    ----------
+    problem : MMProblem
+
+    Returns
+    -------
+    cfg : ConfigRecord
+    arrays : ArrayRecord
+    """
+    path = _path(type(problem))
+    _problem_class(path)  # refuse early what the nodes would refuse
+    cfg, arrays = ConfigRecord(), ArrayRecord()
+    cfg["class"] = path
+    _encode_values(constructor_params(problem), cfg, arrays, "p.")
+    constants = {
+        k: v for k, v in vars(problem).items()
+        if k.endswith("_") and not k.startswith("_")
+    }
+    _encode_values(constants, cfg, arrays, "c.")
+    return cfg, arrays
+
+
+def decode_problem(cfg, arrays):
+    """Rebuild a problem from :func:`encode_problem`'s records."""
+    path = cfg.get("class")
+    if not isinstance(path, str):
+        raise WireError("the problem has no class")
+    cls = _problem_class(path)
+    params = _decode_values(cfg, arrays, "p.")
+    try:
+        problem = cls(**params)
+    except Exception as exc:  # noqa: BLE001 - the class's own validation
+        raise WireError(f"the problem {path} could not be rebuilt: {exc}") from exc
+    for name, value in _decode_values(cfg, arrays, "c.").items():
+        if not (name.endswith("_") and not name.startswith("_")):
+            raise WireError(f"the problem constant {name!r} is not a fit-time constant")
+        setattr(problem, name, value)
+    return problem
+
+
+def records_digest(*records):
+    """A digest of config and array records (to send a problem once)."""
+    h = hashlib.sha256()
+    for rec in records:
+        for key in sorted(rec.keys()):
+            h.update(key.encode())
+            value = rec[key]
+            if isinstance(value, Array):
+                h.update(value.dtype.encode())
+                h.update(repr(tuple(value.shape)).encode())
+                h.update(value.data)
+            else:
+                h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------
+# Layouts, compressor, client configuration
+# --------------------------------------------------------------------------
+def _encode_layout(layout, cfg, prefix):
+    cfg[f"{prefix}names"] = list(layout.names)
+    cfg[f"{prefix}ndims"] = [len(s) for s in layout.shapes]
+    cfg[f"{prefix}dims"] = [int(n) for s in layout.shapes for n in s]
+
+
+def _decode_shapes(cfg, prefix):
+    try:
+        names = [str(n) for n in cfg[f"{prefix}names"]]
+        ndims = [int(n) for n in cfg[f"{prefix}ndims"]]
+        dims = [int(n) for n in cfg[f"{prefix}dims"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"the layout {prefix!r} is incomplete ({exc})") from exc
+    if len(ndims) != len(names) or sum(ndims) != len(dims) or min(dims, default=0) < 0:
+        raise WireError(f"the layout {prefix!r} is inconsistent")
+    if len(set(names)) != len(names) or not names:
+        raise WireError(f"the layout {prefix!r} has no or repeated names")
+    shapes, start = {}, 0
+    for name, nd in zip(names, ndims):
+        shapes[name] = tuple(dims[start : start + nd])
+        start += nd
+    return shapes
+
+
+def _compressor_name(compressor):
+    for name, cls in _COMPRESSORS.items():
+        if type(compressor) is cls:
+            return name
+    raise TypeError(
+        f"the compressor {type(compressor).__name__} is not one of skfedmm's "
+        f"({sorted(_COMPRESSORS)}); a deployment sends compressors by name"
+    )
+
+
+def encode_config(cfg_obj):
+    """A :class:`ClientConfig` as a ConfigRecord."""
+    cfg = ConfigRecord()
+    _encode_layout(cfg_obj.layout, cfg, "layout.")
+    param = cfg_obj.param_layout
+    _encode_layout(param, cfg, "param.")
+    cfg["param.is_dict"] = bool(param.is_dict)
+    cfg["compressor"] = _compressor_name(cfg_obj.compressor)
+    _encode_values(constructor_params(cfg_obj.compressor), cfg, ArrayRecord(), "compressor.")
+    cfg["cv_rate"] = float(cfg_obj.cv_rate)
+    cfg["batch_size"] = -1 if cfg_obj.batch_size is None else int(cfg_obj.batch_size)
+    cfg["local_steps"] = int(cfg_obj.local_steps)
+    cfg["dtype"] = np.dtype(cfg_obj.dtype).name
+    cfg["pin"] = bool(cfg_obj.pin)
+    return cfg
+
+
+def decode_config(cfg):
+    """Rebuild a :class:`ClientConfig` from :func:`encode_config`'s record."""
+    layout = StatLayout(_decode_shapes(cfg, "layout."))
+    shapes = _decode_shapes(cfg, "param.")
+    is_dict = cfg.get("param.is_dict")
+    if not isinstance(is_dict, bool) or (not is_dict and list(shapes) != ["theta"]):
+        raise WireError("the parameter layout is inconsistent")
+    param_layout = ParamLayout(
+        {k: np.empty(s) for k, s in shapes.items()} if is_dict else np.empty(shapes["theta"])
+    )
+    name = cfg.get("compressor")
+    if name not in _COMPRESSORS:
+        raise WireError(f"unknown compressor {name!r}")
+    params = _decode_values(cfg, ArrayRecord(), "compressor.")
+    try:
+        compressor = _COMPRESSORS[name](**params)
+    except Exception as exc:  # noqa: BLE001
+        raise WireError(f"the compressor {name!r} could not be rebuilt: {exc}") from exc
+    dtype = cfg.get("dtype")
+    if dtype not in _FLOATS:
+        raise WireError(f"the dtype {dtype!r} is not float32 or float64")
+    cv_rate = cfg.get("cv_rate")
+    if not isinstance(cv_rate, float) or not math.isfinite(cv_rate):
+        raise WireError(f"cv_rate must be a finite float, got {cv_rate!r}")
+    batch_size, local_steps = cfg.get("batch_size"), cfg.get("local_steps")
+    if not isinstance(batch_size, int) or batch_size == 0 or batch_size < -1:
+        raise WireError(f"batch_size must be a positive int (or -1 for all rows), got {batch_size!r}")
+    if not isinstance(local_steps, int) or local_steps < 1:
+        raise WireError(f"local_steps must be a positive int, got {local_steps!r}")
+    pin = cfg.get("pin")
+    if not isinstance(pin, bool):
+        raise WireError("pin must be a boolean")
+    return ClientConfig(
+        layout=layout, param_layout=param_layout, compressor=compressor, cv_rate=cv_rate,
+        batch_size=None if batch_size == -1 else batch_size, local_steps=local_steps,
+        dtype=np.dtype(dtype), pin=pin,
+    )
+
+
+# --------------------------------------------------------------------------
+# Client state
+# --------------------------------------------------------------------------
+def encode_state(state):
+    """A :class:`ClientState` as (config, arrays); the stream's big ints as strings."""
+    cfg, arrays = ConfigRecord(), ArrayRecord()
+    bg = state.rng.bit_generator
+    st = bg.state
+    if st.get("bit_generator") != "PCG64":
+        raise TypeError(f"client streams must be PCG64, got {st.get('bit_generator')!r}")
+    cfg["rng.bit_generator"] = "PCG64"
+    cfg["rng.state"] = str(int(st["state"]["state"]))
+    cfg["rng.inc"] = str(int(st["state"]["inc"]))
+    cfg["rng.has_uint32"] = int(st["has_uint32"])
+    cfg["rng.uinteger"] = int(st["uinteger"])
+    if state.cv is not None:
+        arrays["cv"] = Array(np.ascontiguousarray(state.cv))
+    if state.log_scale is not None:
+        arrays["log_scale"] = Array(np.ascontiguousarray(state.log_scale))
+    return cfg, arrays
+
+
+def decode_state(cfg, arrays, size=None, dtype=None):
+    """Rebuild a :class:`ClientState`; check the control variate's shape and dtype."""
+    if cfg.get("rng.bit_generator") != "PCG64":
+        raise WireError("the client stream is not a PCG64 state")
+    try:
+        state_int, inc = int(cfg["rng.state"]), int(cfg["rng.inc"])
+        has_uint32, uinteger = int(cfg["rng.has_uint32"]), int(cfg["rng.uinteger"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"the client stream is incomplete ({exc})") from exc
+    if not (0 <= state_int < 2**128 and 0 <= inc < 2**128 and has_uint32 in (0, 1)
+            and 0 <= uinteger < 2**32):
+        raise WireError("the client stream's state is out of range")
+    rng = np.random.Generator(np.random.PCG64())
+    rng.bit_generator.state = {
+        "bit_generator": "PCG64", "state": {"state": state_int, "inc": inc},
+        "has_uint32": has_uint32, "uinteger": uinteger,
+    }
+    unknown = set(arrays.keys()) - {"cv", "log_scale"}
+    if unknown:
+        raise WireError(f"unexpected arrays in the client state: {sorted(unknown)}")
+    cv = _array(arrays, "cv") if "cv" in arrays else None
+    log_scale = _array(arrays, "log_scale") if "log_scale" in arrays else None
+    for name, value in (("cv", cv), ("log_scale", log_scale)):
+        if value is not None and size is not None and value.shape != (size,):
+            raise WireError(f"the client state's {name} has shape {value.shape}, expected ({size},)")
+    if cv is not None and dtype is not None and cv.dtype != dtype:
+        raise WireError(f"the client state's cv has dtype {cv.dtype}, expected {dtype}")
+    return ClientState(cv=cv, rng=rng, log_scale=log_scale)
+
+
+# --------------------------------------------------------------------------
+# Parameters and statistics
+# --------------------------------------------------------------------------
+def _encode_param(theta, arrays, prefix):
+    if isinstance(theta, dict):
+        for k, v in theta.items():
+            arrays[f"{prefix}.{k}"] = Array(np.ascontiguousarray(v))
+        return True
+    arrays[prefix] = Array(np.ascontiguousarray(theta))
+    return False
+
+
+def _decode_param(arrays, prefix, is_dict, dtype):
+    if is_dict:
+        keys = [k for k in arrays.keys() if k.startswith(prefix + ".")]
+        if not keys:
+            raise WireError(f"{prefix!r} is missing")
+        out = {k[len(prefix) + 1:]: _array(arrays, k) for k in keys}
+        values = out.values()
+    else:
+        if prefix not in arrays:
+            raise WireError(f"{prefix!r} is missing")
+        out = _array(arrays, prefix)
+        values = [out]
+    for v in values:
+        if v.dtype != dtype:
+            raise WireError(f"{prefix!r} has dtype {v.dtype}, expected {dtype}")
+    return out
+
+
+def _vector(arrays, key, size, dtype):
+    if key not in arrays:
+        raise WireError(f"{key!r} is missing")
+    v = _array(arrays, key)
+    if v.shape != (size,):
+        raise WireError(f"{key!r} has shape {v.shape}, expected ({size},)")
+    if v.dtype != dtype:
+        raise WireError(f"{key!r} has dtype {v.dtype}, expected {dtype}")
+    return v
+
+
+# --------------------------------------------------------------------------
+# Requests (server -> node)
+# --------------------------------------------------------------------------
+def encode_request(task, *, fit_id, args=(), problem=None, problem_digest=None,
+                   state=None, version=None):
+    """A request to a node as a RecordDict.
+
+    Parameters
+    ----------
+    task : str
+        One of :data:`TASKS`.
+    fit_id : str
+        Identifies the fit (the node keeps the states of one fit).
+    args : tuple
+        The task's payload, as the round loop passes it to the transport
+        (``(pin,)``, ``(theta, pin)``, ``(theta, s_hat, log_scale, cfg)``
+        or ``(theta, cfg)``).
+    problem : (ConfigRecord, ArrayRecord), default=None
+        The encoded problem, when the node does not hold it yet.
+    problem_digest : str, default=None
+        The digest of the encoded problem (always sent with a task that
+        needs a problem).
+    state : ClientState, default=None
+        The client's state in full, when the node does not hold it (the
+        first round of a fit).
+    version : int, default=None
+        The version of the client's state the server resumes from (the
+        number of rounds of this client the server has committed).
+
+    Returns
+    -------
+    content : RecordDict
+    """
+    meta = ConfigRecord({"protocol": PROTOCOL, "task": task, "fit_id": fit_id})
+    out = RecordDict({"meta": meta})
+    arrays = ArrayRecord()
+    if task == "info":
+        return out
+    meta["problem_digest"] = problem_digest
+    if problem is not None:
+        out["problem.cfg"], out["problem.arrays"] = problem
+    if task == "init":
+        (pin,) = args
+        meta["pin"] = bool(pin)
+    elif task in ("full", "loss"):
+        theta, pin = args
+        meta["pin"] = bool(pin)
+        meta["theta.is_dict"] = _encode_param(theta, arrays, "theta")
+    elif task in ("surrogate", "parameter"):
+        if task == "surrogate":
+            theta, s_hat, log_scale, cfg = args
+            arrays["s_hat"] = Array(np.ascontiguousarray(s_hat))
+            if log_scale is not None:
+                arrays["log_scale"] = Array(np.ascontiguousarray(log_scale))
+        else:
+            theta, cfg = args
+        _encode_param(theta, arrays, "theta")
+        out["config"] = encode_config(cfg)
+        meta["version"] = int(version)
+        if state is not None:
+            out["state.cfg"], out["state.arrays"] = encode_state(state)
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    out["arrays"] = arrays
+    return out
+
+
+def _records(content, allowed):
+    unknown = set(content.keys()) - set(allowed)
+    if unknown:
+        raise WireError(f"unexpected records {sorted(unknown)}")
+
+
+def _config(content, key):
+    if key not in content:
+        raise WireError(f"the record {key!r} is missing")
+    rec = content[key]
+    if not isinstance(rec, ConfigRecord):
+        raise WireError(f"{key!r} is not a ConfigRecord")
+    return rec
+
+
+def _arrays(content, key, required=True):
+    if key not in content:
+        if required:
+            raise WireError(f"the record {key!r} is missing")
+        return ArrayRecord()
+    rec = content[key]
+    if not isinstance(rec, ArrayRecord):
+        raise WireError(f"{key!r} is not an ArrayRecord")
+    return rec
+
+
+def decode_meta(content):
+    """The request's task, fit id and header, checked (protocol, task)."""
+    if not isinstance(content, RecordDict):
+        raise WireError("the content is not a RecordDict")
+    meta = _config(content, "meta")
+    if meta.get("protocol") != PROTOCOL:
+        raise WireError(f"protocol {meta.get('protocol')!r}, expected {PROTOCOL!r}")
+    if meta.get("task") not in TASKS:
+        raise WireError(f"unknown task {meta.get('task')!r}")
+    if not isinstance(meta.get("fit_id"), str):
+        raise WireError("the fit id is missing")
+    return meta
+
+
+def decode_request(content, dtype):
+    """Check a request and return its parts (run on the node, before anything else).
+
+    Parameters
+    ----------
+    content : RecordDict
+    dtype : numpy.dtype
+        The dtype of the node's rows (every array must have it).
+
+    Returns
+    -------
+    request : dict
+        ``task``, ``fit_id``, ``problem`` (records or None),
+        ``problem_digest``, ``args`` (the task's payload), ``state`` (a
+        ClientState or None) and ``version``.
+
+    Raises
+    ------
+    WireError
+    """
+    meta = decode_meta(content)
+    task = meta["task"]
+    dtype = np.dtype(dtype)
+    _records(content, ["meta", "problem.cfg", "problem.arrays", "arrays", "config",
+                       "state.cfg", "state.arrays"])
+    out = dict(task=task, fit_id=meta["fit_id"], problem=None, problem_digest=None,
+               args=(), state=None, version=None)
+    if task == "info":
+        return out
+    digest = meta.get("problem_digest")
+    if not isinstance(digest, str):
+        raise WireError("the problem digest is missing")
+    out["problem_digest"] = digest
+    if "problem.cfg" in content:
+        records = (_config(content, "problem.cfg"), _arrays(content, "problem.arrays"))
+        if records_digest(*records) != digest:
+            raise WireError("the problem does not match its digest")
+        out["problem"] = records
+    arrays = _arrays(content, "arrays")
+    if task in ("init", "full", "loss"):
+        pin = meta.get("pin")
+        if not isinstance(pin, bool):
+            raise WireError("pin must be a boolean")
+        if task == "init":
+            out["args"] = (pin,)
+        else:
+            is_dict = meta.get("theta.is_dict")
+            if not isinstance(is_dict, bool):
+                raise WireError("theta.is_dict must be a boolean")
+            out["args"] = (_decode_param(arrays, "theta", is_dict, dtype), pin)
+        return out
+    cfg = decode_config(_config(content, "config"))
+    if cfg.dtype != dtype:
+        raise WireError(f"the fit's dtype is {cfg.dtype}, the node's rows are {dtype}")
+    theta = _decode_param(arrays, "theta", cfg.param_layout.is_dict, dtype)
+    try:
+        cfg.param_layout.flatten(theta, dtype)
+    except InvalidMessageError as exc:
+        raise WireError(f"theta does not match its layout: {exc}") from exc
+    version = meta.get("version")
+    if not isinstance(version, int) or version < 0:
+        raise WireError(f"the state version must be a nonnegative int, got {version!r}")
+    out["version"] = version
+    size = cfg.layout.size
+    if task == "surrogate":
+        s_hat = _vector(arrays, "s_hat", size, dtype)
+        log_scale = _vector(arrays, "log_scale", size, np.dtype(np.float64)) \
+            if "log_scale" in arrays else None
+        out["args"] = (theta, s_hat, log_scale, cfg)
+    else:
+        out["args"] = (theta, cfg)
+    if "state.cfg" in content:
+        state = decode_state(
+            _config(content, "state.cfg"), _arrays(content, "state.arrays"),
+            size=size, dtype=dtype,
+        )
+        if task == "surrogate" and state.cv is None:
+            raise WireError("the client state has no control variate")
+        out["state"] = state
+    return out
+
+
+# --------------------------------------------------------------------------
+# Replies (node -> server)
+# --------------------------------------------------------------------------
+def _stat_arrays(stat, arrays):
+    if not isinstance(stat, dict):
+        raise TypeError(f"a statistic must be a dict of arrays, got {type(stat).__name__}")
+    for k, v in stat.items():
+        arrays[f"stat.{k}"] = Array(np.ascontiguousarray(np.asarray(v)))
+
+
+def encode_reply(task, answer, *, version=None):
+    """A node's answer as a RecordDict.
+
+    Parameters
+    ----------
+    task : str
+    answer : object
+        What the task's function returned (``"info"``: a dict with
+        ``n_rows``, ``n_features``, ``dtype``); for ``"surrogate"`` and
+        ``"parameter"`` only the :class:`ClientMessage` travels (the new
+        state stays on the node).
+    version : int, default=None
+        The version of the node's new (tentative) state.
+
+    Returns
+    -------
+    content : RecordDict
+    """
+    meta = ConfigRecord({"protocol": PROTOCOL, "task": task})
+    arrays = ArrayRecord()
+    if task == "info":
+        meta["n_rows"] = int(answer["n_rows"])
+        meta["n_features"] = int(answer["n_features"])
+        meta["dtype"] = str(answer["dtype"])
+    elif task == "init":
+        meta["none"] = answer is None
+        if answer is not None:
+            _stat_arrays(answer, arrays)
+    elif task == "full":
+        stat, loss = answer
+        _stat_arrays(stat, arrays)
+        meta["loss"] = float(loss)
+    elif task == "loss":
+        meta["loss"] = float(answer)
+    else:
+        meta["bits"] = int(answer.bits)
+        meta["loss"] = float(answer.loss)
+        meta["version"] = int(version)
+        arrays["payload"] = Array(np.ascontiguousarray(answer.payload))
+    return RecordDict({"meta": meta, "arrays": arrays})
+
+
+def encode_error(task, error, message):
+    """A node's refusal or failure (a malformed request, a failed task)."""
+    return RecordDict({"meta": ConfigRecord({
+        "protocol": PROTOCOL, "task": task, "error": str(error), "message": str(message),
+    })})
+
+
+def _loss(meta):
+    loss = meta.get("loss")
+    if isinstance(loss, bool) or not isinstance(loss, (int, float)):
+        raise WireError(f"the loss is not a number ({loss!r})")
+    if not math.isfinite(loss):
+        raise WireError("the loss is not finite")
+    return float(loss)
+
+
+def decode_reply(content, task, *, dtype=None, size=None):
+    """Check a node's reply and return the task's answer (run on the server).
+
+    Parameters
+    ----------
+    content : RecordDict
+    task : str
+        The task that was asked.
+    dtype : numpy.dtype, default=None
+        The dtype of the fit (every array must have it).
+    size : int, default=None
+        The length of a surrogate/parameter payload.
+
+    Returns
+    -------
+    answer : object
+        As the task's function returns it; for ``"surrogate"`` and
+        ``"parameter"`` a ``(ClientMessage, version)`` pair.
+
+    Raises
+    ------
+    WireError
+        A malformed reply, or a node that reports an error (its type and
+        message in the error's text).
+    """
+    if not isinstance(content, RecordDict):
+        raise WireError("the content is not a RecordDict")
+    _records(content, ["meta", "arrays"])
+    meta = _config(content, "meta")
+    if meta.get("protocol") != PROTOCOL:
+        raise WireError(f"protocol {meta.get('protocol')!r}, expected {PROTOCOL!r}")
+    if meta.get("task") != task:
+        raise WireError(f"a reply to {meta.get('task')!r}, expected one to {task!r}")
+    if "error" in meta:
+        raise NodeError(str(meta["error"]), str(meta.get("message", "")))
+    arrays = _arrays(content, "arrays")
+    dtype = None if dtype is None else np.dtype(dtype)
+
+    def stat():
+        keys = [k for k in arrays.keys() if k.startswith("stat.")]
+        if len(keys) != len(arrays.keys()):
+            raise WireError("unexpected arrays in a statistic")
+        out = {}
+        for k in keys:
+            v = _array(arrays, k)
+            if dtype is not None and v.dtype.kind == "f" and v.dtype != dtype:
+                raise WireError(f"{k!r} has dtype {v.dtype}, expected {dtype}")
+            out[k[5:]] = v
+        if not out:
+            raise WireError("the statistic is empty")
+        return out
+
+    if task == "info":
+        n_rows, n_features, dt = meta.get("n_rows"), meta.get("n_features"), meta.get("dtype")
+        if not isinstance(n_rows, int) or n_rows < 1:
+            raise WireError(f"n_rows must be a positive int, got {n_rows!r}")
+        if not isinstance(n_features, int) or n_features < 1:
+            raise WireError(f"n_features must be a positive int, got {n_features!r}")
+        if dt not in _FLOATS:
+            raise WireError(f"the rows' dtype {dt!r} is not float32 or float64")
+        return {"n_rows": n_rows, "n_features": n_features, "dtype": np.dtype(dt)}
+    if task == "init":
+        if not isinstance(meta.get("none"), bool):
+            raise WireError("'none' must be a boolean")
+        if meta["none"]:
+            if len(arrays.keys()):
+                raise WireError("an empty init statistic with arrays")
+            return None
+        return stat()
+    if task == "full":
+        return stat(), _loss(meta)
+    if task == "loss":
+        return _loss(meta)
+    bits, version = meta.get("bits"), meta.get("version")
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits < 0:
+        raise WireError(f"bits must be a nonnegative int, got {bits!r}")
+    if not isinstance(version, int) or version < 1:
+        raise WireError(f"the state version must be a positive int, got {version!r}")
+    if set(arrays.keys()) != {"payload"}:
+        raise WireError(f"expected the array 'payload' only, got {sorted(arrays.keys())}")
+    payload = _vector(arrays, "payload", size, dtype) if size is not None else _array(arrays, "payload")
+    return ClientMessage(payload=payload, bits=bits, loss=_loss(meta)), version
+
+
+class NodeError(Exception):
+    """A node reported that it could not run a task (its error type and message)."""
+
+    def __init__(self, error, message):
+        super().__init__(f"{error}: {message}")
+        self.error = error
+        self.message = message
+
+
+def check_compressor(compressor):
+    """Raise unless ``compressor`` can travel by name (skfedmm's compressors)."""
+    if not isinstance(compressor, Compressor):
+        raise TypeError(f"not a Compressor: {compressor!r}")
+    _compressor_name(compressor)

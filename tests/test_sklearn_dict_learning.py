@@ -59,7 +59,8 @@ def test_swap_touches_only_dictionary_learning():
     )
     new, n = swapped_module(text)
     assert n == 2
-    assert "a = FederatedDictionaryLearning(3)" in new and "d = [FederatedDictionaryLearning()]" in new
+    assert "a = FederatedDictionaryLearning(3)" in new
+    assert "d = [FederatedDictionaryLearning()]" in new
     assert "b = MiniBatchDictionaryLearning(3)" in new
     assert "c = sklearn.decomposition.DictionaryLearning(3)" in new
     assert "from skfedmm import FederatedDictionaryLearning" in new

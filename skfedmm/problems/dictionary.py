@@ -401,7 +401,8 @@ def update_dict(
         live = np.where(dead[:, None], 0, D)
         R = residual_second_moment(M, A, B, live)
         floor = 1e-12 * max(float(np.trace(M)), np.finfo(D.dtype).tiny)
-        for j, u in zip(np.flatnonzero(dead), _residual_directions(R, int(dead.sum()), positive, floor)):
+        directions = _residual_directions(R, int(dead.sum()), positive, floor)
+        for j, u in zip(np.flatnonzero(dead), directions):
             if u is not None:
                 D[j] = u
     return D

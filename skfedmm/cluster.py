@@ -233,6 +233,7 @@ class FederatedKMeans(
     _fixed_when_resuming = {
         "n_clusters": "the statistics' shapes depend on it",
         "aggregation": "the training state of one aggregation is not that of the other",
+        "init": "it sets the initial centres, which continued training is past",
     }
 
     def __init__(

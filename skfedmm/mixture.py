@@ -191,6 +191,10 @@ class FederatedGaussianMixture(_MultiInitMixin, DensityMixin, BaseEstimator):
         "n_components": "the statistics' shapes depend on it",
         "covariance_type": "the statistics' shapes depend on it",
         "aggregation": "the training state of one aggregation is not that of the other",
+        "init_params": "it sets the initial parameters, which continued training is past",
+        "weights_init": "it sets the initial parameters, which continued training is past",
+        "means_init": "it sets the initial parameters, which continued training is past",
+        "precisions_init": "it sets the initial parameters, which continued training is past",
     }
 
     def __init__(

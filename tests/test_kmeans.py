@@ -144,3 +144,12 @@ def test_errors_name_the_problem(data):
         FederatedKMeans(K, init=X[:2]).fit(X)
     with pytest.raises(ValueError, match="client 1"):
         FederatedKMeans(K).fit([X[:50], np.full((5, D), np.nan)])
+
+
+def test_results_do_not_depend_on_n_jobs(data):
+    X, _ = data
+    clients = splits(X)["shuffled"]
+    kw = dict(n_clusters=K, max_iter=10, tol=0, random_state=0, participation=0.7)
+    a = FederatedKMeans(n_jobs=1, **kw).fit(clients)
+    b = FederatedKMeans(n_jobs=2, **kw).fit(clients)
+    np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)

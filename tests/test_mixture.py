@@ -194,8 +194,8 @@ def test_warm_start_continues_bitwise(data):
 
 def test_n_init_keeps_the_best(data):
     X, _ = data
-    one = FederatedGaussianMixture(K, init_params="random", n_init=1, random_state=2).fit(X)
-    three = FederatedGaussianMixture(K, init_params="random", n_init=3, random_state=2).fit(X)
+    one = FederatedGaussianMixture(K, init_params="random", n_init=1, max_iter=30, random_state=2).fit(X)
+    three = FederatedGaussianMixture(K, init_params="random", n_init=3, max_iter=30, random_state=2).fit(X)
     assert three.lower_bound_ >= one.lower_bound_
 
 
@@ -266,3 +266,23 @@ def test_log_responsibilities_is_scipy_logsumexp():
         expected = logsumexp(a, axis=1)
         np.testing.assert_allclose(log_norm, expected, rtol=1e-14)
         np.testing.assert_allclose(resp[1:], np.exp(a - expected[:, None])[1:], rtol=1e-12, atol=1e-300)
+
+
+def test_warm_start_refuses_changed_initialization(data):
+    X, _ = data
+    init = initial(X, "full")
+    est = quiet(FederatedGaussianMixture(K, max_iter=2, warm_start=True, **init).fit, X)
+    est.set_params(means_init=init["means_init"] + 1)
+    with pytest.raises(ValueError, match="means_init changed"):
+        est.fit(X)
+    est.set_params(means_init=init["means_init"].copy())  # equal values continue
+    quiet(est.fit, X)
+
+
+def test_results_do_not_depend_on_n_jobs(data):
+    X, _ = data
+    clients = splits(X)["shuffled"]
+    kw = dict(n_components=K, max_iter=10, tol=0, random_state=0, participation=0.7)
+    a = quiet(FederatedGaussianMixture(n_jobs=1, **kw).fit, clients)
+    b = quiet(FederatedGaussianMixture(n_jobs=2, **kw).fit, clients)
+    np.testing.assert_array_equal(a.means_, b.means_)

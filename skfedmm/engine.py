@@ -43,6 +43,7 @@ References
 import copy
 import math
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, replace
 from numbers import Integral, Real
@@ -225,6 +226,9 @@ class FedMMState:
         run can prepare a problem with changed hyper-parameters).
     param_layout : object
         The parameter's layout (one array or a dict of arrays).
+    run_id : str
+        The run's id, shared by its continued fits (a client still busy
+        from an earlier fit of the run is not asked again).
     """
 
     theta: object
@@ -241,6 +245,7 @@ class FedMMState:
     problem: object = None
     init_stat: object = None
     param_layout: object = None
+    run_id: str = ""
 
 
 class _FailureLog:
@@ -457,7 +462,7 @@ class FedMM:
         return {name: getattr(self, name) for name in self._parameter_constraints}
 
     # ---------------------------------------------------------------- checks
-    def _transport(self, clients):
+    def _transport(self, clients, run_id=None):
         """The clients as a transport: a :class:`Transport` as given, or local."""
         if isinstance(clients, Transport):
             return clients
@@ -465,7 +470,9 @@ class FedMM:
             return clients.transport
         if len(clients) == 0:
             raise ValueError("At least one client is needed.")
-        return LocalTransport(clients, n_jobs=self.n_jobs, timeout=self.client_timeout)
+        return LocalTransport(
+            clients, n_jobs=self.n_jobs, timeout=self.client_timeout, run_id=run_id
+        )
 
     def _validate(self, transport):
         validate_params(self._parameter_constraints, self.get_params(), "FedMM")
@@ -520,7 +527,8 @@ class FedMM:
             The final state; ``state.theta`` is the fitted parameter and
             ``state.history`` the per-round record.
         """
-        transport = self._transport(clients)
+        run_id = uuid.uuid4().hex if state is None else state.run_id
+        transport = self._transport(clients, run_id)
         compressor, exact = self._validate(transport)
         max_iter = self.max_iter if max_iter is None else max_iter
         n = transport.n_clients
@@ -538,6 +546,7 @@ class FedMM:
                 state = self._initialize(
                     transport, weights, dtype, pin, t0, failures, client_init
                 )
+                state = replace(state, run_id=run_id)
                 if on_commit is not None:
                     on_commit(state)
             else:

@@ -511,3 +511,19 @@ def test_loading_rows_is_linear_in_the_number_of_clients(tmp_path, monkeypatch):
     assert all(np.array_equal(r, np.full((2, 3), float(i))) for i, r in enumerate(rows))
     assert all(not r.flags.writeable for r in rows)
     assert elapsed < 0.1 * n  # before: every load rescanned the cache (63 s for 5,000)
+
+
+def test_continued_fits_of_a_run_share_the_busy_record():
+    """Warm or partial fits against a hung client leave one abandoned
+    computation for the run, not one per fit."""
+    clients = sleepy_clients()
+    baseline = set(threading.enumerate())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClientFailureWarning)
+        engine = FedMM(Sleepy(seconds=3.0), max_iter=1, random_state=0, client_timeout=0.3)
+        state = engine.fit(clients)
+        for _ in range(4):
+            state = engine.fit(clients, state=state)
+    hung = [t for t in threading.enumerate() if t not in baseline and "client 1" in t.name]
+    assert len(hung) <= 1, hung
+    assert all((1, "TimeoutError") in f for f in state.history.failed[1:])

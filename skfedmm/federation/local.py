@@ -419,7 +419,7 @@ class _Placed(list):
         return _ClientGuard(self.busy, int(i))
 
 
-def _place_clients(clients, n_jobs, stack):
+def _place_clients(clients, n_jobs, stack, token=None):
     """Put the clients' rows where the workers read them, once per fit.
 
     - Dask (joblib's ``"dask"`` backend): each client's array is scattered
@@ -443,6 +443,10 @@ def _place_clients(clients, n_jobs, stack):
     n_jobs : int or None
     stack : contextlib.ExitStack
         The fit's stack: the folder is removed when it closes.
+    token : str, default=None
+        The training run's id: continued fits of one run share the record
+        of busy clients (a client still busy from an earlier fit of the run
+        is not asked again). A new id when None.
 
     Returns
     -------
@@ -451,7 +455,8 @@ def _place_clients(clients, n_jobs, stack):
     from joblib import effective_n_jobs
     from joblib.parallel import get_active_backend
 
-    token = uuid.uuid4().hex
+    if token is None:
+        token = uuid.uuid4().hex
     backend, _ = get_active_backend()
     name = type(backend).__name__
     client = _dask_client()

@@ -149,6 +149,10 @@ class LocalTransport(Transport):
         :func:`joblib.parallel_config` selects (threads, processes, Dask).
     timeout : float or None, default=None
         Seconds a client may take before it counts as failed.
+    run_id : str, default=None
+        The training run's id: continued fits of one run share the record of
+        busy clients, so a client whose computation is still running from an
+        earlier fit is not asked again.
 
     Notes
     -----
@@ -159,10 +163,11 @@ class LocalTransport(Transport):
     Every task then ships only parameters, statistics and client states.
     """
 
-    def __init__(self, clients, n_jobs=None, timeout=None):
+    def __init__(self, clients, n_jobs=None, timeout=None, run_id=None):
         self.clients = clients
         self.n_jobs = n_jobs
         self.timeout = timeout
+        self.run_id = run_id
         self._stack = None
 
     @property
@@ -196,7 +201,7 @@ class LocalTransport(Transport):
                 Parallel(n_jobs=self.n_jobs, batch_size=batch_size)
             )
             # the rows go where the workers read them once, here
-            self._placed = _place_clients(self.clients, self.n_jobs, stack)
+            self._placed = _place_clients(self.clients, self.n_jobs, stack, token=self.run_id)
         except BaseException:
             stack.close()
             raise

@@ -70,8 +70,8 @@ def test_process_workers_get_the_rows_once(monkeypatch):
     captured = []
     real_place = transport._place_clients
 
-    def place(clients, n_jobs, stack):
-        placed = real_place(clients, n_jobs, stack)
+    def place(clients, n_jobs, stack, **kwargs):
+        placed = real_place(clients, n_jobs, stack, **kwargs)
         captured.append(placed)
         return placed
 

@@ -1,4 +1,8 @@
-"""The ClientApp: one node's rows, loaded from its node configuration.
+"""
+Flower ClientApp: a node's rows stay on the node
+================================================
+
+The ClientApp reads one node's rows from its node configuration.
 
 Start each SuperNode with ``--node-config 'data-path="/path/to/rows.npy"'``;
 the rows are read on the node and never leave it. Replace ``load_rows`` to

@@ -1,4 +1,8 @@
-"""The ServerApp: fits the skfedmm estimator named in the run configuration.
+"""
+Flower ServerApp: fit any skfedmm estimator
+===========================================
+
+The ServerApp fits the skfedmm estimator named in the run configuration.
 
 The estimator, its parameters and the output path come from
 ``[tool.flwr.app.config]`` (or ``flwr run --run-config``); see

@@ -17,11 +17,14 @@ version means it did not (the tentative state is dropped). A request of a
 new fit carries the client's initial state in full.
 """
 
+import dataclasses
+
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from ..federation.client import CLIENT_TASKS
 from .records import (
+    RecordingCompressor,
     WireError,
     decode_problem,
     decode_request,
@@ -153,13 +156,16 @@ def handle(content, store, rows, client_init=None):
         if task in ("full", "loss"):
             return encode_reply(task, fn(problem, rows, *request["args"]))
         cfg = request["args"][-1]
+        # the compressor's own encoding travels (QSGD needs the norm it used)
+        compressor = RecordingCompressor(cfg.compressor)
+        args = request["args"][:-1] + (dataclasses.replace(cfg, compressor=compressor),)
         # checked against the fit, then the task runs; the store changes only at the end
         trial = RecordDict(dict(store.items()))
         state = _base_state(trial, request, cfg.layout.size, cfg.dtype)
-        message, new_state = fn(problem, rows, state, *request["args"])
+        message, new_state = fn(problem, rows, state, *args)
         version = request["version"] + 1
         _save_state(trial, "tentative", version, new_state)
-        reply = encode_reply(task, message, version=version)
+        reply = encode_reply(task, message, version=version, compressor=compressor)
         for key in list(store.keys()):
             if key not in trial:
                 del store[key]

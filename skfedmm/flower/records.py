@@ -25,7 +25,6 @@ nothing of it is applied.
 """
 
 import hashlib
-import importlib
 import inspect
 import math
 from numbers import Integral, Real
@@ -138,6 +137,9 @@ def _encode_values(values, cfg, arrays, prefix):
             cfg[key] = float(value)
         elif isinstance(value, str):
             cfg[key] = value
+        elif isinstance(value, list) and len({type(v) for v in value}) == 1 and isinstance(
+                value[0], (bool, int, float, str)):
+            cfg[key] = list(value)  # a list of plain values of one type
         else:
             raise TypeError(
                 f"{key}: a value of type {type(value).__name__} cannot travel (arrays, numbers, "
@@ -209,12 +211,39 @@ def constructor_params(obj):
 # --------------------------------------------------------------------------
 # Problems
 # --------------------------------------------------------------------------
-def encode_problem(problem):
+#: Fit-time constants the clients' statistic and loss read, for the built-in
+#: problems (a problem may declare its own in a ``client_constants`` attribute;
+#: by default all of them travel). The clients of parameter aggregation run
+#: the M-step too: they get every constant.
+_CLIENT_CONSTANTS = {
+    "skfedmm.problems.dictionary.DictionaryLearningProblem": (),
+    "skfedmm.problems.ot.EntropicOTProblem": ("cost_scale_",),
+}
+
+
+def _fit_constants(problem, all_constants):
+    constants = {
+        k: v for k, v in vars(problem).items() if k.endswith("_") and not k.startswith("_")
+    }
+    if all_constants:
+        return constants
+    wanted = getattr(problem, "client_constants", _CLIENT_CONSTANTS.get(_path(type(problem))))
+    if wanted is None:
+        return constants
+    return {k: v for k, v in constants.items() if k in wanted}
+
+
+def encode_problem(problem, all_constants=True):
     """The problem as (config, arrays): class, parameters, fit-time constants.
 
     Parameters
     ----------
     problem : MMProblem
+    all_constants : bool, default=True
+        Send every fit-time constant (the public attributes ending in ``_``),
+        or only those the clients' statistic and loss read (the problem's
+        ``client_constants``; for example a dictionary problem's pooled
+        second moment, a server-side constant, does not travel).
 
     Returns
     -------
@@ -226,11 +255,7 @@ def encode_problem(problem):
     cfg, arrays = ConfigRecord(), ArrayRecord()
     cfg["class"] = path
     _encode_values(constructor_params(problem), cfg, arrays, "p.")
-    constants = {
-        k: v for k, v in vars(problem).items()
-        if k.endswith("_") and not k.startswith("_")
-    }
-    _encode_values(constants, cfg, arrays, "c.")
+    _encode_values(_fit_constants(problem, all_constants), cfg, arrays, "c.")
     return cfg, arrays
 
 
@@ -644,6 +669,140 @@ def decode_request(content, dtype):
 
 
 # --------------------------------------------------------------------------
+# Compressed payloads: the compressor's own encoding, bit-packed
+# --------------------------------------------------------------------------
+class RecordingCompressor:
+    """Wraps a compressor on the node and keeps what its encoding needs.
+
+    QSGD's message is the norm, one sign bit and a level per entry; the
+    norm is not recoverable from the dequantized payload, so the node
+    records it as it compresses.
+    """
+
+    def __init__(self, compressor):
+        self.compressor = compressor
+        self.norm = None
+
+    def omega(self, d):
+        return self.compressor.omega(d)
+
+    def compress(self, x, rng):
+        from ..compression import QSGD
+
+        if isinstance(self.compressor, QSGD):
+            self.norm = np.linalg.norm(x)  # the very value QSGD computes
+        return self.compressor.compress(x, rng)
+
+
+def _uint_bits(values, width):
+    """Nonnegative ints as ``width`` bits each, packed (big-endian bits)."""
+    values = np.asarray(values, dtype=np.uint64)
+    shifts = np.arange(width - 1, -1, -1, dtype=np.uint64)
+    bits = ((values[:, None] >> shifts) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(bits.ravel())
+
+
+def _unpack_uint(packed, n, width):
+    bits = np.unpackbits(packed)[: n * width]
+    if bits.size != n * width:
+        raise WireError("a packed payload is too short")
+    weights = np.uint64(1) << np.arange(width - 1, -1, -1, dtype=np.uint64)
+    return (bits.reshape(n, width).astype(np.uint64) * weights).sum(axis=1)
+
+
+def pack_payload(payload, compressor, norm=None):
+    r"""The payload in its compressor's encoding: (config, arrays).
+
+    ``"qsgd"``: the norm and, per entry, a sign bit and
+    :math:`\lceil \log_2(s + 1) \rceil` level bits; ``"randk"``: the
+    ``k`` kept values and their indices (:math:`\lceil \log_2 d \rceil`
+    bits each); otherwise (or when the payload does not decode to itself,
+    bit for bit) the dense vector. Packed bytes are the compressor's
+    reported bits rounded up to whole bytes.
+    """
+    from ..compression import QSGD, RandK
+
+    payload = np.ascontiguousarray(payload)
+    d, dtype = payload.size, payload.dtype
+    cfg, arrays = ConfigRecord({"encoding": "dense"}), ArrayRecord()
+    try:
+        if isinstance(compressor, QSGD) and norm is not None and np.isfinite(norm) and norm > 0:
+            s = int(compressor.s)
+            scale = norm / s
+            q = np.rint(payload / scale)
+            if np.all(np.abs(q) <= s) and np.array_equal(q.astype(dtype) * scale, payload):
+                width = 1 + max(1, math.ceil(math.log2(s + 1)))
+                signed = (np.abs(q).astype(np.uint64) | (np.uint64(1) << np.uint64(width - 1))
+                          * (q < 0).astype(np.uint64))
+                cfg["encoding"] = "qsgd"
+                arrays["norm"] = Array(np.asarray([norm], dtype=dtype))
+                arrays["levels"] = Array(_uint_bits(signed, width))
+                return cfg, arrays
+        if isinstance(compressor, RandK) and d > 1:
+            k = compressor._k(d)
+            keep = np.flatnonzero(payload)
+            if 0 < k < d and keep.size <= k:
+                # exact zeros among the kept values: any other indices do
+                extra = np.setdiff1d(np.arange(d), keep)[: k - keep.size]
+                keep = np.sort(np.concatenate([keep, extra]))
+                width = max(1, math.ceil(math.log2(d)))
+                cfg["encoding"] = "randk"
+                arrays["values"] = Array(np.ascontiguousarray(payload[keep]))
+                arrays["indices"] = Array(_uint_bits(keep, width))
+                return cfg, arrays
+    except (ValueError, OverflowError, TypeError):  # pragma: no cover - fall back
+        pass
+    arrays["payload"] = Array(payload)
+    return cfg, arrays
+
+
+def unpack_payload(cfg, arrays, compressor, size, dtype):
+    """The payload from :func:`pack_payload`'s records, checked."""
+    from ..compression import QSGD, RandK
+
+    encoding = cfg.get("encoding")
+    dtype = np.dtype(dtype)
+    if encoding == "dense":
+        if set(arrays.keys()) != {"payload"}:
+            raise WireError(f"expected the array 'payload' only, got {sorted(arrays.keys())}")
+        return _vector(arrays, "payload", size, dtype)
+    if encoding == "qsgd" and isinstance(compressor, QSGD):
+        if set(arrays.keys()) != {"norm", "levels"}:
+            raise WireError(f"expected the arrays 'norm', 'levels', got {sorted(arrays.keys())}")
+        norm = _vector(arrays, "norm", 1, dtype)[0]
+        packed = arrays["levels"].numpy()
+        if packed.dtype != np.uint8 or packed.ndim != 1:
+            raise WireError("the packed levels are not bytes")
+        s = int(compressor.s)
+        width = 1 + max(1, math.ceil(math.log2(s + 1)))
+        if packed.size != math.ceil(size * width / 8):
+            raise WireError(f"{packed.size} bytes of levels for {size} entries")
+        signed = _unpack_uint(packed, size, width)
+        neg = (signed >> np.uint64(width - 1)).astype(bool)
+        levels = (signed & ((np.uint64(1) << np.uint64(width - 1)) - np.uint64(1))).astype(np.int64)
+        if norm <= 0 or np.any(levels > s):
+            raise WireError("a QSGD level or norm is out of range")
+        q = np.where(neg, -levels, levels).astype(dtype)
+        return q * (norm / s)
+    if encoding == "randk" and isinstance(compressor, RandK):
+        if set(arrays.keys()) != {"values", "indices"}:
+            raise WireError(f"expected the arrays 'values', 'indices', got {sorted(arrays.keys())}")
+        k = compressor._k(size)
+        values = _vector(arrays, "values", k, dtype)
+        packed = arrays["indices"].numpy()
+        width = max(1, math.ceil(math.log2(size)))
+        if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != math.ceil(k * width / 8):
+            raise WireError("the packed indices have the wrong size")
+        keep = _unpack_uint(packed, k, width).astype(np.int64)
+        if np.any(keep >= size) or np.unique(keep).size != k:
+            raise WireError("RandK indices out of range or repeated")
+        out = np.zeros(size, dtype=dtype)
+        out[keep] = values
+        return out
+    raise WireError(f"unknown payload encoding {encoding!r} for this fit's compressor")
+
+
+# --------------------------------------------------------------------------
 # Replies (node -> server)
 # --------------------------------------------------------------------------
 def _stat_arrays(stat, arrays):
@@ -653,7 +812,7 @@ def _stat_arrays(stat, arrays):
         arrays[f"stat.{k}"] = Array(np.ascontiguousarray(np.asarray(v)))
 
 
-def encode_reply(task, answer, *, version=None):
+def encode_reply(task, answer, *, version=None, compressor=None):
     """A node's answer as a RecordDict.
 
     Parameters
@@ -666,6 +825,9 @@ def encode_reply(task, answer, *, version=None):
         state stays on the node).
     version : int, default=None
         The version of the node's new (tentative) state.
+    compressor : Compressor or RecordingCompressor, default=None
+        The fit's compressor: the payload travels in its encoding
+        (:func:`pack_payload`); dense when None.
 
     Returns
     -------
@@ -691,7 +853,15 @@ def encode_reply(task, answer, *, version=None):
         meta["bits"] = int(answer.bits)
         meta["loss"] = float(answer.loss)
         meta["version"] = int(version)
-        arrays["payload"] = Array(np.ascontiguousarray(answer.payload))
+        if compressor is None:
+            arrays["payload"] = Array(np.ascontiguousarray(answer.payload))
+            meta["encoding"] = "dense"
+        else:
+            packed_cfg, arrays = pack_payload(
+                answer.payload, getattr(compressor, "compressor", compressor),
+                getattr(compressor, "norm", None),
+            )
+            meta["encoding"] = packed_cfg["encoding"]
     return RecordDict({"meta": meta, "arrays": arrays})
 
 
@@ -711,7 +881,7 @@ def _loss(meta):
     return float(loss)
 
 
-def decode_reply(content, task, *, dtype=None, size=None):
+def decode_reply(content, task, *, dtype=None, size=None, compressor=None):
     """Check a node's reply and return the task's answer (run on the server).
 
     Parameters
@@ -723,6 +893,8 @@ def decode_reply(content, task, *, dtype=None, size=None):
         The dtype of the fit (every array must have it).
     size : int, default=None
         The length of a surrogate/parameter payload.
+    compressor : Compressor, default=None
+        The fit's compressor (to decode a packed payload).
 
     Returns
     -------
@@ -789,9 +961,11 @@ def decode_reply(content, task, *, dtype=None, size=None):
         raise WireError(f"bits must be a nonnegative int, got {bits!r}")
     if not isinstance(version, int) or version < 1:
         raise WireError(f"the state version must be a positive int, got {version!r}")
-    if set(arrays.keys()) != {"payload"}:
-        raise WireError(f"expected the array 'payload' only, got {sorted(arrays.keys())}")
-    payload = _vector(arrays, "payload", size, dtype) if size is not None else _array(arrays, "payload")
+    if size is None or dtype is None:
+        raise ValueError("decoding a payload needs its size and dtype")
+    payload = unpack_payload(meta, arrays, compressor, size, dtype)
+    if not np.all(np.isfinite(payload)):
+        raise WireError("the payload is not finite")
     return ClientMessage(payload=payload, bits=bits, loss=_loss(meta)), version
 
 

@@ -105,6 +105,13 @@ class FlowerTransport(Transport):
     bytes_sent, bytes_received : dict of str to int
         Bytes of array data sent and received per task (the arrays of the
         records; Flower's framing is not counted).
+    timings : list of tuple
+        Per exchange: task, number of clients, seconds to push the
+        requests, seconds until the last reply (or the timeout), array
+        bytes sent and received.
+    calls : list of dict
+        Per task the round loop ran: ``task``, ``clients`` (indices) and
+        ``failed`` (the clients that failed).
     """
 
     def __init__(self, grid, *, client_timeout=None, poll_interval=0.1, min_nodes=1,
@@ -123,6 +130,7 @@ class FlowerTransport(Transport):
         self.bytes_sent = {}
         self.bytes_received = {}
         self.timings = []
+        self.calls = []
 
     # ------------------------------------------------------------ the nodes
     def connect(self):
@@ -216,9 +224,8 @@ class FlowerTransport(Transport):
         for rec in content.values():
             if hasattr(rec, "values"):
                 for v in rec.values():
-                    data = getattr(v, "data", None)
-                    if isinstance(data, bytes):
-                        size += len(data)
+                    if hasattr(v, "numpy"):  # the array's bytes (not its .npy header)
+                        size += int(np.prod(v.shape, dtype=np.int64)) * np.dtype(v.dtype).itemsize
         table[task] = table.get(task, 0) + size
         return size
 
@@ -230,6 +237,7 @@ class FlowerTransport(Transport):
             def decode(i, content):
                 return decode_reply(content, task)
         t0 = time.perf_counter()
+        sent0, received0 = self.bytes_sent.get(task, 0), self.bytes_received.get(task, 0)
         messages, failures = {}, {}
         for i in indices:
             try:
@@ -256,7 +264,7 @@ class FlowerTransport(Transport):
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self.poll_interval)
-        self.timings.append((task, len(indices), t_push - t0, time.perf_counter() - t_push))
+        t_wait = time.perf_counter() - t_push
         out = []
         for i in indices:
             node = self.node_ids[i]
@@ -284,14 +292,20 @@ class FlowerTransport(Transport):
                 except Exception as exc:  # noqa: BLE001 - any bad reply fails its client
                     out.append(_failure(node, type(exc).__name__,
                                         f"a reply to {task!r} could not be read: {exc}", exc))
+        self.timings.append((
+            task, len(indices), t_push - t0, t_wait, self.bytes_sent.get(task, 0) - sent0,
+            self.bytes_received.get(task, 0) - received0,
+        ))
         return out
 
-    def _problem_records(self, problem):
+    def _problem_records(self, problem, task):
+        key = (problem, task == "parameter")
         cached, records = self._problem_cache
-        if cached is not problem:
-            cfg, arrays = encode_problem(problem)
+        if cached is None or cached[0] is not key[0] or cached[1] != key[1]:
+            # the clients of parameter aggregation run M-steps: every constant
+            cfg, arrays = encode_problem(problem, all_constants=key[1])
             records = (cfg, arrays, records_digest(cfg, arrays))
-            self._problem_cache = (problem, records)
+            self._problem_cache = (key, records)
         return records
 
     def run(self, task, indices, problem, *args, states=None, per_client=None):
@@ -305,7 +319,7 @@ class FlowerTransport(Transport):
                 "per-client initialization data (e.g. code_init) must stay on the nodes: "
                 "give it to skfedmm.flower.make_client_app(load_init=...)"
             )
-        cfg_p, arr_p, digest = self._problem_records(problem)
+        cfg_p, arr_p, digest = self._problem_records(problem, task)
         stateful = task in ("surrogate", "parameter")
         dtype = np.dtype(self.dtype)
         if stateful:
@@ -333,7 +347,8 @@ class FlowerTransport(Transport):
 
         def decode(i, content):
             node = self.node_ids[i]
-            answer = decode_reply(content, task, dtype=dtype, size=size if stateful else None)
+            answer = decode_reply(content, task, dtype=dtype, size=size if stateful else None,
+                                  compressor=cfg.compressor if stateful else None)
             self._node_problem[node] = digest
             if not stateful:
                 return answer
@@ -352,7 +367,12 @@ class FlowerTransport(Transport):
                 mirror = ClientState(cv=None, rng=NodeStream(node, fit_id, version))
             return message, mirror
 
-        return self._exchange(task, indices, build, decode)
+        answers = self._exchange(task, indices, build, decode)
+        self.calls.append({
+            "task": task, "clients": indices,
+            "failed": [i for i, a in zip(indices, answers) if isinstance(a, ClientFailure)],
+        })
+        return answers
 
 
 class ClientFailureError(Exception):
@@ -451,7 +471,9 @@ def run_server(grid, run_config):
           the server (a JSON object of paths, e.g. ``{"target": "y.npy"}``);
         - ``output``: where ``joblib.dump`` writes the fitted estimator;
         - ``min-nodes`` (1), ``wait-for-nodes`` (120 s), ``poll-interval``
-          (0.1 s).
+          (0.1 s);
+        - ``report`` (optional): a JSON file for the transport's record
+          (node ids, row counts, per-exchange timings, bytes, failures).
 
     Returns
     -------
@@ -480,6 +502,16 @@ def run_server(grid, run_config):
     output = run_config.get("output")
     if output:
         joblib.dump(estimator, output)
+    report = run_config.get("report")
+    if report:
+        with open(report, "w") as f:
+            json.dump({
+                "node_ids": [str(n) for n in transport.node_ids],
+                "n_rows": [int(n) for n in transport.n_rows],
+                "timings": transport.timings, "calls": transport.calls,
+                "bytes_sent": transport.bytes_sent, "bytes_received": transport.bytes_received,
+                "round_time": list(map(float, estimator.history_.time)),
+            }, f, indent=1)
     return estimator
 
 

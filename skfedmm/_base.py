@@ -10,6 +10,7 @@ from ._params import (
     validate_params,
 )
 from .engine import FedMM
+from .federation.local import ClientFailure
 
 __all__ = ["FEDERATED_PARAMS", "FEDERATED_PARAMS_DOC", "FederatedMixin"]
 
@@ -133,6 +134,27 @@ class FederatedMixin:
         from .federation.transport import RemoteClients
 
         return self.fit(RemoteClients(transport), **fit_params)
+
+    def _client_losses(self, clients, theta):
+        """Each client's mean loss at ``theta`` on all its rows (the ``"loss"`` task).
+
+        Runs wherever the clients are (in-process or through a transport);
+        only the losses come back. Raises if a client does not answer: an
+        exact evaluation needs every client.
+        """
+        engine = self._make_engine(self.problem_, max_iter=0, tol=0.0, convergence="objective")
+        transport = engine._transport(clients)
+        n = transport.n_clients
+        with transport:
+            results = transport.run("loss", range(n), self.problem_, theta, n > 1)
+        losses = []
+        for i, res in enumerate(results):
+            if isinstance(res, ClientFailure):
+                raise RuntimeError(
+                    f"client {i} failed in the final evaluation ({res.error}: {res.message})"
+                ) from res.exception
+            losses.append(float(res))
+        return np.array(losses)
 
     def _can_resume(self):
         return hasattr(self, "fedmm_state_")

@@ -17,6 +17,7 @@ from sklearn.utils.validation import check_array, check_is_fitted
 from ._base import FEDERATED_PARAMS_DOC, FederatedMixin
 from ._clients import check_clients, check_sample_weight, check_transform_input, is_client_list
 from ._params import Interval, StrOptions
+from .federation.transport import RemoteClients
 from .problems.kmeans import KMeansProblem, assign_clusters
 
 __all__ = ["FederatedKMeans"]
@@ -158,7 +159,8 @@ class FederatedKMeans(
     labels_ : ndarray of shape (n_samples,)
         The cluster of every training row at the final centres (rows of all
         clients, in order). In-process fits compute them on each client's
-        rows; in a deployment the labels stay on the clients.
+        rows; in a deployment (:meth:`fit_transport`) the labels stay on the
+        clients and ``labels_`` is None.
     inertia_ : float
         Sum of squared distances of the training rows to their closest
         centre, at the final centres (each client sends one number).
@@ -370,6 +372,13 @@ class FederatedKMeans(
                 clients, problem, max_iter=self.max_iter - 1 if not resume else self.max_iter,
                 tol=0.0, convergence="objective", resume=resume, record=record,
             )
+            if isinstance(clients, RemoteClients):
+                # deployed clients: each computes its mean squared distance on
+                # its own rows; the labels stay on the clients
+                losses = self._client_losses(clients, self.cluster_centers_)
+                self.labels_ = None
+                self.inertia_ = float(np.dot(losses, [Xi.shape[0] for Xi in clients]))
+                return self.inertia_
             # the final E-step, on every client: its labels and its inertia
             final = [assign_clusters(Xi, self.cluster_centers_) for Xi in clients]
             self.labels_ = _per_row(X, client_ids, final, lambda f: f[0])

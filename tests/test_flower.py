@@ -647,3 +647,20 @@ def test_deployment_on_flower_processes(flower_cluster, tmp_path):
     np.testing.assert_array_equal(ot.history_["objective"], local.history_["objective"])
     print(f"dictionary run {t_dl:.0f} s, total {time.monotonic() - t0:.0f} s; failures "
           f"{ot.history_.failed}")
+
+
+def test_kmeans_fits_on_the_transport_and_keeps_labels_on_the_nodes():
+    from skfedmm import FederatedKMeans
+
+    nodes = _nodes()
+    centres = np.random.default_rng(3).standard_normal((3, 6))
+
+    def make():
+        return FederatedKMeans(n_clusters=3, init=centres, n_init=1, **FIT)
+
+    local = make().fit(_in_order(nodes))
+    remote = make().fit_transport(FlowerTransport(MemoryGrid(nodes)))
+    np.testing.assert_array_equal(remote.cluster_centers_, local.cluster_centers_)
+    assert remote.labels_ is None
+    np.testing.assert_allclose(remote.inertia_, local.inertia_, rtol=1e-12)
+    np.testing.assert_array_equal(remote.predict(nodes[7]), local.predict(nodes[7]))

@@ -248,6 +248,31 @@ class FedMMState:
     run_id: str = ""
 
 
+@dataclass(frozen=True)
+class _RoundContext:
+    """What every round of one ``fit`` call shares.
+
+    Attributes
+    ----------
+    transport : Transport
+        Where the clients are.
+    cfg : ClientConfig
+        What the clients need to run a round.
+    failures : _FailureLog
+        The fit's failure record (warned once, ``min_clients``).
+    q : ndarray of shape (n_clients,)
+        Each client's probability of taking part in a round.
+    t0 : float
+        The fit's start (``time.perf_counter``), for the history.
+    """
+
+    transport: object
+    cfg: object
+    failures: object
+    q: object
+    t0: float
+
+
 class _FailureLog:
     """Failures of one ``fit`` call: warned about once, counted against ``min_clients``."""
 
@@ -585,7 +610,8 @@ class FedMM:
                     raise ValueError(f"step_size gave gamma={gamma!r} at round {t}; it must be in (0, 1].")
                 evaluate = exact or (self.eval_every is not None and (t + 1) % self.eval_every == 0)
                 state = self._round(
-                    transport, state, server_rng, active, q, gamma, cfg, evaluate, failures, t0,
+                    _RoundContext(transport, cfg, failures, q, t0),
+                    state, server_rng, active, gamma, evaluate,
                 )
                 if on_commit is not None:
                     on_commit(state)
@@ -750,8 +776,9 @@ class FedMM:
             layout=layout, **common,
         )
 
-    def _round(self, transport, state, server_rng, active, q, gamma, cfg, evaluate, failures, t0):
+    def _round(self, ctx, state, server_rng, active, gamma, evaluate):
         """One round; returns the next state and leaves ``state`` untouched."""
+        transport, cfg, failures, q, t0 = ctx.transport, ctx.cfg, ctx.failures, ctx.q, ctx.t0
         problem = state.problem
         weights = state.weights
         theta = state.theta

@@ -62,6 +62,7 @@ from ._params import (
 from .history import _Progress, History  # noqa: F401
 from .schedules import PolynomialDecay, _step_schedule, auto_step_size  # noqa: F401
 from .federation.client import ClientConfig, ClientMessage, ClientState  # noqa: F401
+from .federation.client import _current_cv
 from .federation.transport import LocalTransport, RemoteClients, Transport
 from ._messages import (
     InvalidMessageError,
@@ -91,8 +92,6 @@ class ClientFailureWarning(UserWarning):
 # --------------------------------------------------------------------------
 # Statistic layout: named arrays <-> one flat vector
 # --------------------------------------------------------------------------
-_Layout = StatLayout
-_ParamLayout = ParamLayout
 
 
 
@@ -145,9 +144,7 @@ def _expected_layout(problem, theta, results):
 def _client_cv(state, i):
     """Client ``i``'s control variate as the server mirrors it, in current coordinates."""
     c = state.clients[i]
-    if state.log_scale is None:
-        return c.cv
-    return c.cv * np.exp(state.log_scale - c.log_scale).astype(c.cv.dtype, copy=False)
+    return _current_cv(c.cv, c.log_scale, state.log_scale)
 
 
 def _norm(v):
@@ -368,11 +365,7 @@ def _mirrored_cv(clients, weights, log_scale, dtype):
     knows the coordinate factors), so it can recompute the aggregate exactly
     instead of carrying a running sum.
     """
-    cvs = [
-        c.cv if log_scale is None
-        else c.cv * np.exp(log_scale - c.log_scale).astype(c.cv.dtype, copy=False)
-        for c in clients
-    ]
+    cvs = [_current_cv(c.cv, c.log_scale, log_scale) for c in clients]
     return aggregate(cvs, weights.astype(dtype)).astype(dtype, copy=False)
 
 
@@ -706,7 +699,7 @@ class FedMM:
             )
         problem = self.problem.prepare(agg_init)
         theta0 = problem.init_parameter(agg_init, init_rng)
-        param_layout = _ParamLayout(theta0)
+        param_layout = ParamLayout(theta0)
         theta0 = param_layout.cast(theta0, dtype)
         theta_bits = param_layout.size * 8 * itemsize
         bits_down = n * theta_bits

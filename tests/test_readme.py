@@ -19,7 +19,8 @@ PUBLIC_TEXT = (
     [README]
     + sorted((ROOT / "skfedmm").rglob("*.py"))
     + sorted(p for p in (ROOT / "doc").rglob("*") if p.suffix in (".md", ".rst", ".py")
-             and "_build" not in p.parts)
+             # (not what a docs build generates: doc/.gitignore)
+             and not {"_build", "generated", "auto_examples"} & set(p.parts))
     + sorted((ROOT / "examples").glob("*.py"))
 )
 

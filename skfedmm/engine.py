@@ -62,7 +62,7 @@ from ._params import (
 from .history import _Progress, History  # noqa: F401
 from .schedules import PolynomialDecay, _step_schedule, auto_step_size  # noqa: F401
 from .federation.client import ClientConfig, ClientMessage, ClientState  # noqa: F401
-from .federation.client import _current_cv
+from .federation.client import Unverified, _current_cv
 from .federation.transport import LocalTransport, RemoteClients, Transport
 from ._messages import (
     InvalidMessageError,
@@ -634,7 +634,13 @@ class FedMM:
                 f"for aggregation={self.aggregation!r}; start a new fit."
             )
         problem = self.problem.prepare(state.init_stat)
-        changes = dict(problem=problem)
+        # the clients' rows may have changed since: each checks its memory once
+        clients = [
+            c if c.memory is None or isinstance(c.memory, Unverified)
+            else replace(c, memory=Unverified(c.memory))
+            for c in state.clients
+        ]
+        changes = dict(problem=problem, clients=clients)
         if not np.array_equal(weights, state.weights):
             # new client weights take effect now: V = sum_i w_i V_i with the new w
             changes["weights"] = weights

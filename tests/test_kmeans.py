@@ -153,3 +153,72 @@ def test_results_do_not_depend_on_n_jobs(data):
     a = FederatedKMeans(n_jobs=1, **kw).fit(clients)
     b = FederatedKMeans(n_jobs=2, **kw).fit(clients)
     np.testing.assert_array_equal(a.cluster_centers_, b.cluster_centers_)
+
+
+# ------------------------------------------------------------------ memory
+def _centre_walk(X, k, rng):
+    """Centres as a fit sees them: Lloyd-like small steps, a jump, an empty cluster."""
+    c = X[rng.choice(X.shape[0], k, replace=False)].copy()
+    steps = [c]
+    for t in range(12):
+        c = c + rng.normal(scale=0.3 if t != 6 else 4.0, size=c.shape)
+        if t == 9:
+            c[0] = 1e3  # a cluster nobody joins
+        steps.append(c.copy())
+    for _ in range(6):  # settled: tiny moves, the bounds keep almost every label
+        c = c + rng.normal(scale=1e-3, size=c.shape)
+        steps.append(c.copy())
+    return steps
+
+
+@pytest.mark.parametrize("k", [1, 2, K])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_memory_statistic_equals_a_full_pass(data, k, dtype):
+    """With the client's memory (Hamerly's bounds), the statistic of a full pass
+    to rounding, the exact labels, and the memory passed in is never modified."""
+    X = data[0].astype(dtype)
+    problem = KMeansProblem(k).prepare({"mean": X.mean(0), "sq": (X * X).mean(0)})
+    memory, bounded = None, 0
+    for c in _centre_walk(X, k, np.random.default_rng(k)):
+        c = c.astype(dtype)
+        before = None if memory is None else {n: a.copy() for n, a in memory.items()}
+        stat, loss, new_memory = problem.local_statistic_with_memory(X, c, memory)
+        if before is not None:
+            for name, a in before.items():
+                np.testing.assert_array_equal(memory[name], a)
+            bounded += "upper" in before
+        ref, ref_loss = problem.local_statistic(X, c)
+        tol = 1e-9 if dtype == np.float64 else 1e-4
+        for name in ref:
+            np.testing.assert_allclose(stat[name], ref[name], rtol=tol, atol=tol * np.abs(ref[name]).max())
+        np.testing.assert_allclose(loss, ref_loss, rtol=tol)
+        labels, _ = KMeansProblem(k).local_statistic.__globals__["assign_clusters"](X, c)
+        np.testing.assert_array_equal(new_memory["labels"], labels)
+        memory = new_memory
+    assert bounded >= 5  # the bounds were used
+
+
+def test_memory_does_not_outlive_changed_rows(data):
+    """A continued fit on other rows (same shapes) forgets the clients' memory:
+    it equals the continued fit of a state without memory, and a continued fit
+    on the same rows keeps it (bitwise the uninterrupted fit)."""
+    from dataclasses import replace
+
+    from skfedmm.engine import FedMM
+
+    X, _ = data
+    clients = splits(X)["uneven"]
+    others = [c[::-1] * 1.5 + 2.0 for c in clients]
+    engine = FedMM(KMeansProblem(K, init=X[:K]), max_iter=6, tol=0, random_state=0)
+    state = engine.fit(clients)
+    assert all(c.memory is not None for c in state.clients)
+    forgot = engine.fit(others, state=replace(
+        state, clients=[replace(c, memory=None) for c in state.clients]))
+    continued = engine.fit(others, state=state)
+    np.testing.assert_array_equal(continued.theta, forgot.theta)
+    np.testing.assert_array_equal(
+        continued.history.objective, forgot.history.objective)
+    # same rows: the memory is kept, and 6 + 6 rounds are 12 rounds
+    straight = FedMM(KMeansProblem(K, init=X[:K]), max_iter=12, tol=0, random_state=0).fit(clients)
+    resumed = engine.fit(clients, state=state)
+    np.testing.assert_array_equal(resumed.theta, straight.theta)

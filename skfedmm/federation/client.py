@@ -9,6 +9,7 @@ another client's data, and what they return is all that leaves the client.
 """
 
 import copy
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,11 +40,53 @@ class ClientState:
     log_scale : ndarray or None
         Cumulative log-coordinate of ``cv`` for problems with
         :meth:`MMProblem.rescale`.
+    memory : dict of ndarray or None
+        What the problem keeps between the client's rounds on all its rows
+        (:meth:`MMProblem.local_statistic_with_memory`); never sent.
     """
 
     cv: object
     rng: object
     log_scale: object = None
+    memory: object = None
+
+
+class Unverified:
+    """A client memory to check against the client's rows before use.
+
+    A continued fit (or a node that reloads its rows) cannot assume that
+    the rows are those the memory was built on: the client compares their
+    checksum, once, and forgets a memory that does not match.
+    """
+
+    def __init__(self, memory):
+        self.memory = memory
+
+
+def _checksum(X):
+    X = np.ascontiguousarray(X)
+    return np.array([X.shape[0], X.shape[1], zlib.crc32(X.view(np.uint8))], dtype=np.int64)
+
+
+def _recall(memory, X):
+    """The client's memory if it belongs to these rows, else None."""
+    if isinstance(memory, Unverified):
+        memory = memory.memory
+        if memory is not None and not np.array_equal(memory.get("_rows"), _checksum(X)):
+            return None
+    return memory
+
+
+def _local_statistic(problem, X, batch, theta, memory):
+    """Statistic, loss and the client's next memory (kept on full batches only)."""
+    if batch is not X:
+        return (*problem.local_statistic(batch, theta), None)
+    old = _recall(memory, X)
+    stat, loss, memory = problem.local_statistic_with_memory(X, theta, old)
+    if memory is not None:
+        memory = dict(memory)
+        memory["_rows"] = old["_rows"] if old is not None and "_rows" in old else _checksum(X)
+    return stat, loss, memory
 
 
 @dataclass
@@ -122,12 +165,12 @@ def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
         theta = _map_param(_aligned, theta)
         cv = _current_cv(cv, state.log_scale, log_scale)
         batch = _draw_batch(X, cfg.batch_size, rng)
-        stat, loss = problem.local_statistic(batch, theta)
+        stat, loss, memory = _local_statistic(problem, X, batch, theta, state.memory)
         s_i = cfg.layout.flatten(stat, s_hat.dtype)
         delta = s_i - s_hat - cv
         payload, bits = cfg.compressor.compress(delta, rng)
         new_state = ClientState(
-            cv=_next_cv(cv, payload, cfg.cv_rate), rng=rng, log_scale=log_scale
+            cv=_next_cv(cv, payload, cfg.cv_rate), rng=rng, log_scale=log_scale, memory=memory,
         )
         return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
 

@@ -34,7 +34,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from .._messages import InvalidMessageError, ParamLayout, StatLayout
 from ..compression import _COMPRESSORS, Compressor
-from ..federation.client import ClientConfig, ClientMessage, ClientState
+from ..federation.client import ClientConfig, ClientMessage, ClientState, Unverified
 
 __all__ = [
     "MESSAGE_TYPE",
@@ -405,6 +405,9 @@ def encode_state(state):
         arrays["cv"] = Array(np.ascontiguousarray(state.cv))
     if state.log_scale is not None:
         arrays["log_scale"] = Array(np.ascontiguousarray(state.log_scale))
+    memory = state.memory.memory if isinstance(state.memory, Unverified) else state.memory
+    for key, value in (memory or {}).items():  # (kept on the node only)
+        arrays[f"memory.{key}"] = Array(np.ascontiguousarray(value))
     return cfg, arrays
 
 
@@ -425,7 +428,7 @@ def decode_state(cfg, arrays, size=None, dtype=None):
         "bit_generator": "PCG64", "state": {"state": state_int, "inc": inc},
         "has_uint32": has_uint32, "uinteger": uinteger,
     }
-    unknown = set(arrays.keys()) - {"cv", "log_scale"}
+    unknown = {k for k in arrays.keys() if not k.startswith("memory.")} - {"cv", "log_scale"}
     if unknown:
         raise WireError(f"unexpected arrays in the client state: {sorted(unknown)}")
     cv = _array(arrays, "cv") if "cv" in arrays else None
@@ -435,7 +438,12 @@ def decode_state(cfg, arrays, size=None, dtype=None):
             raise WireError(f"the client state's {name} has shape {value.shape}, expected ({size},)")
     if cv is not None and dtype is not None and cv.dtype != dtype:
         raise WireError(f"the client state's cv has dtype {cv.dtype}, expected {dtype}")
-    return ClientState(cv=cv, rng=rng, log_scale=log_scale)
+    memory = {
+        k[len("memory."):]: _array(arrays, k) for k in arrays.keys() if k.startswith("memory.")
+    }
+    # a memory is checked against the node's rows before use
+    return ClientState(cv=cv, rng=rng, log_scale=log_scale,
+                       memory=Unverified(memory) if memory else None)
 
 
 # --------------------------------------------------------------------------

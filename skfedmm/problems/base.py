@@ -35,7 +35,9 @@ class MMProblem(ABC):
 
     - :meth:`init_statistic` (optional) once per client, to build
       :math:`\\theta_0` without raw rows on the server;
-    - :meth:`local_statistic` on a batch of rows every round;
+    - :meth:`local_statistic` on a batch of rows every round (or
+      :meth:`local_statistic_with_memory`, optional, when a client uses all
+      its rows and the problem can reuse work from its previous round);
 
     and, on the server:
 
@@ -179,6 +181,37 @@ class MMProblem(ABC):
         loss : float
             :math:`\\frac{1}{n} \\sum_{x} \\ell(x, \\theta)` over the batch.
         """
+
+    def local_statistic_with_memory(self, X, theta, memory):
+        """:meth:`local_statistic` on all of a client's rows, with its memory.
+
+        Optional. A client that computes its statistic on all its rows (no
+        minibatch) keeps what this method returns as ``memory`` and passes
+        it back in its next round, for problems that can reuse work from
+        one round to the next (for example k-means' distance bounds). The
+        memory never leaves the client and is part of its committed state:
+        a failed round leaves it as it was.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_rows, n_features)
+            All of one client's rows (the same rows in every round of a fit).
+        theta : ndarray or dict of ndarray
+        memory : dict of ndarray or None
+            What the previous call returned on these rows, or None (first
+            round, after a minibatch round, or when the rows changed).
+            Never modify it in place.
+
+        Returns
+        -------
+        stat : dict of ndarray
+        loss : float
+            As :meth:`local_statistic`, to rounding.
+        memory : dict of ndarray or None
+            What to pass to the next call. The default keeps nothing.
+        """
+        stat, loss = self.local_statistic(X, theta)
+        return stat, loss, None
 
     @abstractmethod
     def minimize(self, stat, theta_prev, rng=None):

@@ -124,6 +124,85 @@ def _lloyd_pass(X, centres):
     return labels, np.bincount(labels, minlength=k).astype(X.dtype), _cluster_sums(X, labels, k)
 
 
+def _nearest_two(X, x_sq, centres):
+    r"""Nearest centre of every row, the distance to it and to the next nearest.
+
+    Distances from one matrix product,
+    :math:`\|x - c\|^2 = \|x\|^2 - 2 x \cdot c + \|c\|^2` (clipped at 0),
+    laid out ``(k, n)`` so that the reductions run over contiguous rows.
+    """
+    k = centres.shape[0]
+    d2 = (-2.0 * centres) @ X.T
+    d2 += np.einsum("ij,ij->i", centres, centres)[:, None]
+    d2 += x_sq[None, :]
+    np.maximum(d2, 0, out=d2)
+    first = d2.min(axis=0)
+    labels = np.full(X.shape[0], k - 1, dtype=np.intp)
+    for j in range(k - 2, -1, -1):  # the first index of the minimum, as argmin
+        labels[d2[j] == first] = j
+    second = np.full(X.shape[0], np.inf, dtype=d2.dtype)
+    for j in range(k):
+        np.minimum(second, np.where(labels == j, np.inf, d2[j]), out=second)
+    # (one cluster: no other centre; a finite bound keeps the memory finite)
+    np.minimum(second, np.finfo(d2.dtype).max, out=second)
+    return labels, np.sqrt(first), np.sqrt(second)
+
+
+def _bounded_pass(X, centres, memory):
+    r"""Labels and per-cluster sums at ``centres`` from the remembered ones.
+
+    Hamerly's bounds: each row remembers an upper bound on its distance to
+    its own centre and a lower bound on its distance to every other centre.
+    When centre :math:`j` moves by :math:`m_j`, the upper bound of a row of
+    cluster :math:`j` grows by :math:`m_j` and every lower bound falls by
+    :math:`\max_l m_l` (triangle inequality). A row whose upper bound stays
+    below its lower bound by more than ``margin`` keeps its label;
+    otherwise its distance to its own centre is recomputed (the upper bound
+    tightened), and only if the test still fails are all its distances
+    computed. ``margin`` covers the rounding of distances computed from one
+    matrix product, so that a kept label is the exact nearest centre. The
+    sums are updated by the rows that changed cluster.
+
+    Returns None when more than a quarter of the rows would need all their
+    distances (a full pass is then cheaper).
+    """
+    labels, x_sq = memory["labels"], memory["x_sq"]
+    step = centres - memory["centres"]
+    moves = np.sqrt(np.einsum("ij,ij->i", step, step))
+    upper = memory["upper"] + np.take(moves, labels)
+    lower = memory["lower"] - moves.max()
+    eps = np.finfo(X.dtype).eps
+    big = x_sq.max() + np.einsum("ij,ij->i", centres, centres).max()
+    # rounding of each distance (sqrt of the error of a squared distance),
+    # and of the bounds carried over rounds
+    margin = 4 * np.sqrt(8 * eps * big) + 64 * eps * np.sqrt(big)
+    todo = np.flatnonzero(upper + margin >= lower)
+    if todo.size:
+        # tighten: the exact distance to the own centre (subtraction: no cancellation)
+        diff = X[todo] - centres[labels[todo]]
+        upper[todo] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
+        todo = todo[upper[todo] + margin >= lower[todo]]
+    if todo.size > X.shape[0] // 4:
+        return None
+    count, sums, sq = memory["count"], memory["sums"], memory["sq"]
+    if todo.size:
+        Xt = X[todo]
+        new, upper[todo], lower[todo] = _nearest_two(Xt, x_sq[todo], centres)
+        old = labels[todo]
+        moved = np.flatnonzero(new != old)
+        if moved.size:
+            labels = labels.copy()
+            labels[todo[moved]] = new[moved]
+            k = centres.shape[0]
+            onehot = np.zeros((moved.size, k), dtype=X.dtype)
+            onehot[np.arange(moved.size), new[moved]] += 1
+            onehot[np.arange(moved.size), old[moved]] -= 1
+            count = count + onehot.sum(axis=0)
+            sums = sums + onehot.T @ Xt[moved]
+            sq = sq + onehot.T @ x_sq[todo[moved]]
+    return labels, upper, lower, count, sums, sq
+
+
 try:  # scikit-learn's private compiled Lloyd step (optional, for speed)
     from sklearn.cluster._k_means_lloyd import lloyd_iter_chunked_dense as _LLOYD
 except ImportError:  # pragma: no cover
@@ -317,10 +396,55 @@ class KMeansProblem(MMProblem):
         return getattr(self, "shift_", 0.0), getattr(self, "scale_", 1.0)
 
     def local_statistic(self, X, theta):
-        n, k = X.shape[0], theta.shape[0]
         labels, count, sums = _lloyd_pass(X, theta)
         x_sq = np.einsum("ij,ij->i", X, X)
-        sq = np.bincount(labels, weights=x_sq, minlength=k).astype(X.dtype)
+        sq = np.bincount(labels, weights=x_sq, minlength=theta.shape[0]).astype(X.dtype)
+        return self._statistic(X.shape[0], theta, count, sums, sq)
+
+    def local_statistic_with_memory(self, X, theta, memory):
+        """The statistic from distance bounds kept since the client's last round.
+
+        Once the assignments settle (at most one row in twenty changed
+        cluster in a full pass), the client remembers each row's label and
+        Hamerly's bounds (an upper bound on its distance to its centre, a
+        lower bound on its distance to the others) with its per-cluster
+        counts, sums and squared norms. When the centres move, a row whose
+        bounds still separate its centre from the others (with a margin
+        covering rounding) keeps its label, and only the other rows'
+        distances are computed; the statistic is updated by the rows that changed
+        cluster. The labels are those of a full pass (Lloyd's assignments),
+        so the statistic is the same to rounding, and the work per round
+        falls with the number of rows near a boundary. The memory stays on
+        the client.
+        """
+        n, k = X.shape[0], theta.shape[0]
+        valid = (memory is not None and memory["labels"].shape == (n,)
+                 and memory["centres"].shape == theta.shape and memory["sums"].dtype == X.dtype)
+        found = None
+        if valid and "upper" in memory:
+            found = _bounded_pass(X, theta, memory)
+        if found is not None:
+            labels, upper, lower, count, sums, sq = found
+            x_sq = memory["x_sq"]
+        else:
+            labels, count, sums = _lloyd_pass(X, theta)
+            labels = labels.astype(np.intp)
+            x_sq = memory["x_sq"] if valid else np.einsum("ij,ij->i", X, X)
+            sq = np.bincount(labels, weights=x_sq, minlength=k).astype(X.dtype)
+            upper = None
+            if valid and np.count_nonzero(labels != memory["labels"]) <= n // 20:
+                # settled: the bounds pay from the next round on
+                new, upper, lower = _nearest_two(X, x_sq, theta)
+                # (a near tie labelled otherwise by the pass: checked next round)
+                lower[new != labels] = -1.0
+        memory = dict(labels=labels, centres=np.array(theta, copy=True), x_sq=x_sq,
+                      count=count, sums=sums, sq=sq)
+        if upper is not None:
+            memory.update(upper=upper, lower=lower)
+        return (*self._statistic(n, theta, count, sums, sq), memory)
+
+    def _statistic(self, n, theta, count, sums, sq):
+        """The statistic and loss from raw per-cluster counts, sums and squared norms."""
         # the loss from the same sums: sum_j Q_j - 2 c_j . S_j + N_j ||c_j||^2
         loss = float(max(sq.sum() - 2 * np.einsum("ij,ij->", theta, sums)
                          + count @ np.einsum("ij,ij->i", theta, theta), 0.0) / n)

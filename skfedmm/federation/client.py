@@ -33,7 +33,8 @@ class ClientState:
     ----------
     cv : ndarray or None
         The control variate :math:`V_i` (flat statistic), None before the
-        initial round and in parameter aggregation.
+        initial round and in parameter aggregation; SCAFFOLD's
+        :math:`c_i` (flat parameter) with ``aggregation="scaffold"``.
     rng : numpy.random.Generator
         The client's stream (minibatches, compression, local M-steps).
     log_scale : ndarray or None

@@ -273,7 +273,14 @@ def main(argv=None):
     parser.add_argument("--n-jobs", type=int, default=2, help="runs in parallel (processes)")
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS))
     parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
+    parser.add_argument("--replot", metavar="JSON", help="redraw the figure of a recorded run")
     args = parser.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as fh:
+            rec = json.load(fh)
+        settings = list(dict.fromkeys(r["setting"] for r in rec["runs"]))
+        plot(rec["runs"], settings, rec["config"], args.replot[:-len(".json")] + ".png")
+        return
     cfg = dict(QUICK if args.quick else FULL)
     if args.seeds is not None:
         cfg["seeds"] = args.seeds
@@ -398,30 +405,38 @@ def main(argv=None):
 
 
 def plot(results, settings, cfg, path):
+    """Normalized objective against uplink bits, median over seeds.
+
+    Per seed, ``(F - F*) / (F(theta_0) - F*)`` with ``F*`` the best objective
+    any method reached on that seed (seeds differ in data): 1 at the common
+    initial parameter, 0 at the best seen. Linear axes (the method that
+    reached ``F*`` ends at 0; a log scale would exaggerate that).
+    """
     fig, axes = plt.subplots(1, len(settings), figsize=(4.2 * len(settings), 3.6), squeeze=False)
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, name in zip(axes[0], settings):
         rs = [r for r in results if r["setting"] == name]
-        # the best objective any method reached on each seed (seeds differ in data)
-        best = {}
+        best, start = {}, {}
         for r in rs:
             obj = np.asarray(r["objective"], dtype=float)
             best[r["seed"]] = min(best.get(r["seed"], np.inf), np.nanmin(obj))
-        scale = max(1.0, max(abs(b) for b in best.values()))
+            start[r["seed"]] = obj[0]
         for m in METHODS:
             runs = sorted((r for r in rs if r["method"] == m), key=lambda r: r["seed"])
             bits = np.mean([r["bits"] for r in runs], axis=0)
-            gap = np.array([np.asarray(r["objective"], dtype=float) - best[r["seed"]] for r in runs])
-            gap = np.median(gap, axis=0)  # objective above the best seen, median over seeds
-            keep = np.isfinite(gap)  # (FedMM+QSGD is evaluated every QSGD_ROUNDS rounds)
-            bits, gap = bits[keep], gap[keep]
-            ax.plot(bits / 1e6, np.maximum(gap, 1e-9 * scale), label=m,
-                    color=colors[m], ls="--" if m == "FedMM+QSGD" else "-")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("uplink Mbit (cumulative)")
-        ax.set_title(name)
-    axes[0][0].set_ylabel("objective - best seen (median over seeds)")
+            rel = np.array([
+                (np.asarray(r["objective"], dtype=float) - best[r["seed"]])
+                / (start[r["seed"]] - best[r["seed"]]) for r in runs
+            ])
+            rel = np.median(rel, axis=0)
+            keep = np.isfinite(rel)  # (FedMM+QSGD is evaluated every QSGD_ROUNDS rounds)
+            ax.plot(bits[keep] / 1e6, rel[keep], label=m, color=colors[m],
+                    ls="--" if m == "FedMM+QSGD" else "-", marker="." if m == "FedMM+QSGD" else None)
+        ax.set_xlabel("uplink Mbit (cumulative, initialization included)")
+        ax.set_title(f"{name} ({cfg['rounds'][name]} rounds)")
+        ax.set_ylim(-0.05, 1.5)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("(F - best seen) / (F(theta_0) - best seen)")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

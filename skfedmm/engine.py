@@ -654,7 +654,9 @@ class FedMM:
                 f"aggregation cannot change when training continues: the state is that of an "
                 f"aggregation={state.aggregation!r} run, not {self.aggregation!r}; start a new fit."
             )
-        if (state.s_hat is None) != (self.aggregation != "surrogate"):
+        if (state.s_hat is None) != (self.aggregation != "surrogate") or (
+            self.aggregation == "scaffold" and state.cv is None
+        ):
             raise ValueError(
                 "aggregation cannot change when training continues: the state of a "
                 f"{'parameter' if state.s_hat is None else 'surrogate'}-aggregation run holds "

@@ -266,6 +266,13 @@ def test_resumed_run_is_bitwise_one_run(aggregation):
         FedMM(problem, **{**params, "aggregation": other}).fit(clients, state=half)
     with pytest.raises(ValueError, match="aggregation cannot change"):
         FedMM(problem, **{**params, "aggregation": "surrogate"}).fit(clients, state=half)
+    # a state that does not record its aggregation (saved before it was recorded)
+    if aggregation == "fedavg":
+        from dataclasses import replace
+
+        with pytest.raises(ValueError, match="aggregation cannot change"):
+            FedMM(problem, **{**params, "aggregation": "scaffold"}).fit(
+                clients, state=replace(half, aggregation=None))
 
 
 def test_estimator_warm_start_continues_a_baseline():

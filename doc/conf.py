@@ -101,6 +101,8 @@ API = [
         ("skfedmm", "History"),
         ("skfedmm", "PolynomialDecay"),
         ("skfedmm.schedules", "auto_step_size"),
+        ("skfedmm.baselines", "local_gradient_steps"),
+        ("skfedmm.baselines", "scaffold_control_change"),
     ]),
     ("Transports", "Where clients run: the interface of the round loop and the local "
      "transport (joblib, any backend, Dask).", [

@@ -70,12 +70,17 @@ class FederatedParam:
 
 FEDERATED_PARAMETERS = (
     FederatedParam(
-        "aggregation", "surrogate", [StrOptions({"surrogate", "parameter"})],
-        """aggregation : {"surrogate", "parameter"}, default="surrogate"
+        "aggregation", "surrogate",
+        [StrOptions({"surrogate", "parameter", "fedavg", "fedprox", "scaffold"})],
+        """aggregation : {"surrogate", "parameter", "fedavg", "fedprox", "scaffold"}, default="surrogate"
     ``"surrogate"``: FedMM, the server aggregates the clients' surrogate
     statistics exactly. ``"parameter"``: the baseline, clients run
     ``local_steps`` MM steps on their own rows and the server averages
-    the parameters.""",
+    the parameters. ``"fedavg"``, ``"fedprox"``, ``"scaffold"``: the
+    gradient baselines FedAvg, FedProx (proximal weight ``mu``) and
+    SCAFFOLD, ``local_steps`` gradient steps of size ``learning_rate``
+    per round (problems with a gradient only; see
+    :mod:`skfedmm.baselines`).""",
     ),
     FederatedParam(
         "participation", 1.0, [Interval(Real, 0, 1, closed="right")],
@@ -121,7 +126,23 @@ FEDERATED_PARAMETERS = (
     FederatedParam(
         "local_steps", 1, [Interval(Integral, 1, None, closed="left")],
         """local_steps : int, default=1
-    Local MM steps per round for ``aggregation="parameter"``.""",
+    Local steps per round for ``aggregation="parameter"`` (MM steps)
+    and the gradient baselines (gradient steps).""",
+    ),
+    FederatedParam(
+        "learning_rate", "auto", [StrOptions({"auto"}), Interval(Real, 0, None, closed="neither")],
+        """learning_rate : "auto" or float > 0, default="auto"
+    Local learning rate :math:`\\eta` of the gradient baselines
+    (``"fedavg"``, ``"fedprox"``, ``"scaffold"``); ignored otherwise.
+    ``"auto"``: the problem's ``default_learning_rate``, of the order of
+    the inverse curvature of the loss.""",
+    ),
+    FederatedParam(
+        "mu", 0.01, [Interval(Real, 0, None, closed="left")],
+        """mu : float >= 0, default=0.01
+    Proximal weight of FedProx (``aggregation="fedprox"``): each client
+    minimizes its loss plus :math:`\\frac{\\mu}{2}\\|\\theta -
+    \\theta_t\\|^2`; ignored otherwise (0 gives FedAvg).""",
     ),
     FederatedParam(
         "client_weights", "proportional",

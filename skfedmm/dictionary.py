@@ -242,6 +242,8 @@ class FederatedDictionaryLearning(
         cv_rate="auto",
         batch_size=None,
         local_steps=1,
+        learning_rate="auto",
+        mu=0.01,
         client_weights="proportional",
         eval_every=None,
         min_clients=1,
@@ -276,6 +278,8 @@ class FederatedDictionaryLearning(
         self.cv_rate = cv_rate
         self.batch_size = batch_size
         self.local_steps = local_steps
+        self.learning_rate = learning_rate
+        self.mu = mu
         self.client_weights = client_weights
         self.eval_every = eval_every
         self.min_clients = min_clients

@@ -31,6 +31,17 @@ steps on its own rows from :math:`\theta_t` and sends
 :math:`\theta_{t+1} = P(\theta_t + \sum_{i\in A_t} \frac{w_i}{q_i}
 Q(\theta_i - \theta_t))`, with :math:`P` the problem's ``project_parameter``.
 
+It also runs the gradient baselines FedAvg (McMahan et al., 2017), FedProx
+(Li et al., 2020) and SCAFFOLD (Karimireddy et al., 2020),
+``aggregation="fedavg"``, ``"fedprox"``, ``"scaffold"``, for problems with
+a :meth:`~skfedmm.problems.MMProblem.gradient`: each active client runs
+``local_steps`` projected gradient steps of size ``learning_rate`` from
+:math:`\theta_t` (FedProx adds :math:`\mu(y - \theta_t)` to the gradient,
+SCAFFOLD the control-variate correction :math:`c - c_i`), and the server
+update is the parameter-averaging one above; SCAFFOLD's clients also send
+their control-variate change. The update rules are in
+:mod:`skfedmm.baselines`.
+
 References
 ----------
 .. [1] A. Dieuleveut, G. Fort, M. Hegazy, H.-T. Wai. Federated
@@ -73,6 +84,7 @@ from ._messages import (
     majority_layout,
 )
 from .compression import make_compressor
+from .baselines import GRADIENT_AGGREGATIONS
 from .federation.local import ClientFailure
 
 __all__ = [
@@ -226,6 +238,11 @@ class FedMMState:
     run_id : str
         The run's id, shared by its continued fits (a client still busy
         from an earlier fit of the run is not asked again).
+    aggregation : str or None
+        The aggregation the run was started with (None in states saved
+        before it was recorded). For SCAFFOLD, ``cv`` is the server's
+        control variate :math:`c` (flat parameter) and each client's
+        ``cv`` its :math:`c_i`.
     """
 
     theta: object
@@ -243,6 +260,7 @@ class FedMMState:
     init_stat: object = None
     param_layout: object = None
     run_id: str = ""
+    aggregation: object = None
 
 
 @dataclass(frozen=True)
@@ -432,6 +450,8 @@ class FedMM:
         cv_rate="auto",
         batch_size=None,
         local_steps=1,
+        learning_rate="auto",
+        mu=0.01,
         client_weights="proportional",
         eval_every=None,
         min_clients=1,
@@ -453,6 +473,8 @@ class FedMM:
         self.cv_rate = cv_rate
         self.batch_size = batch_size
         self.local_steps = local_steps
+        self.learning_rate = learning_rate
+        self.mu = mu
         self.client_weights = client_weights
         self.eval_every = eval_every
         self.min_clients = min_clients
@@ -548,6 +570,7 @@ class FedMM:
         run_id = uuid.uuid4().hex if state is None else state.run_id
         transport = self._transport(clients, run_id)
         compressor, exact = self._validate(transport)
+        self._check_gradient_aggregation(transport)
         max_iter = self.max_iter if max_iter is None else max_iter
         n = transport.n_clients
         dtype = transport.dtype
@@ -626,7 +649,14 @@ class FedMM:
             raise ValueError(
                 f"Cannot continue a run of {len(state.clients)} clients with {n} clients."
             )
-        if (state.s_hat is None) != (self.aggregation == "parameter"):
+        if state.aggregation is not None and state.aggregation != self.aggregation:
+            raise ValueError(
+                f"aggregation cannot change when training continues: the state is that of an "
+                f"aggregation={state.aggregation!r} run, not {self.aggregation!r}; start a new fit."
+            )
+        if (state.s_hat is None) != (self.aggregation != "surrogate") or (
+            self.aggregation == "scaffold" and state.cv is None
+        ):
             raise ValueError(
                 "aggregation cannot change when training continues: the state of a "
                 f"{'parameter' if state.s_hat is None else 'surrogate'}-aggregation run holds "
@@ -647,6 +677,41 @@ class FedMM:
             if state.cv is not None:
                 changes["cv"] = _mirrored_cv(state.clients, weights, state.log_scale, state.cv.dtype)
         return replace(state, **changes)
+
+    def _check_gradient_aggregation(self, transport):
+        """Refuse a gradient baseline the problem or the transport cannot run."""
+        if self.aggregation not in GRADIENT_AGGREGATIONS:
+            return
+        from .problems.base import MMProblem
+
+        method = getattr(type(self.problem), "gradient", None)
+        if method is None or method is MMProblem.gradient:
+            raise ValueError(
+                f"aggregation={self.aggregation!r} trains by gradient steps, and "
+                f"{type(self.problem).__name__} does not provide the gradient of its loss "
+                "(MMProblem.gradient); use aggregation='surrogate' or 'parameter'."
+            )
+        tasks = getattr(transport, "supported_tasks", None)
+        if tasks is not None and "gradient" not in tasks:
+            raise ValueError(
+                f"aggregation={self.aggregation!r} needs the client task 'gradient', which "
+                f"{type(transport).__name__} does not run (its clients run only "
+                f"{', '.join(repr(t) for t in sorted(tasks))}); use aggregation='surrogate' or "
+                "'parameter' there, or run the gradient baselines in-process."
+            )
+
+    def _learning_rate(self, problem, init_stat):
+        """The gradient baselines' learning rate (``"auto"``: the problem's default)."""
+        if self.learning_rate != "auto":
+            return float(self.learning_rate)
+        default = getattr(problem, "default_learning_rate", None)
+        rate = None if default is None else default(init_stat)
+        if rate is None or not (np.isfinite(rate) and rate > 0):
+            raise ValueError(
+                f"learning_rate='auto', and {type(problem).__name__} proposes no learning rate "
+                f"(default_learning_rate gave {rate!r}); give a float learning_rate."
+            )
+        return float(rate)
 
     def _converged(self, history):
         if self.tol <= 0:
@@ -713,16 +778,24 @@ class FedMM:
         common = dict(
             server_rng=server_rng, round=0, history=history, weights=weights,
             mstep_rng=init_rng, problem=problem, init_stat=agg_init, param_layout=param_layout,
+            aggregation=self.aggregation,
         )
-        if self.aggregation == "parameter":
-            # The baseline needs no statistic: only theta0 is broadcast.
+        if self.aggregation != "surrogate":
+            # The baselines need no statistic: only theta0 is broadcast
+            # (SCAFFOLD's control variates start at zero on both sides).
+            if self.aggregation in GRADIENT_AGGREGATIONS:
+                self._learning_rate(problem, agg_init)  # fails before any round
             history._append(
                 bits_up=bits_up, bits_down=bits_down, n_active=n, failed=failed,
                 time=time.perf_counter() - t0,
             )
+            zero = (
+                (lambda: np.zeros(param_layout.size, dtype=dtype))
+                if self.aggregation == "scaffold" else (lambda: None)
+            )
             return FedMMState(
-                theta=theta0, s_hat=None, cv=None, log_scale=None,
-                clients=[ClientState(cv=None, rng=r) for r in client_rngs],
+                theta=theta0, s_hat=None, cv=zero(), log_scale=None,
+                clients=[ClientState(cv=zero(), rng=r) for r in client_rngs],
                 layout=StatLayout.of(param_layout.as_dict(theta0)), **common,
             )
         results = transport.run("full", range(n), problem, theta0, pin)
@@ -789,10 +862,16 @@ class FedMM:
                 "surrogate", active, problem, theta, state.s_hat, state.log_scale, cfg,
                 states=state.clients,
             )
-        else:
+        elif self.aggregation == "parameter":
             results = transport.run("parameter", active, problem, theta, cfg, states=state.clients)
+        else:
+            hyper = (self.aggregation, self._learning_rate(problem, state.init_stat), float(self.mu))
+            results = transport.run(
+                "gradient", active, problem, theta, state.cv, hyper, cfg, states=state.clients
+            )
         surrogate = self.aggregation == "surrogate"
-        size = state.layout.size if surrogate else param_layout.size
+        scaffold = self.aggregation == "scaffold"
+        size = state.layout.size if surrogate else param_layout.size * (2 if scaffold else 1)
         exact = surrogate and cfg.compressor.omega(size) == 0
 
         def check(i, answer):
@@ -869,7 +948,13 @@ class FedMM:
                 cv_new = _mirrored_cv(new_clients, weights, log_scale, state.cv.dtype)
             changes.update(s_hat=s_new, cv=cv_new, log_scale=log_scale, mstep_rng=mstep_rng)
         else:
-            row["bits_down"] = len(active) * theta_bits
+            row["bits_down"] = len(active) * theta_bits * (2 if scaffold else 1)
+            if scaffold:
+                p = param_layout.size
+                payloads, controls = [c[:p] for c in payloads], [c[p:] for c in payloads]
+                # c = sum_i w_i c_i: add the answering clients' (sent) changes
+                if len(idx):
+                    changes["cv"] = aggregate(controls, w_ans.astype(cfg.dtype), out=state.cv.copy())
             if len(idx):
                 step = aggregate(payloads, reweight * w_ans / q[idx])
                 moved = param_layout.flatten(theta, cfg.dtype) + step.astype(cfg.dtype)

@@ -34,7 +34,8 @@ class ClientState:
     ----------
     cv : ndarray or None
         The control variate :math:`V_i` (flat statistic), None before the
-        initial round and in parameter aggregation.
+        initial round and in parameter aggregation; SCAFFOLD's
+        :math:`c_i` (flat parameter) with ``aggregation="scaffold"``.
     rng : numpy.random.Generator
         The client's stream (minibatches, compression, local M-steps).
     log_scale : ndarray or None
@@ -195,6 +196,50 @@ def _client_parameter(problem, X, state, theta, cfg):
         return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
 
 
+def _client_gradient(problem, X, state, theta, c, hyper, cfg):
+    """One round of a gradient baseline (FedAvg, FedProx, SCAFFOLD) on one client.
+
+    ``hyper`` is ``(aggregation, learning_rate, mu)``; ``c`` the server's
+    control variate (SCAFFOLD) or None. The message is
+    :math:`Q(y^K - x_t)`, followed by :math:`Q(c_i^+ - c_i)` for SCAFFOLD
+    (see :mod:`skfedmm.baselines`).
+    """
+    from ..baselines import local_gradient_steps, scaffold_control_change
+
+    aggregation, learning_rate, mu = hyper
+    with _ClientContext(cfg.pin):
+        rng = copy.deepcopy(state.rng)
+        X, theta = _aligned(X), _map_param(_aligned, theta)
+        layout, dtype = cfg.param_layout, cfg.dtype
+        x0 = layout.flatten(theta, dtype)
+
+        def gradient(y):
+            batch = _draw_batch(X, cfg.batch_size, rng)
+            grad, loss = problem.gradient(batch, layout.cast(layout.unflatten(y), dtype))
+            return layout.flatten(grad, dtype), loss
+
+        def project(y):
+            return layout.flatten(problem.project_parameter(layout.unflatten(y)), dtype)
+
+        scaffold = aggregation == "scaffold"
+        correction = _aligned(c) - state.cv if scaffold else None
+        y, loss = local_gradient_steps(
+            gradient, project, x0, steps=cfg.local_steps, learning_rate=learning_rate,
+            mu=mu if aggregation == "fedprox" else 0.0, correction=correction,
+        )
+        payload, bits = cfg.compressor.compress(y - x0, rng)
+        cv = None
+        if scaffold:
+            change = scaffold_control_change(
+                x0, y, _aligned(c), steps=cfg.local_steps, learning_rate=learning_rate
+            )
+            sent, more = cfg.compressor.compress(change.astype(dtype, copy=False), rng)
+            cv = state.cv + sent
+            payload, bits = np.concatenate([payload, sent]), bits + more
+        new_state = ClientState(cv=cv, rng=rng)
+        return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
+
+
 @dataclass(frozen=True)
 class ClientConfig:
     """What every client needs to run a round; fixed for one ``fit`` call.
@@ -233,4 +278,5 @@ CLIENT_TASKS = {
     "loss": _client_loss,
     "surrogate": _client_surrogate,
     "parameter": _client_parameter,
+    "gradient": _client_gradient,
 }

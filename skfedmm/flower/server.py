@@ -32,6 +32,7 @@ from ..federation.local import ClientFailure, blas_limited
 from ..federation.transport import Transport
 from .records import (
     MESSAGE_TYPE,
+    TASKS,
     NodeError,
     WireError,
     decode_reply,
@@ -112,7 +113,14 @@ class FlowerTransport(Transport):
     calls : list of dict
         Per task the round loop ran: ``task``, ``clients`` (indices) and
         ``failed`` (the clients that failed).
+    supported_tasks : tuple of str
+        The client tasks the wire format carries. The gradient baselines'
+        task (``aggregation="fedavg"``, ``"fedprox"``, ``"scaffold"``) is
+        not among them: the engine refuses those aggregations on Flower.
     """
+
+    #: The client tasks a node runs (the gradient baselines' is not one).
+    supported_tasks = TASKS
 
     def __init__(self, grid, *, client_timeout=None, poll_interval=0.1, min_nodes=1,
                  wait_for_nodes=120.0, node_ids=None):

@@ -368,3 +368,47 @@ class MMProblem(ABC):
         loss : float
         """
         return self.local_statistic(X, theta)[1]
+
+    def gradient(self, X, theta):
+        """Gradient of the mean loss over rows (optional; the gradient baselines).
+
+        Problems that provide it can be trained by the gradient baselines
+        (``aggregation="fedavg"``, ``"fedprox"``, ``"scaffold"``); the
+        default raises :class:`NotImplementedError`, and the engine refuses
+        those aggregations for such a problem before any round.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_rows, n_features)
+            A batch of one client's rows.
+        theta : ndarray or dict of ndarray
+            The current parameter.
+
+        Returns
+        -------
+        grad : ndarray or dict of ndarray
+            :math:`\\nabla_\\theta \\frac{1}{n} \\sum_x \\ell(x, \\theta)`,
+            structured as ``theta``.
+        loss : float
+            :math:`\\frac{1}{n} \\sum_{x} \\ell(x, \\theta)` over the batch.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not provide the gradient of its loss."
+        )
+
+    def default_learning_rate(self, init_stat):
+        """The learning rate of the gradient baselines with ``learning_rate="auto"``.
+
+        Parameters
+        ----------
+        init_stat : dict of ndarray or None
+            The aggregated :meth:`init_statistic`.
+
+        Returns
+        -------
+        learning_rate : float or None
+            A step of the order of the inverse curvature of the loss; None
+            (the default) when the problem proposes none (a float
+            ``learning_rate`` is then needed).
+        """
+        return None

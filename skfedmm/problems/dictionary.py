@@ -669,6 +669,42 @@ class DictionaryLearningProblem(MMProblem):
     def project_parameter(self, theta):
         return _project_atoms(theta, self.positive_dict)
 
+    def gradient(self, X, theta):
+        r"""Gradient of the mean loss in the dictionary, :math:`A D - B^\top`.
+
+        With the codes :math:`h(x; D)` computed at ``theta`` (the statistics
+        :math:`A = \overline{h^\top h}`, :math:`B = \overline{x^\top h}`),
+        :math:`\nabla_D \tfrac12\|x - hD\|^2 = h^\top (hD - x)`, averaged
+        over the rows. The loss minimized over the codes has this gradient
+        wherever the codes are unique (Danskin's theorem).
+
+        Returns
+        -------
+        grad : ndarray of shape (n_components, n_features)
+        loss : float
+        """
+        code = self.encode(X, theta)
+        residual = code @ theta - X
+        grad = (code.T @ residual) / X.shape[0]
+        loss = float(np.mean(
+            0.5 * np.einsum("ij,ij->i", residual, residual) + self.alpha * np.abs(code).sum(axis=1)
+        ))
+        return grad, loss
+
+    def default_learning_rate(self, init_stat):
+        r""":math:`1 / \lambda_{\max}(M)`, :math:`M = \overline{x^\top x}`, when the
+        clients sent their second moment (``init="pca"`` or the residual rule), else 1.
+
+        The curvature of the loss in :math:`D` is :math:`\lambda_{\max}(A)`,
+        the codes' energy, of the order of the rows' :math:`\lambda_{\max}(M)`
+        for unit atoms.
+        """
+        if init_stat is None or "M" not in init_stat:
+            return 1.0
+        M = np.asarray(init_stat["M"], dtype=np.float64)
+        top = float(np.linalg.eigvalsh((M + M.T) / 2)[-1])
+        return 1.0 / top if np.isfinite(top) and top > 0 else 1.0
+
 
 def _project_atoms_unit(D, positive):
     """Atoms scaled to unit norm (zero atoms left as they are)."""

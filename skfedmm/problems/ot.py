@@ -513,6 +513,35 @@ class EntropicOTProblem(MMProblem):
         r = self._floor(stat["mass"])
         return {"mass": (self.weights / r).astype(self.dtype)}
 
+    def gradient(self, X, theta):
+        r"""The stochastic semi-dual gradient (Genevay, Cuturi, Peyré, Bach, 2016).
+
+        :math:`\nabla_g \ell(x, g) = \chi(x; g) - b`, averaged over the
+        rows: the mean soft assignment minus the target weights (zero at the
+        optimum, where the masses match :math:`b`).
+
+        Returns
+        -------
+        grad : ndarray of shape (m,)
+        loss : float
+        """
+        stat, loss = self.local_statistic(X, theta)
+        grad = stat["mass"].astype(np.float64) - self.weights.astype(np.float64)
+        return grad.astype(self.dtype), loss
+
+    def default_learning_rate(self, init_stat):
+        r""":math:`\varepsilon / \max_j b_j`, the inverse curvature at the optimum.
+
+        The Hessian of the semi-dual objective is :math:`\varepsilon^{-1}
+        \mathbb{E}[\mathrm{diag}(\chi) - \chi\chi^\top]`, whose
+        diagonal is about :math:`b / \varepsilon` where the masses match the
+        target weights (a gradient step of this size then moves :math:`g_j`
+        by :math:`\varepsilon (b_j - r_j) / b_j`, the first-order
+        expansion of Sinkhorn's :math:`\varepsilon \log(b_j / r_j)`).
+        Needs the prepared problem (:attr:`reg_`).
+        """
+        return float(self.reg_ / np.max(self.weights.astype(np.float64)))
+
     def loss(self, X, theta):
         r"""Mean semi-dual loss :math:`\ell(x, g)` over the rows."""
         total = 0.0

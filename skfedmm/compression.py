@@ -119,7 +119,9 @@ class Compressor(ABC):
         if omega == 0:
             return 0.0
         ratio = 1.0 if math.isinf(omega) else omega / (1.0 + omega)
-        return ratio * float(np.dot(x_hat.astype(np.float64), x_hat.astype(np.float64)))
+        x_hat = np.asarray(x_hat, dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return ratio * float(np.dot(x_hat, x_hat))
 
     def __repr__(self):
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

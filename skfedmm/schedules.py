@@ -107,13 +107,14 @@ class _MeasuredStep:
         if not len(payloads):
             return self.floor
         noise = 0.0
-        for c, a, qi in zip(payloads, coefs, q):
-            c = np.asarray(c, dtype=np.float64)
-            sq = float(np.dot(c, c))
-            v = min(max(float(compressor.variance(c)), 0.0), sq)
-            noise += float(a) ** 2 * (v + (1.0 - float(qi)) * (sq - v))
-        H = np.asarray(H, dtype=np.float64)
-        signal = float(np.dot(H, H))
+        with np.errstate(over="ignore", invalid="ignore"):
+            for c, a, qi in zip(payloads, coefs, q):
+                c = np.asarray(c, dtype=np.float64)
+                sq = float(np.dot(c, c))
+                v = min(max(float(compressor.variance(c)), 0.0), sq)
+                noise += float(a) ** 2 * (v + (1.0 - float(qi)) * (sq - v))
+            H = np.asarray(H, dtype=np.float64)
+            signal = float(np.dot(H, H))
         if not (np.isfinite(noise) and np.isfinite(signal)) or signal <= 0:
             return self.floor
         return float(min(1.0, max(self.floor, 1.0 - noise / signal)))

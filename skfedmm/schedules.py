@@ -39,7 +39,7 @@ class PolynomialDecay:
 
 
 def auto_step_size(omega, q):
-    r"""The step size of ``step_size="auto"``.
+    r"""The worst-case step of ``step_size="auto"``.
 
     .. math::
 
@@ -50,8 +50,11 @@ def auto_step_size(omega, q):
     exact rounds (then FedMM is batch MM), smaller as compression and
     partial participation add variance to the server update (control
     variates make the participation term smaller than the compression
-    one). ``benchmarks/bench_step_size.py`` compares it with a grid of
-    constants on the dictionary-learning benchmark.
+    one). In noisy rounds ``"auto"`` measures the noise of each round's
+    messages and takes a larger step when they allow it; this worst-case
+    value is its floor. ``benchmarks/bench_step_size.py`` compares
+    ``"auto"`` with a grid of constants on the dictionary-learning
+    benchmark.
 
     Parameters
     ----------

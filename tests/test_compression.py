@@ -208,3 +208,54 @@ def test_measured_step_rule():
     assert rule.step(np.array([0.1, 0.0]), c, [1.0, 1.0], [1.0, 1.0], RandK(k=1)) == rule.floor
     assert rule.step(H, [], [], [], RandK(k=1)) == rule.floor
     assert rule.step(np.zeros(2), c, [0.5, 0.5], [1.0, 1.0], RandK(k=1)) == rule.floor
+
+
+# ------------------------------------------------- engine: bits and steps
+def _fit(clients, problem=None, **kwargs):
+    from skfedmm.engine import FedMM
+    from tests._helpers import CauchyLocation
+
+    return FedMM(problem or CauchyLocation(), random_state=0, **kwargs).fit(clients)
+
+
+def test_uncompressed_messages_are_counted_at_the_statistics_dtype():
+    from tests._helpers import CauchyLocation, make_clients
+
+    clients = [c.astype(np.float32) for c in make_clients(n_clients=3)]
+    h = _fit(clients, max_iter=3).history
+    d = 3 + 1  # wx and w, sent as float32 in every round
+    assert h["bits_up"][0] == 3 * (3 * 32) + 3 * (d * 32 + 64)
+    assert np.all(h["bits_up"][1:] == 3 * (d * 32 + 64))
+
+    class Float64Statistic(CauchyLocation):
+        """Float64 statistics of float32 rows travel (and count) as float64."""
+
+        def init_statistic(self, X):
+            return {"mean": X.mean(axis=0, dtype=np.float64)}
+
+        def local_statistic(self, X, theta):
+            stat, loss = super().local_statistic(X.astype(np.float64), theta)
+            return {k: v.astype(np.float64) for k, v in stat.items()}, loss
+
+    h = _fit(clients, Float64Statistic(), max_iter=2).history
+    assert h["bits_up"][0] == 3 * (3 * 64) + 3 * (d * 64 + 64)
+    # in the rounds the client's message is its difference in the fit's dtype
+    assert np.all(h["bits_up"][1:] == 3 * (d * 32 + 64))
+
+
+def test_measured_step_keeps_exact_rounds_and_is_reproducible():
+    from tests._helpers import make_clients
+
+    clients = make_clients(n_clients=6)
+    exact = _fit(clients, max_iter=4).history["step_size"][1:]
+    assert np.all(exact == 1.0)  # exact rounds: batch MM
+    kwargs = dict(max_iter=8, participation=0.7, compression=QSGD(s=2, bucket_size=2))
+    a, b = _fit(clients, **kwargs), _fit(clients, **kwargs)
+    steps = a.history["step_size"][1:]
+    floor = 1 / (1 + QSGD(s=2, bucket_size=2).omega(4) + 0.3 / (4 * 0.7))
+    assert np.all((steps >= floor) & (steps <= 1)) and len(set(steps)) > 1
+    assert np.array_equal(steps, b.history["step_size"][1:])
+    assert np.array_equal(a.theta, b.theta)
+    # a constant step is left alone
+    const = _fit(clients, step_size=0.3, **kwargs).history["step_size"][1:]
+    assert np.all(const == 0.3)

@@ -207,20 +207,39 @@ class QSGD(Compressor):
         b = self._bucket(d)
         n_buckets = -(-d // b)
         bits = n_buckets * _value_bits(x) + d * (1 + math.ceil(math.log2(self.s + 1)))
-        # buckets as rows (the last one zero-padded: padding has no bits)
-        padded = np.zeros(n_buckets * b, dtype=x.dtype)
-        padded[:d] = x
-        blocks = padded.reshape(n_buckets, b)
-        with np.errstate(over="ignore", invalid="ignore"):
-            norms = np.linalg.norm(blocks, axis=1)
+        norms = self.bucket_norms(x)
         if not np.all(np.isfinite(norms)):
             return x.copy(), bits
-        safe = np.where(norms > 0, norms, 1.0)[:, None]
-        scaled = (np.abs(blocks) * (self.s / safe)).ravel()[:d]
+        # each entry's bucket norm (a norm 0 has only zeros: any scale does)
+        safe = np.repeat(np.where(norms > 0, norms, 1.0), b)[:d]
+        scaled = np.abs(x) * (self.s / safe)
         lower = np.floor(scaled)
         levels = lower + (rng.random(d) < (scaled - lower))
         unit = np.repeat(norms / self.s, b)[:d]
         return (np.sign(x) * levels * unit).astype(x.dtype, copy=False), bits
+
+    def bucket_norms(self, x):
+        """The norms the message of ``x`` carries, one per bucket.
+
+        Parameters
+        ----------
+        x : ndarray of shape (d,)
+
+        Returns
+        -------
+        norms : ndarray of shape (ceil(d / bucket),)
+            In ``x``'s dtype.
+        """
+        self._check()
+        d = x.size
+        b = self._bucket(d)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if b >= d:
+                return np.array([np.linalg.norm(x)], dtype=x.dtype)
+            n_buckets = -(-d // b)
+            padded = np.zeros(n_buckets * b, dtype=x.dtype)  # zeros add nothing
+            padded[:d] = x
+            return np.linalg.norm(padded.reshape(n_buckets, b), axis=1).astype(x.dtype, copy=False)
 
 
 class RandK(Compressor):

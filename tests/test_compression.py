@@ -259,3 +259,23 @@ def test_measured_step_keeps_exact_rounds_and_is_reproducible():
     # a constant step is left alone
     const = _fit(clients, step_size=0.3, **kwargs).history["step_size"][1:]
     assert np.all(const == 0.3)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_bucketed_qsgd_travels_in_its_encoding_on_flower(dtype):
+    """A deployment sends one norm per bucket and the packed levels: the
+    compressor's reported bits, rounded up to whole bytes."""
+    pytest.importorskip("flwr")
+    from skfedmm.flower import records
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(300).astype(dtype)
+    x[128:256] = 0  # a bucket of zeros (norm 0)
+    compressor = QSGD(s=5, bucket_size=128)
+    recorder = records.RecordingCompressor(compressor)
+    payload, bits = recorder.compress(x, rng)
+    cfg, arrays = records.pack_payload(payload, compressor, recorder.norm)
+    assert cfg["encoding"] == "qsgd"
+    assert sum(a.numpy().nbytes for a in arrays.values()) == -(-bits // 8)
+    back = records.unpack_payload(cfg, arrays, compressor, 300, dtype)
+    assert back.dtype == payload.dtype and np.array_equal(back, payload)

@@ -190,19 +190,24 @@ def run_one(study, dataset, setting, seed, cfg):
     )
 
 
-def tasks(cfg):
+STUDIES = ("aggregation", "participation", "compression")
+
+
+def tasks(cfg, studies=STUDIES):
     out = []
+    if "compression" in studies and "participation" not in studies:
+        raise ValueError("the compression study needs the participation study (its reference)")
     for seed in range(cfg["runs"]):
-        for dataset in DATASETS:
+        for dataset in DATASETS if "aggregation" in studies else ():
             for agg in ("surrogate", "parameter"):
                 out.append(("aggregation", dataset, dict(label=agg, aggregation=agg), seed))
-        for p in PARTICIPATION:
+        for p in PARTICIPATION if "participation" in studies else ():
             for cv_name, cv in CV.items():
                 out.append((
                     "participation", "heterogeneous",
                     dict(label=f"p={p:g}, {cv_name}", participation=p, cv_rate=cv), seed,
                 ))
-        for comp_name, comp in COMPRESSION.items():
+        for comp_name, comp in COMPRESSION.items() if "compression" in studies else ():
             if comp is None:
                 continue  # the uncompressed reference is p=1 of the participation study
             for cv_name, cv in CV.items():
@@ -356,7 +361,7 @@ def report_ablation(results, study, cfg):
     rows = []
     for s in settings:
         runs = {cv_name: groups[f"{s}, {cv_name}"] for cv_name in CV}
-        gamma = histories(runs["CV"])[0]["step_size"][1]
+        gamma = np.mean([np.nanmean(h["step_size"][1:]) for h in histories(runs["CV"])])
         rows.append(
             [s, f"{gamma:.3f}"]
             + [fmt_ms([r["final"] for r in runs[cv_name]]) for cv_name in CV]
@@ -365,7 +370,7 @@ def report_ablation(results, study, cfg):
                          len(runs[cv_name])) for cv_name in CV]
         )
     what = "Mbit up" if uplink else "Mbit up+down"
-    print(table(["setting", "gamma", "final obj. (CV)", "final obj. (no CV)", "Mbit up (CV)",
+    print(table(["setting", "mean gamma", "final obj. (CV)", "final obj. (no CV)", "Mbit up (CV)",
                  "Mbit up (no CV)", f"{what} to reach (CV)", f"{what} to reach (no CV)"], rows))
     print(f"'to reach': {what} sent when the exact objective (evaluated every "
           f"{cfg['eval_every']} rounds) first falls within {REACH:.0%} of the reference final "
@@ -376,7 +381,7 @@ def report_ablation(results, study, cfg):
         reach = [bits_to_reach(r, target, uplink) for r in runs]
         out[label] = dict(
             final=mean_std([r["final"] for r in runs]),
-            step_size=float(histories(runs)[0]["step_size"][1]),
+            step_size=float(np.mean([np.nanmean(h["step_size"][1:]) for h in histories(runs)])),
             bits_up=float(np.mean([r["bits_up"] for r in runs])),
             bits_down=float(np.mean([r["bits_down"] for r in runs])),
             bits_to_reach=[None if not np.isfinite(v) else v for v in reach],
@@ -458,6 +463,9 @@ def main(argv=None):
                         help="runs per setting (seeds 0..runs-1); default 10, 1 with --quick")
     parser.add_argument("--n-jobs", type=int, default=1, help="fits run in parallel (joblib)")
     parser.add_argument("--out", default=RESULTS, help="output directory")
+    parser.add_argument("--studies", default=",".join(STUDIES),
+                        help="comma-separated studies to run (default: all); the compression "
+                             "study needs the participation study, its reference")
     parser.add_argument("--replot", metavar="JSON", default=None,
                         help="no fits: print the tables and redraw the figures of a previous run's "
                              "JSON file")
@@ -470,7 +478,10 @@ def main(argv=None):
     cfg = dict(QUICK if args.quick else FULL)
     if args.runs is not None:
         cfg["runs"] = args.runs
+    cfg["studies"] = [s for s in STUDIES if s in args.studies.split(",")]
     mode = "quick" if args.quick else f"{cfg['runs']}runs"
+    if cfg["studies"] != list(STUDIES):
+        mode += "_" + "_".join(cfg["studies"])
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, f"aggregation_{mode}.txt"), "w")
     stdout, sys.stdout = sys.stdout, Tee(sys.stdout, log)
@@ -486,7 +497,7 @@ def run(args, cfg, mode):
     print_header(info, cfg)
 
     t0 = time.perf_counter()
-    todo = tasks(cfg)
+    todo = tasks(cfg, cfg.get("studies", STUDIES))
     results = Parallel(n_jobs=args.n_jobs)(
         delayed(run_one)(study, dataset, setting, seed, cfg) for study, dataset, setting, seed in todo
     )
@@ -505,6 +516,8 @@ def replot(saved, out):
     cfg, results = saved["config"], saved["runs"]
     quick = all(cfg.get(k) == v for k, v in QUICK.items())
     mode = "quick" if quick else f"{cfg['runs']}runs"
+    if list(cfg.get("studies", STUDIES)) != list(STUDIES):
+        mode += "_" + "_".join(cfg["studies"])
     with open(os.path.join(out, f"aggregation_{mode}.txt"), "w") as log:
         stdout, sys.stdout = sys.stdout, Tee(sys.stdout, log)
         try:
@@ -528,19 +541,18 @@ def print_header(info, cfg):
 
 def outputs(results, cfg, mode, out, info, fit_time):
     """Print the tables; draw the figures; write the JSON and CSV (fresh runs)."""
-    summary = dict(
-        aggregation={f"{d}/{a}": v for (d, a), v in report_aggregation(results, cfg).items()},
-        participation=report_ablation(results, "participation", cfg),
-        compression=report_ablation(results, "compression", cfg),
-    )
-    paths = dict(
-        aggregation=os.path.join(out, f"aggregation_{mode}.png"),
-        participation=os.path.join(out, f"ablation_participation_{mode}.png"),
-        compression=os.path.join(out, f"ablation_compression_{mode}.png"),
-    )
-    figure_aggregation(results, paths["aggregation"])
-    figure_ablation(results, "participation", paths["participation"], "bits")
-    figure_ablation(results, "compression", paths["compression"], "bits_up")
+    studies = cfg.get("studies", STUDIES)
+    summary, paths = {}, {}
+    if "aggregation" in studies:
+        summary["aggregation"] = {f"{d}/{a}": v for (d, a), v in
+                                  report_aggregation(results, cfg).items()}
+        paths["aggregation"] = os.path.join(out, f"aggregation_{mode}.png")
+        figure_aggregation(results, paths["aggregation"])
+    for study, x_bits in (("participation", "bits"), ("compression", "bits_up")):
+        if study in studies:
+            summary[study] = report_ablation(results, study, cfg)
+            paths[study] = os.path.join(out, f"ablation_{study}_{mode}.png")
+            figure_ablation(results, study, paths[study], x_bits)
     print("\nwrote " + ", ".join(os.path.relpath(p, os.getcwd()) for p in paths.values()))
     if info is None:
         return

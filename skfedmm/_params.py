@@ -106,10 +106,14 @@ FEDERATED_PARAMETERS = (
         [StrOptions({"auto"}), Interval(Real, 0, 1, closed="right"), callable],
         """step_size : "auto", float in (0, 1] or callable, default="auto"
     Server step size :math:`\\gamma_t`: a constant, or a callable of the
-    round index such as :class:`~skfedmm.PolynomialDecay`. ``"auto"``:
+    round index such as :class:`~skfedmm.PolynomialDecay`. ``"auto"``: 1
+    without compression and with full participation (batch MM);
+    otherwise measured on each round's messages, the share of the
+    server's update direction above its estimated compression and
+    participation noise, never below
     :math:`1 / (1 + \\omega + (1 - q) / (4 q))` for the compressor's
-    :math:`\\omega` and participation :math:`q` (1 without compression
-    and with full participation; see :func:`skfedmm.schedules.auto_step_size`).""",
+    :math:`\\omega` and participation :math:`q` (see
+    :func:`skfedmm.schedules.auto_step_size`).""",
     ),
     FederatedParam(
         "cv_rate", "auto", [StrOptions({"auto"}), Interval(Real, 0, 1, closed="both")],

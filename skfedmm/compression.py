@@ -17,7 +17,9 @@ Every compressor also reports the exact number of bits its message takes, so
 that the communication log of a fit is honest.
 
 Users can plug their own compressor by subclassing :class:`Compressor` and
-implementing :meth:`Compressor.omega` and :meth:`Compressor.compress`.
+implementing :meth:`Compressor.omega` and :meth:`Compressor.compress`
+(optionally :meth:`Compressor.variance`, the receiver's estimate of a
+message's compression error).
 """
 
 import math
@@ -92,6 +94,35 @@ class Compressor(ABC):
             Exact number of bits of the encoded message.
         """
 
+    def variance(self, x_hat):
+        r"""Estimate of the compression error :math:`E\|Q(x) - x\|^2` of one message.
+
+        Computed by the receiver from the decoded message alone (it costs
+        no bits). The step rule of ``step_size="auto"`` weighs the noise of
+        the round's messages with it. The default,
+        :math:`\frac{\omega}{1 + \omega} \|\hat x\|^2`, is unbiased when
+        the compressor's error is :math:`\omega \|x\|^2` (because then
+        :math:`E\|\hat x\|^2 = (1 + \omega) \|x\|^2`) and an
+        overestimate when it is smaller. Override it if a tighter estimate
+        is available.
+
+        Parameters
+        ----------
+        x_hat : ndarray of shape (d,)
+            A message as returned by :meth:`compress`.
+
+        Returns
+        -------
+        variance : float
+        """
+        omega = float(self.omega(x_hat.size))
+        if omega == 0:
+            return 0.0
+        ratio = 1.0 if math.isinf(omega) else omega / (1.0 + omega)
+        x_hat = np.asarray(x_hat, dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return ratio * float(np.dot(x_hat, x_hat))
+
     def __repr__(self):
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({params})"
@@ -118,50 +149,97 @@ class Identity(Compressor):
 
 
 class QSGD(Compressor):
-    r"""Stochastic quantization with ``s`` levels (QSGD, Alistarh et al. 2017).
+    r"""Stochastic quantization with ``s`` levels per bucket (QSGD, Alistarh et al. 2017).
+
+    The message is cut into consecutive buckets of ``bucket_size`` entries
+    (the last one may be shorter); each bucket :math:`x_B` is quantized
+    against its own norm:
 
     .. math::
 
-        Q(x)_j = \|x\|_2 \, \mathrm{sign}(x_j) \, \frac{\ell_j}{s},
+        Q(x)_j = \|x_B\|_2 \, \mathrm{sign}(x_j) \, \frac{\ell_j}{s},
+        \qquad j \in B,
 
     where:
 
-    - :math:`\ell_j \in \{0, \dots, s\}` is :math:`\lfloor s |x_j| / \|x\|_2
-      \rfloor` rounded up with probability equal to the fractional part
-      (which makes :math:`Q` unbiased),
-    - :math:`\omega = \min(d / s^2, \sqrt{d} / s)`.
+    - :math:`\ell_j \in \{0, \dots, s\}` is :math:`\lfloor s |x_j| /
+      \|x_B\|_2 \rfloor` rounded up with probability equal to the fractional
+      part (which makes :math:`Q` unbiased),
+    - :math:`\omega = \min(b / s^2, \sqrt{b} / s)`, with :math:`b` the
+      bucket length (``min(bucket_size, d)``): one norm per bucket keeps
+      :math:`\omega` bounded whatever the message length :math:`d`.
 
-    The message is the norm (one value at the dtype's precision), one sign
-    bit and :math:`\lceil \log_2 (s + 1) \rceil` bits per entry.
+    The message is one norm per bucket (a value at the dtype's precision),
+    one sign bit and :math:`\lceil \log_2 (s + 1) \rceil` bits per entry.
 
     Parameters
     ----------
     s : int, default=16
         Number of quantization levels, at least 1.
+    bucket_size : int or None, default=128
+        Entries per bucket (one norm each). None: one bucket for the whole
+        message (the original QSGD, whose :math:`\omega` grows like
+        :math:`\sqrt{d} / s`).
     """
 
-    def __init__(self, s=16):
+    def __init__(self, s=16, bucket_size=128):
         self.s = s
+        self.bucket_size = bucket_size
 
     def _check(self):
         if not isinstance(self.s, Integral) or isinstance(self.s, bool) or self.s < 1:
             raise ValueError(f"QSGD needs an integer number of levels s >= 1, got {self.s!r}.")
+        b = self.bucket_size
+        if b is not None and (not isinstance(b, Integral) or isinstance(b, bool) or b < 1):
+            raise ValueError(f"QSGD needs an integer bucket_size >= 1 or None, got {b!r}.")
+
+    def _bucket(self, d):
+        return max(1, d if self.bucket_size is None else min(int(self.bucket_size), d))
 
     def omega(self, d):
         self._check()
-        return min(d / self.s**2, math.sqrt(d) / self.s)
+        b = self._bucket(d)
+        return min(b / self.s**2, math.sqrt(b) / self.s)
 
     def compress(self, x, rng):
         self._check()
         d = x.size
-        bits = _value_bits(x) + d * (1 + math.ceil(math.log2(self.s + 1)))
-        norm = np.linalg.norm(x)
-        if norm == 0 or not np.isfinite(norm):
-            return np.zeros_like(x) if norm == 0 else x.copy(), bits
-        scaled = np.abs(x) * (self.s / norm)
+        b = self._bucket(d)
+        n_buckets = -(-d // b)
+        bits = n_buckets * _value_bits(x) + d * (1 + math.ceil(math.log2(self.s + 1)))
+        norms = self.bucket_norms(x)
+        if not np.all(np.isfinite(norms)):
+            return x.copy(), bits
+        # each entry's bucket norm (a norm 0 has only zeros: any scale does)
+        safe = np.repeat(np.where(norms > 0, norms, 1.0), b)[:d]
+        scaled = np.abs(x) * (self.s / safe)
         lower = np.floor(scaled)
         levels = lower + (rng.random(d) < (scaled - lower))
-        return (np.sign(x) * levels * (norm / self.s)).astype(x.dtype, copy=False), bits
+        unit = np.repeat(norms / self.s, b)[:d]
+        return (np.sign(x) * levels * unit).astype(x.dtype, copy=False), bits
+
+    def bucket_norms(self, x):
+        """The norms the message of ``x`` carries, one per bucket.
+
+        Parameters
+        ----------
+        x : ndarray of shape (d,)
+
+        Returns
+        -------
+        norms : ndarray of shape (ceil(d / bucket),)
+            In ``x``'s dtype.
+        """
+        self._check()
+        d = x.size
+        b = self._bucket(d)
+        with np.errstate(over="ignore", invalid="ignore"):
+            if b >= d:
+                return np.array([np.linalg.norm(x)], dtype=x.dtype)
+            n_buckets = -(-d // b)
+            padded = np.zeros(n_buckets * b, dtype=x.dtype)  # zeros add nothing
+            padded[:d] = x
+            return np.linalg.norm(padded.reshape(n_buckets, b), axis=1).astype(x.dtype, copy=False)
 
 
 class RandK(Compressor):
@@ -221,7 +299,7 @@ def make_compressor(compression):
     compression : None, str, (str, dict) or Compressor
         ``None`` or ``"identity"``: no compression. ``"qsgd"`` or
         ``"randk"``: those compressors with their default parameters
-        (``QSGD(s=16)``, ``RandK(ratio=0.1)``). ``(name, params)``: the named
+        (``QSGD(s=16, bucket_size=128)``, ``RandK(ratio=0.1)``). ``(name, params)``: the named
         compressor built with ``params``, e.g. ``("qsgd", {"s": 4})``.
         A :class:`Compressor` instance is used as is.
 

@@ -71,7 +71,7 @@ from ._params import (
     validate_params,
 )
 from .history import _Progress, History  # noqa: F401
-from .schedules import PolynomialDecay, _step_schedule, auto_step_size  # noqa: F401
+from .schedules import PolynomialDecay, _MeasuredStep, _step_schedule, auto_step_size  # noqa: F401
 from .federation.client import ClientConfig, ClientMessage, ClientState  # noqa: F401
 from .federation.client import Unverified, _current_cv
 from .federation.transport import LocalTransport, RemoteClients, Transport
@@ -163,6 +163,12 @@ def _norm(v):
     """The Euclidean norm for the history (inf, silently, past the float range)."""
     with np.errstate(over="ignore", invalid="ignore"):
         return float(np.linalg.norm(v))
+
+
+def _sent_bits(stat):
+    """Bits of an uncompressed statistic as a client sends it: each array at its own dtype."""
+    arrays = stat.values() if isinstance(stat, dict) else [stat]
+    return sum(8 * np.asarray(a).dtype.itemsize * np.asarray(a).size for a in arrays)
 
 
 def _check_loss(loss):
@@ -279,6 +285,10 @@ class _RoundContext:
         Each client's probability of taking part in a round.
     t0 : float
         The fit's start (``time.perf_counter``), for the history.
+    step_rule : object, default=None
+        The measured step of ``step_size="auto"`` in noisy rounds
+        (:class:`~skfedmm.schedules._MeasuredStep`), which sets each
+        round's step from its messages; None for the other schedules.
     """
 
     transport: object
@@ -286,6 +296,7 @@ class _RoundContext:
     failures: object
     q: object
     t0: float
+    step_rule: object = None
 
 
 class _FailureLog:
@@ -626,7 +637,8 @@ class FedMM:
                     raise ValueError(f"step_size gave gamma={gamma!r} at round {t}; it must be in (0, 1].")
                 evaluate = exact or (self.eval_every is not None and (t + 1) % self.eval_every == 0)
                 state = self._round(
-                    _RoundContext(transport, cfg, failures, q, t0),
+                    _RoundContext(transport, cfg, failures, q, t0,
+                                  schedule if isinstance(schedule, _MeasuredStep) else None),
                     state, server_rng, active, gamma, evaluate,
                 )
                 if on_commit is not None:
@@ -753,15 +765,16 @@ class FedMM:
                     raise InvalidMessageError("sent an initialization statistic nobody else sent")
                 return None
             flat = init_layout.flatten(stat, dtype)
-            return check_vector_message(flat, init_layout.size, "initialization statistic")
+            flat = check_vector_message(flat, init_layout.size, "initialization statistic")
+            return flat, _sent_bits(stat)
 
         answered, fails = failures.answers(range(n), results, 0, needed=1, validate=check_init)
         failed += fails
         agg_init = None
         if init_layout is not None:
             idx = [i for i, _ in answered]
-            flat = [f for _, f in answered]
-            bits_up += len(idx) * init_layout.size * 8 * itemsize
+            flat = [f for _, (f, _) in answered]
+            bits_up += sum(b for _, (_, b) in answered)
             w = weights[idx] / weights[idx].sum()
             combine = getattr(self.problem, "combine_init_statistics", None)
             agg_init = (
@@ -806,14 +819,14 @@ class FedMM:
                 raise InvalidMessageError("expected a (statistic, loss) pair")
             stat, loss = answer
             flat = check_statistic_message(problem, layout, layout.flatten(stat, dtype), theta0)
-            return flat, _check_loss(loss)
+            return flat, _check_loss(loss), _sent_bits(stat)
 
         answered, fails = failures.answers(range(n), results, 0, needed=1, validate=check_full)
         failed += fails
         idx = [i for i, _ in answered]
-        stats = [f for _, (f, _) in answered]
-        losses = np.array([loss for _, (_, loss) in answered], dtype=float)
-        bits_up += len(idx) * (layout.size * 8 * itemsize + 64)
+        stats = [f for _, (f, _, _) in answered]
+        losses = np.array([loss for _, (_, loss, _) in answered], dtype=float)
+        bits_up += sum(b + 64 for _, (_, _, b) in answered)
         w = weights[idx] / weights[idx].sum()
         s_agg = aggregate(stats, w)
         s_hat = layout.flatten(problem.project(layout.unflatten(s_agg)), dtype)
@@ -920,6 +933,10 @@ class FedMM:
             H = state.cv.copy()
             if len(idx):
                 H = aggregate(payloads, reweight * w_ans / q[idx], out=H)
+            if ctx.step_rule is not None:
+                gamma = ctx.step_rule.step(H, payloads, reweight * w_ans / q[idx], q[idx],
+                                           cfg.compressor)
+                row["step_size"] = gamma
             s_old = state.s_hat
             # S_hat + H estimates sbar(theta_t); project that estimate, then
             # move by gamma towards it (a convex combination of valid

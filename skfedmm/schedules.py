@@ -2,6 +2,8 @@
 
 from numbers import Real
 
+import numpy as np
+
 __all__ = ["PolynomialDecay", "auto_step_size"]
 
 
@@ -37,7 +39,7 @@ class PolynomialDecay:
 
 
 def auto_step_size(omega, q):
-    r"""The step size of ``step_size="auto"``.
+    r"""The worst-case step of ``step_size="auto"``.
 
     .. math::
 
@@ -48,8 +50,11 @@ def auto_step_size(omega, q):
     exact rounds (then FedMM is batch MM), smaller as compression and
     partial participation add variance to the server update (control
     variates make the participation term smaller than the compression
-    one). ``benchmarks/bench_step_size.py`` compares it with a grid of
-    constants on the dictionary-learning benchmark.
+    one). In noisy rounds ``"auto"`` measures the noise of each round's
+    messages and takes a larger step when they allow it; this worst-case
+    value is its floor. ``benchmarks/bench_step_size.py`` compares
+    ``"auto"`` with a grid of constants on the dictionary-learning
+    benchmark.
 
     Parameters
     ----------
@@ -63,11 +68,68 @@ def auto_step_size(omega, q):
     return 1.0 / (1.0 + omega + (1.0 - q) / (4.0 * q))
 
 
+class _MeasuredStep:
+    r"""``step_size="auto"`` for noisy rounds: a step measured on each round's messages.
+
+    The server's update direction :math:`H_t` is an unbiased but noisy
+    estimate of the mean field. Given the round's messages, the noise of
+    :math:`H_t` (compression and participation) has the unbiased estimate
+
+    .. math::
+
+        N_t = \sum_{i \in A_t} a_i^2 \big(v_i + (1 - q_i)
+        (\|c_i\|^2 - v_i)_+\big),
+
+    where :math:`a_i` is the weight of message :math:`c_i` in :math:`H_t`,
+    :math:`q_i` the client's participation probability and :math:`v_i` the
+    compressor's estimate of the message's compression error
+    (:meth:`~skfedmm.compression.Compressor.variance`). The step is the
+    positive-part James-Stein factor of :math:`H_t`,
+
+    .. math::
+
+        \gamma_t = \max\big(\gamma_\text{floor},\;
+        1 - N_t / \|H_t\|^2\big),
+
+    which keeps the part of :math:`H_t` that stands above its noise: close
+    to 1 when the control variates have made the messages small next to the
+    mean field, smaller when noise dominates. The floor is the worst-case
+    rule :func:`auto_step_size`. Everything is computed from the messages
+    the server receives, in client order: the step is a deterministic
+    function of the run's random streams, whatever ``n_jobs``.
+    """
+
+    def __init__(self, floor):
+        self.floor = float(floor)
+
+    def __call__(self, t):
+        return self.floor
+
+    def step(self, H, payloads, coefs, q, compressor):
+        """The step of a round from its direction ``H`` and its messages."""
+        if not len(payloads):
+            return self.floor
+        noise = 0.0
+        with np.errstate(over="ignore", invalid="ignore"):
+            for c, a, qi in zip(payloads, coefs, q):
+                c = np.asarray(c, dtype=np.float64)
+                sq = float(np.dot(c, c))
+                v = min(max(float(compressor.variance(c)), 0.0), sq)
+                noise += float(a) ** 2 * (v + (1.0 - float(qi)) * (sq - v))
+            H = np.asarray(H, dtype=np.float64)
+            signal = float(np.dot(H, H))
+        if not (np.isfinite(noise) and np.isfinite(signal)) or signal <= 0:
+            return self.floor
+        return float(min(1.0, max(self.floor, 1.0 - noise / signal)))
+
+
 def _step_schedule(step_size, omega, q):
     if isinstance(step_size, str):
         if step_size != "auto":
             raise ValueError(f"step_size must be 'auto', a float or a callable, got {step_size!r}.")
         gamma = auto_step_size(omega, q)
+        if gamma < 1:
+            return _MeasuredStep(gamma)
         return lambda t: gamma
     if callable(step_size):
         return step_size

@@ -218,9 +218,12 @@ def test_step_size_schedules():
     noisy = FedMM(CauchyLocation(), max_iter=3, participation=0.5, compression=QSGD(s=2),
                   random_state=0).fit(clients)
     exact = FedMM(CauchyLocation(), max_iter=3, random_state=0).fit(clients)
-    # "auto": 1 / (1 + omega + (1 - q) / (4 q)); the statistic has 4 entries
+    # "auto" in noisy rounds: measured on the messages, never below the
+    # worst-case step 1 / (1 + omega + (1 - q) / (4 q)); 4 entries
     omega = QSGD(s=2).omega(4)
-    np.testing.assert_allclose(noisy.history["step_size"][1:], 1 / (1 + omega + 0.5 / 2))
+    floor = 1 / (1 + omega + 0.5 / 2)
+    assert np.all(noisy.history["step_size"][1:] >= floor - 1e-15)
+    assert np.all(noisy.history["step_size"][1:] <= 1.0)
     assert np.all(exact.history["step_size"][1:] == 1.0)
     assert auto_step_size(0.0, 1.0) == 1.0 and 0 < auto_step_size(50.0, 0.01) < 0.02
 

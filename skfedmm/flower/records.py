@@ -682,9 +682,9 @@ def decode_request(content, dtype):
 class RecordingCompressor:
     """Wraps a compressor on the node and keeps what its encoding needs.
 
-    QSGD's message is the norm, one sign bit and a level per entry; the
-    norm is not recoverable from the dequantized payload, so the node
-    records it as it compresses.
+    QSGD's message is one norm per bucket, one sign bit and a level per
+    entry; the norms are not recoverable from the dequantized payload, so
+    the node records them as it compresses.
     """
 
     def __init__(self, compressor):
@@ -698,7 +698,7 @@ class RecordingCompressor:
         from ..compression import QSGD
 
         if isinstance(self.compressor, QSGD):
-            self.norm = np.linalg.norm(x)  # the very value QSGD computes
+            self.norm = self.compressor.bucket_norms(x)  # the very values QSGD uses
         return self.compressor.compress(x, rng)
 
 
@@ -721,7 +721,7 @@ def _unpack_uint(packed, n, width):
 def pack_payload(payload, compressor, norm=None):
     r"""The payload in its compressor's encoding: (config, arrays).
 
-    ``"qsgd"``: the norm and, per entry, a sign bit and
+    ``"qsgd"``: one norm per bucket and, per entry, a sign bit and
     :math:`\lceil \log_2(s + 1) \rceil` level bits; ``"randk"``: the
     ``k`` kept values and their indices (:math:`\lceil \log_2 d \rceil`
     bits each); otherwise (or when the payload does not decode to itself,
@@ -734,16 +734,18 @@ def pack_payload(payload, compressor, norm=None):
     d, dtype = payload.size, payload.dtype
     cfg, arrays = ConfigRecord({"encoding": "dense"}), ArrayRecord()
     try:
-        if isinstance(compressor, QSGD) and norm is not None and np.isfinite(norm) and norm > 0:
+        norms = None if norm is None else np.asarray(norm, dtype=dtype).reshape(-1)
+        if (isinstance(compressor, QSGD) and norms is not None and np.all(np.isfinite(norms))
+                and np.all(norms >= 0) and norms.size == -(-d // compressor._bucket(d))):
             s = int(compressor.s)
-            scale = norm / s
+            scale = np.repeat(np.where(norms > 0, norms, 1) / s, compressor._bucket(d))[:d]
             q = np.rint(payload / scale)
             if np.all(np.abs(q) <= s) and np.array_equal(q.astype(dtype) * scale, payload):
                 width = 1 + max(1, math.ceil(math.log2(s + 1)))
                 signed = (np.abs(q).astype(np.uint64) | (np.uint64(1) << np.uint64(width - 1))
                           * (q < 0).astype(np.uint64))
                 cfg["encoding"] = "qsgd"
-                arrays["norm"] = Array(np.asarray([norm], dtype=dtype))
+                arrays["norm"] = Array(np.ascontiguousarray(norms))
                 arrays["levels"] = Array(_uint_bits(signed, width))
                 return cfg, arrays
         if isinstance(compressor, RandK) and d > 1:
@@ -777,7 +779,8 @@ def unpack_payload(cfg, arrays, compressor, size, dtype):
     if encoding == "qsgd" and isinstance(compressor, QSGD):
         if set(arrays.keys()) != {"norm", "levels"}:
             raise WireError(f"expected the arrays 'norm', 'levels', got {sorted(arrays.keys())}")
-        norm = _vector(arrays, "norm", 1, dtype)[0]
+        bucket = compressor._bucket(size)
+        norms = _vector(arrays, "norm", -(-size // bucket), dtype)
         packed = arrays["levels"].numpy()
         if packed.dtype != np.uint8 or packed.ndim != 1:
             raise WireError("the packed levels are not bytes")
@@ -788,10 +791,11 @@ def unpack_payload(cfg, arrays, compressor, size, dtype):
         signed = _unpack_uint(packed, size, width)
         neg = (signed >> np.uint64(width - 1)).astype(bool)
         levels = (signed & ((np.uint64(1) << np.uint64(width - 1)) - np.uint64(1))).astype(np.int64)
-        if norm <= 0 or np.any(levels > s):
+        zero = np.repeat(norms == 0, bucket)[:size]
+        if np.any(norms < 0) or np.any(levels > s) or np.any(levels[zero] != 0):
             raise WireError("a QSGD level or norm is out of range")
         q = np.where(neg, -levels, levels).astype(dtype)
-        return q * (norm / s)
+        return q * np.repeat(norms / s, bucket)[:size]
     if encoding == "randk" and isinstance(compressor, RandK):
         if set(arrays.keys()) != {"values", "indices"}:
             raise WireError(f"expected the arrays 'values', 'indices', got {sorted(arrays.keys())}")

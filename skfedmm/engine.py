@@ -933,7 +933,7 @@ class FedMM:
             H = state.cv.copy()
             if len(idx):
                 H = aggregate(payloads, reweight * w_ans / q[idx], out=H)
-            if ctx.step_rule is not None:
+            if ctx.step_rule is not None and state.log_scale is None:
                 gamma = ctx.step_rule.step(H, payloads, reweight * w_ans / q[idx], q[idx],
                                            cfg.compressor)
                 row["step_size"] = gamma

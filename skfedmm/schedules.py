@@ -97,6 +97,12 @@ class _MeasuredStep:
     rule :func:`auto_step_size`. Everything is computed from the messages
     the server receives, in client order: the step is a deterministic
     function of the run's random streams, whatever ``n_jobs``.
+
+    Problems whose statistic is stored relative to the current parameter
+    (:meth:`~skfedmm.problems.MMProblem.rescale`, the entropic OT map) keep
+    the worst-case rule: their messages change scale from round to round
+    with the rescaling, and the measured step overshoots there (entropic OT
+    with ``compression="randk"`` diverged with it).
     """
 
     def __init__(self, floor):

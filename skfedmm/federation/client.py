@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..compression import Identity
 from .local import _aligned, _ClientContext
 
 __all__ = ["ClientConfig", "ClientMessage", "ClientState", "CLIENT_TASKS"]
@@ -66,6 +67,25 @@ class ClientMessage:
     loss: float
 
 
+def _copy_rng(rng):
+    """A private copy of a random stream (a Generator: state copied, not pickled)."""
+    if type(rng) is np.random.Generator:
+        bit_generator = rng.bit_generator
+        new = np.random.Generator(type(bit_generator)(_SEED))
+        new.bit_generator.state = bit_generator.state
+        return new
+    return copy.deepcopy(rng)
+
+
+_SEED = np.random.SeedSequence(0)  # (overwritten at once: only saves drawing OS entropy)
+
+
+def _uses_rng(X, cfg):
+    """Whether a surrogate round draws from the client's stream."""
+    draws = cfg.batch_size is not None and cfg.batch_size < X.shape[0]
+    return draws or type(cfg.compressor) is not Identity
+
+
 def _draw_batch(X, batch_size, rng):
     n = X.shape[0]
     if batch_size is None or batch_size >= n:
@@ -117,7 +137,8 @@ def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
     """One surrogate-aggregation round on one client."""
     with _ClientContext(cfg.pin):
         # a private copy: a failed round leaves the client's stream untouched
-        rng = copy.deepcopy(state.rng)
+        # (a round that draws nothing shares the unchanged stream)
+        rng = _copy_rng(state.rng) if _uses_rng(X, cfg) else state.rng
         X, s_hat, cv = (_aligned(a) for a in (X, s_hat, state.cv))
         theta = _map_param(_aligned, theta)
         cv = _current_cv(cv, state.log_scale, log_scale)
@@ -135,7 +156,7 @@ def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
 def _client_parameter(problem, X, state, theta, cfg):
     """One parameter-aggregation round: local MM steps, send the change."""
     with _ClientContext(cfg.pin):
-        rng = copy.deepcopy(state.rng)
+        rng = _copy_rng(state.rng)
         X, theta = _aligned(X), _map_param(_aligned, theta)
         param_layout = cfg.param_layout
         local = theta

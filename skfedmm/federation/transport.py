@@ -15,6 +15,7 @@ so the fitted model does not depend on the transport.
 """
 
 import contextlib
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -22,7 +23,17 @@ import numpy as np
 from joblib import Parallel, delayed
 
 from .client import CLIENT_TASKS
-from .local import _client_guard, _dask_client, _guarded, _place_clients, blas_limited
+from .local import (
+    _client_guard,
+    _dask_client,
+    _guarded,
+    _place_clients,
+    _run_group,
+    _single_blas_thread,
+    _RowsFile,
+    _Scheduler,
+    blas_limited,
+)
 
 __all__ = ["LocalTransport", "RemoteClients", "Transport"]
 
@@ -183,25 +194,38 @@ class LocalTransport(Transport):
         return self.clients[0].dtype
 
     @property
+    def n_features(self):
+        return self.clients[0].shape[1] if np.ndim(self.clients[0]) == 2 else None
+
+    @property
     def pin(self):
-        """BLAS on one thread in client work (several clients)."""
-        return len(self.clients) > 1
+        """BLAS on one thread in client work (several clients, or small ones)."""
+        return _single_blas_thread(len(self.clients), self.n_rows, self.n_features)
 
     def __enter__(self):
+        from joblib import effective_n_jobs
+        from joblib.parallel import get_active_backend
+
         stack = contextlib.ExitStack()
         try:
             # BLAS on one thread in this process for the whole fit (clients
-            # in threads and the server's steps alike); workers limit theirs
+            # run here and the server's steps alike); workers limit theirs
             stack.enter_context(blas_limited(self.pin))
-            # one task per client on Dask, so that each runs where its rows
-            # are (joblib's automatic batching would group clients of
-            # different workers into one task and move their rows every round)
-            batch_size = 1 if _dask_client() is not None else "auto"
-            self._parallel = stack.enter_context(
-                Parallel(n_jobs=self.n_jobs, batch_size=batch_size)
-            )
-            # the rows go where the workers read them once, here
-            self._placed = _place_clients(self.clients, self.n_jobs, stack, token=self.run_id)
+            backend = type(get_active_backend()[0]).__name__
+            self._dask = _dask_client() is not None
+            self._processes = backend in ("LokyBackend", "MultiprocessingBackend")
+            n_workers = 1 if self.n_jobs == 1 else effective_n_jobs(self.n_jobs)
+            kind = "processes" if self._processes else (
+                "threads" if backend == "ThreadingBackend" else backend)
+            self._scheduler = _Scheduler(n_workers, kind)
+            self._parallel = None
+            if self._dask:
+                # one task per client on Dask, each where its rows are
+                self._parallel = stack.enter_context(Parallel(n_jobs=self.n_jobs, batch_size=1))
+            # the rows go where the workers read them once, here (and the
+            # record of busy clients is one that they and this process see)
+            self._placed = _place_clients(self.clients, n_workers, stack, token=self.run_id)
+            self._busy = self._placed.busy
         except BaseException:
             stack.close()
             raise
@@ -215,13 +239,76 @@ class LocalTransport(Transport):
             return stack.__exit__(*exc)
         return False
 
+    def _workers(self):
+        """joblib's workers (started on first use) and the rows as they read them."""
+        if self._parallel is None:
+            self._parallel = self._stack.enter_context(Parallel(n_jobs=self.n_jobs))
+        return self._parallel, self._placed.rows
+
     def run(self, task, indices, problem, *args, states=None, per_client=None):
         if self._stack is None:
             raise RuntimeError("Enter the transport (`with transport:`) before running tasks.")
         fn = CLIENT_TASKS[task]
-        indices = list(indices)
+        indices = [int(i) for i in indices]
         if not indices:
             return []
+        if self._dask:
+            return self._run_per_client(fn, indices, problem, args, states, per_client)
+        items = [
+            (i, () if states is None else (states[i],), () if per_client is None else (per_client[i],))
+            for i in indices
+        ]
+        scheduler = self._scheduler
+        timeout, busy = self.timeout, self._busy
+        answers = []
+        if not scheduler.known(task) and scheduler.n_workers > 1:
+            # measure the first clients here (a few milliseconds), then decide
+            start = time.perf_counter()
+            times = []
+            while len(times) < len(items) and (not times or time.perf_counter() - start < scheduler.probe):
+                (ans,), seconds = _run_group(
+                    fn, problem, args, self.clients, items[len(times):len(times) + 1], self.pin,
+                    timeout, busy,
+                )
+                answers.append(ans)
+                times.append(seconds)
+            # (the median: a first call may pay one-off costs)
+            scheduler.record_here(task, 1, float(np.median(times)))
+            items = items[len(times):]
+        if not items:
+            return answers
+        if not scheduler.parallel(task, len(items)):
+            out, seconds = _run_group(fn, problem, args, self.clients, items, self.pin, timeout, busy)
+            scheduler.record_here(task, len(items), seconds)
+            return answers + out
+        parallel, rows = self._workers()
+        groups = self._groups(items, scheduler.n_workers)
+        start = time.perf_counter()
+        outs = parallel(
+            delayed(_run_group)(
+                fn, problem, args,
+                rows.subset([i for i, _, _ in g]) if isinstance(rows, _RowsFile) else rows,
+                g, self.pin, timeout, busy,
+            )
+            for g in groups
+        )
+        scheduler.record_there(
+            task, [len(g) for g in groups], [sec for _, sec in outs], time.perf_counter() - start
+        )
+        for out, _ in outs:
+            answers += out
+        return answers
+
+    def _groups(self, items, n_groups):
+        """Consecutive groups of clients with about equal numbers of rows."""
+        sizes = np.array([self.clients[i].shape[0] for i, _, _ in items], dtype=float) + 1.0
+        bounds = np.searchsorted(np.cumsum(sizes), sizes.sum() * np.arange(1, n_groups) / n_groups)
+        cuts = [0, *sorted(set(int(b) + 1 for b in bounds)), len(items)]
+        cuts = sorted(set(min(c, len(items)) for c in cuts))
+        return [items[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+    def _run_per_client(self, fn, indices, problem, args, states, per_client):
+        """One task per client (Dask: each runs where its rows were scattered)."""
 
         def call(i):
             head = (problem, self._placed[i]) + (() if states is None else (states[i],))

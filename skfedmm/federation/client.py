@@ -18,6 +18,8 @@ from .local import _aligned, _ClientContext
 
 __all__ = ["ClientConfig", "ClientMessage", "ClientState", "CLIENT_TASKS"]
 
+_SEED = np.random.SeedSequence(0)  # (streams made from it are overwritten at once)
+
 
 def _map_param(fn, theta):
     """Apply ``fn`` to a parameter's array(s), keeping its structure."""
@@ -46,6 +48,28 @@ class ClientState:
     rng: object
     log_scale: object = None
 
+    def __reduce__(self):
+        # a Generator travels as its state: unpickled without drawing OS
+        # entropy to seed a stream that is overwritten at once
+        rng = self.rng
+        if type(rng) is np.random.Generator:
+            bit_generator = rng.bit_generator
+            rng = (_stream, (type(bit_generator), bit_generator.state))
+        return _client_state, (self.cv, rng, self.log_scale)
+
+
+def _stream(bit_generator_type, state):
+    """A Generator in the given state."""
+    new = np.random.Generator(bit_generator_type(_SEED))
+    new.bit_generator.state = state
+    return new
+
+
+def _client_state(cv, rng, log_scale):
+    if isinstance(rng, tuple) and len(rng) == 2 and rng[0] is _stream:
+        rng = _stream(*rng[1])
+    return ClientState(cv=cv, rng=rng, log_scale=log_scale)
+
 
 @dataclass
 class ClientMessage:
@@ -71,13 +95,8 @@ def _copy_rng(rng):
     """A private copy of a random stream (a Generator: state copied, not pickled)."""
     if type(rng) is np.random.Generator:
         bit_generator = rng.bit_generator
-        new = np.random.Generator(type(bit_generator)(_SEED))
-        new.bit_generator.state = bit_generator.state
-        return new
+        return _stream(type(bit_generator), bit_generator.state)
     return copy.deepcopy(rng)
-
-
-_SEED = np.random.SeedSequence(0)  # (overwritten at once: only saves drawing OS entropy)
 
 
 def _uses_rng(X, cfg):

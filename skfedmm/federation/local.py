@@ -653,7 +653,7 @@ class _AlignedRows:
 # --------------------------------------------------------------------------
 # Groups of clients: one task per worker, and where each group runs
 # --------------------------------------------------------------------------
-def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None):
+def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None, guarded=None):
     """Run one client task on a group of clients, each guarded on its own.
 
     One joblib task carries a whole group: the problem and the round's
@@ -679,6 +679,8 @@ def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None):
     timeout : float or None
     busy : _BusyRegistry or None
         The fit's registry of busy clients (with a ``timeout``).
+    guarded : callable, default=None
+        The guard of each call; :func:`_guarded` when None.
 
     Returns
     -------
@@ -689,6 +691,7 @@ def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None):
     """
     start = time.perf_counter()
     rows = rows.open() if isinstance(rows, _RowsFile) else rows
+    guarded = _guarded if guarded is None else guarded
     answers = []
     with _ClientContext(pin):
         for i, head, tail in items:
@@ -699,7 +702,7 @@ def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None):
                 answers.append(ClientFailure(type(exc).__name__, str(exc), exc))
                 continue
             answers.append(
-                _guarded(fn, problem, X, *head, *args, *tail, timeout=timeout, guard=guard)
+                guarded(fn, problem, X, *head, *args, *tail, timeout=timeout, guard=guard)
             )
     del rows
     return answers, time.perf_counter() - start
@@ -793,17 +796,18 @@ class _RowsFile:
         return rows
 
 
-#: Measured seconds of one parallel call (payload out, answers back), per
-#: joblib backend and number of workers, kept across the fits of this
-#: process; the first call, which may have started the workers, is not
-#: measured (it puts the key in ``_WARM``).
-_CALL_OVERHEAD = {}
+#: The cost of one parallel call beyond its clients' work: a fixed part
+#: (joblib's dispatch and its polling for answers) and a part per client
+#: (sending its state and payload, collecting its answer), learned per
+#: joblib backend and number of workers from the calls of this process; the
+#: first call, which may have started the workers, is not measured (it puts
+#: the key in ``_WARM``).
+_CALL_FIXED = {"processes": 0.01, "threads": 5e-3}
+_PER_CLIENT = {}
 _WARM = set()
-#: Assumed until measured: one parallel call, and starting the workers
-#: (process workers import numpy, scikit-learn and this package: a second
-#: or more). Workers are started only for calls whose predicted saving pays
-#: back a quarter of that at once.
-_DEFAULT_OVERHEAD = {"processes": 5e-3, "threads": 1e-3}
+#: Starting process workers (which import numpy, scikit-learn and this
+#: package) takes a second or more: workers are started only for calls
+#: whose predicted saving pays back a quarter of that at once.
 _START_COST = {"processes": 1.0}
 _START_PAYBACK = 0.25
 
@@ -815,9 +819,10 @@ class _Scheduler:
     running them in ``n_workers`` groups is predicted to be faster, from
     what earlier calls measured: the computing time per client here and in
     the workers (which counts contention, such as the GIL for threads), and
-    the cost of one parallel call (sending the payload and states,
-    collecting the answers; learned per backend across fits, the first call
-    of a process, which may start the workers, excepted). The first call of
+    the cost of a parallel call beyond that (a fixed part, and per client:
+    sending its state, collecting its answer; learned per backend across
+    fits, the first call of a process, which may start the workers,
+    excepted). The first call of
     a kind measures its first clients here (for about ``probe`` seconds)
     before deciding for the rest. Where a client runs does not change its
     answer (BLAS runs on one thread in both places), only the time.
@@ -843,11 +848,10 @@ class _Scheduler:
     def _key(self):
         return (self.backend, self.n_workers)
 
-    @property
-    def overhead(self):
-        """Predicted seconds of one parallel call beyond its clients' work."""
-        measured = _CALL_OVERHEAD.get(self._key)
-        return _DEFAULT_OVERHEAD.get(self.backend, 5e-3) if measured is None else measured
+    def overhead(self, n):
+        """Predicted seconds of a parallel call of ``n`` clients beyond their work."""
+        fixed = _CALL_FIXED.get(self.backend, 0.01)
+        return fixed + n * _PER_CLIENT.get(self._key, 0.0)
 
     @staticmethod
     def kind(task):
@@ -875,7 +879,8 @@ class _Scheduler:
         if self._key not in _WARM:  # this call may have started the workers
             _WARM.add(self._key)
             return
-        self._mix(_CALL_OVERHEAD, self._key, max(wall - max(seconds), 0.0))
+        fixed = _CALL_FIXED.get(self.backend, 0.01)
+        self._mix(_PER_CLIENT, self._key, max(wall - max(seconds) - fixed, 0.0) / n)
 
     def parallel(self, task, n):
         """Whether ``n`` clients of ``task`` go to the workers."""
@@ -887,7 +892,7 @@ class _Scheduler:
             return True
         there = self.there.get(kind, here)
         groups = min(self.n_workers, n)
-        saving = n * here - (self.overhead + n * there / groups)
+        saving = n * here - (self.overhead(n) + n * there / groups)
         if saving <= (1 - self.margin) * n * here:
             return False
         if self._key not in _WARM:  # the workers may have to start first

@@ -259,18 +259,23 @@ class LocalTransport(Transport):
             for i in indices
         ]
         scheduler = self._scheduler
-        timeout, busy = self.timeout, self._busy
+
+        def here(group):
+            return _run_group(
+                fn, problem, args, self.clients, group, self.pin, self.timeout, self._busy,
+                _guarded,
+            )
+
         answers = []
         if not scheduler.known(task) and scheduler.n_workers > 1:
-            # measure the first clients here (a few milliseconds), then decide
+            # the first clients run here (a few milliseconds), then decide
             start = time.perf_counter()
             times = []
-            while len(times) < len(items) and (not times or time.perf_counter() - start < scheduler.probe):
-                (ans,), seconds = _run_group(
-                    fn, problem, args, self.clients, items[len(times):len(times) + 1], self.pin,
-                    timeout, busy,
-                )
-                answers.append(ans)
+            while len(times) < len(items) and (
+                not times or time.perf_counter() - start < scheduler.probe
+            ):
+                (answer,), seconds = here(items[len(times):len(times) + 1])
+                answers.append(answer)
                 times.append(seconds)
             # (the median: a first call may pay one-off costs)
             scheduler.record_here(task, 1, float(np.median(times)))
@@ -278,7 +283,7 @@ class LocalTransport(Transport):
         if not items:
             return answers
         if not scheduler.parallel(task, len(items)):
-            out, seconds = _run_group(fn, problem, args, self.clients, items, self.pin, timeout, busy)
+            out, seconds = here(items)
             scheduler.record_here(task, len(items), seconds)
             return answers + out
         parallel, rows = self._workers()
@@ -288,7 +293,7 @@ class LocalTransport(Transport):
             delayed(_run_group)(
                 fn, problem, args,
                 rows.subset([i for i, _, _ in g]) if isinstance(rows, _RowsFile) else rows,
-                g, self.pin, timeout, busy,
+                g, self.pin, self.timeout, self._busy, _guarded,
             )
             for g in groups
         )

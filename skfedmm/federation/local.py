@@ -875,7 +875,12 @@ class _Scheduler:
         n = sum(sizes)
         if not n:
             return
-        self._mix(self.there, self.kind(task), sum(seconds) / n)
+        kind = self.kind(task)
+        self._mix(self.there, kind, sum(seconds) / n)
+        if self.here.get(kind, 0.0) > self.there[kind]:
+            # clients computing faster there than measured here: the
+            # measurement here was inflated (a first call, a busy moment)
+            self.here[kind] = self.there[kind]
         if self._key not in _WARM:  # this call may have started the workers
             _WARM.add(self._key)
             return

@@ -168,10 +168,16 @@ class LocalTransport(Transport):
     Notes
     -----
     Entering the transport places the rows where the workers read them
-    (once per fit: memory-mapped files for process workers, scattered once
-    on Dask), limits BLAS to one thread when several clients may compute at
-    once (results do not depend on ``n_jobs``), and opens the joblib pool.
-    Every task then ships only parameters, statistics and client states.
+    (once per fit: one memory-mapped file for process workers, scattered
+    once on Dask) and limits BLAS to one thread when several clients may
+    compute at once (results do not depend on ``n_jobs``). Every task then
+    ships only parameters, statistics and client states.
+
+    On one machine a call sends one task per worker, each with a group of
+    clients (each client guarded on its own), or runs the clients in this
+    process when that is measured to be faster (small clients; workers
+    are started only when they pay). On Dask each client is one task, run
+    where its rows are.
     """
 
     def __init__(self, clients, n_jobs=None, timeout=None, run_id=None):

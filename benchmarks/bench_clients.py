@@ -74,16 +74,16 @@ def make_clients(n_clients, n_rows, seed=0):
     return [c + rng.standard_cauchy((n_rows, 3)) for c in centers]
 
 
-def own_work(problem, clients):
+def own_work(problem, clients, clock=time.perf_counter):
     """Seconds per ``local_statistic`` and per ``init_statistic`` call, timed alone."""
     theta = np.ones(3)
-    t0 = time.perf_counter()
+    t0 = clock()
     for X in clients:
         problem.local_statistic(X, theta)
-    t1 = time.perf_counter()
+    t1 = clock()
     for X in clients:
         problem.init_statistic(X)
-    t2 = time.perf_counter()
+    t2 = clock()
     return (t1 - t0) / len(clients), (t2 - t1) / len(clients)
 
 
@@ -117,22 +117,25 @@ def always_on_workers():
 
 def timed_fit(problem, clients, n_jobs, backend="loky", forced=False, **params):
     c_stat, c_init = own_work(problem, clients)
+    cpu_stat, cpu_init = own_work(problem, clients, clock=time.process_time)
     with contextlib.ExitStack() as stack:
         calls = stack.enter_context(counting_parallel_calls())
         if forced:
             stack.enter_context(always_on_workers())
         stack.enter_context(parallel_config(backend=backend))
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         state = FedMM(problem, random_state=0, n_jobs=n_jobs, **params).fit(clients)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = len(clients)
     active = int(np.sum(state.history.n_active[1:]))
     init_time = state.history.time[0]
     rounds_time = wall - init_time
     work = c_stat * (n + active) + c_init * n
+    cpu_work = cpu_stat * (n + active) + cpu_init * n
     return dict(
         wall=wall, work=work, tasks=2 * n + active, active=active,
         per_task=(wall - work) / (2 * n + active),
+        per_task_cpu=(cpu - cpu_work) / (2 * n + active),
         per_active=(rounds_time - c_stat * active) / max(active, 1),
         parallel_calls=calls[0], theta=state.theta,
     )
@@ -160,6 +163,18 @@ def load():
     return "loadavg " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def scheduling():
+    """Linux's autogroup puts this script and its workers in one CPU share."""
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as fh:
+            enabled = fh.read().strip() == "1"
+    except OSError:
+        return ""
+    return ("Linux autogroup scheduling is on: under load from other sessions, this script and "
+            "its workers share one session's CPU time, so parallel workers gain little"
+            if enabled else "")
+
+
 def part1(out, sizes, repeats, rounds):
     problem = RobustLocation()
     params = dict(max_iter=rounds, participation=0.1)
@@ -168,10 +183,13 @@ def part1(out, sizes, repeats, rounds):
     out(f"## 1. Clients are cheap: robust location, 50 rows per client, {rounds} rounds, "
         "participation 0.1")
     out("cells: median over repeats (interleaved); overhead = fit time minus the clients' own "
-        "work (local_statistic timed alone)")
+        "work (local_statistic timed alone), per client computation (initialization, initial "
+        "full pass, active clients) or per active client of the rounds alone (rounds' time); "
+        "CPU: the same with this process's CPU time (less sensitive to other processes; "
+        "meaningless for calls on workers)")
     header = (f"{'clients':>7}  {'setting':<28} {'fit (s)':>8} {'own work (s)':>12} "
               f"{'overhead/computation (ms)':>25} {'overhead/active client (ms)':>27} "
-              f"{'calls on workers':>16}")
+              f"{'CPU overhead/computation (ms)':>29} {'calls on workers':>16}")
     # warm-up: imports, and the workers' start (reported)
     t0 = time.perf_counter()
     timed_fit(problem, make_clients(100, 50), 2, forced=True, max_iter=2, participation=0.1)
@@ -195,11 +213,11 @@ def part1(out, sizes, repeats, rounds):
         for name, *_ in todo:
             rs = runs[name]
             m = {k: float(np.median([r[k] for r in rs])) for k in
-                 ("wall", "work", "per_task", "per_active", "parallel_calls")}
+                 ("wall", "work", "per_task", "per_active", "per_task_cpu", "parallel_calls")}
             med[name] = m
             out(f"{n_clients:>7}  {name:<28} {m['wall']:>8.3f} {m['work']:>12.3f} "
                 f"{1e3 * m['per_task']:>25.4f} {1e3 * m['per_active']:>27.4f} "
-                f"{m['parallel_calls']:>16.0f}")
+                f"{1e3 * m['per_task_cpu']:>29.4f} {m['parallel_calls']:>16.0f}")
         r = med["n_jobs=2"]["wall"] / med["n_jobs=1"]["wall"]
         ratios = [b["wall"] / a["wall"] for a, b in zip(runs["n_jobs=1"], runs["n_jobs=2"])]
         out(f"n_jobs=2 / n_jobs=1 fit time: {r:.3f} (per repeat: "
@@ -212,10 +230,10 @@ def part1(out, sizes, repeats, rounds):
 def part1_heavy(out, repeats, n_clients, n_rows, rounds):
     problem = RobustLocation()
     clients = make_clients(n_clients, n_rows, seed=1)
-    params = dict(max_iter=rounds, participation=0.5)
+    params = dict(max_iter=rounds)
     out("")
     out(f"## 1b. Clients' work dominates: robust location, {n_clients} clients x {n_rows} rows, "
-        f"{rounds} rounds, participation 0.5")
+        f"{rounds} rounds, full participation")
     t0 = time.perf_counter()
     first = timed_fit(problem, clients, 2, **params)
     out(f"first n_jobs=2 fit of this script at this size (the rows' file written, workers "
@@ -328,14 +346,16 @@ def main(argv=None):
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     out(machine())
     out(load())
+    if scheduling():
+        out(scheduling())
     out("")
     if args.quick:
         part1(out, sizes=[1000, 10000], repeats=1, rounds=20)
-        part1_heavy(out, repeats=1, n_clients=100, n_rows=10000, rounds=6)
+        part1_heavy(out, repeats=1, n_clients=20, n_rows=100_000, rounds=4)
         part2(out, repeats=1, rounds=3)
     else:
         part1(out, sizes=[1000, 10000], repeats=3, rounds=20)
-        part1_heavy(out, repeats=3, n_clients=200, n_rows=10000, rounds=10)
+        part1_heavy(out, repeats=3, n_clients=40, n_rows=100_000, rounds=6)
         part2(out, repeats=3, rounds=5)
     out("")
     out(load())

@@ -550,7 +550,7 @@ class FedMM:
         max_iter = self.max_iter if max_iter is None else max_iter
         n = transport.n_clients
         dtype = transport.dtype
-        n_features = getattr(transport, "n_features", None)
+        n_features = getattr(transport, "n_features", getattr(transport, "_n_features", None))
         pin = _single_blas_thread(n, transport.n_rows, n_features)
         weights = client_weights(transport.n_rows, self.client_weights)
         if client_init is not None and len(client_init) != n:

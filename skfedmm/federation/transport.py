@@ -200,13 +200,15 @@ class LocalTransport(Transport):
         return self.clients[0].dtype
 
     @property
-    def n_features(self):
+    def _n_features(self):
+        # (for the choice of BLAS threads only: not ``n_features``, which
+        # would make the transport usable as RemoteClients)
         return self.clients[0].shape[1] if np.ndim(self.clients[0]) == 2 else None
 
     @property
     def pin(self):
         """BLAS on one thread in client work (several clients, or small ones)."""
-        return _single_blas_thread(len(self.clients), self.n_rows, self.n_features)
+        return _single_blas_thread(len(self.clients), self.n_rows, self._n_features)
 
     def __enter__(self):
         from joblib import effective_n_jobs

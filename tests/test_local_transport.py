@@ -388,6 +388,7 @@ def test_client_files_go_to_joblibs_temp_folder(tmp_path, monkeypatch):
     def look(info):
         seen.append(glob.glob(str(chosen / "skfedmm-*" / "clients.rows")))
 
+    on_workers(monkeypatch)  # (small clients would stay here, and their rows unwritten)
     with parallel_config(backend="loky", n_jobs=2, temp_folder=str(chosen)):
         FedMM(Mean(), max_iter=2, random_state=0, callback=look).fit(mean_clients())
     assert seen and all(len(files) == 1 for files in seen)  # one file for all clients
@@ -508,6 +509,10 @@ def test_a_task_maps_the_rows_file_once_for_its_group(tmp_path, monkeypatch):
     arrays[7] = np.asfortranarray(rng.standard_normal((6, 4))[:, :3])
     rows_file = local._RowsFile.save(str(tmp_path / "clients.rows"), arrays, buffer_bytes=4096)
     assert len(os.listdir(tmp_path)) == 1
+    later = local._RowsFile.later(str(tmp_path / "later.rows"), arrays)
+    assert len(os.listdir(tmp_path)) == 1  # written when first needed
+    assert len(pickle.dumps(later)) < 60 * n  # the handle, never the arrays
+    assert len(os.listdir(tmp_path)) == 2
     maps, calls = [], []
     real_mmap = local.mmap.mmap
     monkeypatch.setattr(local.mmap, "mmap", lambda *a, **k: maps.append(1) or real_mmap(*a, **k))

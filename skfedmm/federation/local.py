@@ -527,7 +527,8 @@ def _place_clients(clients, n_jobs, stack, token=None):
         return _Placed(futures, clients, _busy_registry(token))
     if name in ("LokyBackend", "MultiprocessingBackend") and effective_n_jobs(n_jobs) > 1:
         folder = _private_folder(stack)
-        rows = _RowsFile.save(os.path.join(folder, "clients.rows"), clients, os.getpid())
+        # (written when a task first needs it: small clients may never leave)
+        rows = _RowsFile.later(os.path.join(folder, "clients.rows"), clients, os.getpid())
         return _Placed([], clients, _busy_registry(token, folder), rows)
     return _Placed(clients, clients, _busy_registry(token))
 
@@ -738,33 +739,34 @@ class _RowsFile:
         self.owner = owner
 
     @classmethod
-    def save(cls, path, arrays, owner=None, buffer_bytes=1 << 24):
+    def save(cls, path, arrays, owner=None, buffer_bytes=1 << 24, write=True):
         """Write ``arrays`` (one dtype) to ``path`` and return the handle.
 
         Small arrays are gathered into a buffer of at most ``buffer_bytes``
-        and written together; larger ones are written directly.
+        and written together; larger ones are written directly. With
+        ``write=False`` only the handle is made (nothing is written).
         """
         dtype = np.dtype(arrays[0].dtype) if len(arrays) else np.dtype(float)
         step = max(cls.ALIGN // dtype.itemsize, 1)  # 64 bytes, in elements
         blocks, end = {}, 0
         pending, start = [], 0
-        with open(path, "wb") as f:
+        with open(path, "wb") if write else contextlib.nullcontext() as f:
 
             def flush():
-                if pending:
+                if pending and write:
                     buf = np.zeros(end - start, dtype=dtype)
                     for at, flat in pending:
                         buf[at - start : at - start + flat.size] = flat
                     f.seek(start * dtype.itemsize)
                     f.write(memoryview(buf).cast("B"))
-                    pending.clear()
+                pending.clear()
 
             for i, X in enumerate(arrays):
                 X = np.asarray(X, dtype=dtype)
                 order = "F" if X.flags.f_contiguous and not X.flags.c_contiguous else "C"
                 at = -(-end // step) * step
                 blocks[i] = (at * dtype.itemsize, X.shape, order)
-                flat = np.ravel(X, order=order)
+                flat = np.ravel(X, order=order) if write else X
                 if (at + flat.size - start) * dtype.itemsize > buffer_bytes:
                     flush()
                     start = at
@@ -773,8 +775,26 @@ class _RowsFile:
             flush()
         return cls(path, dtype.str, blocks, owner)
 
+    def __reduce__(self):  # (never the pending arrays: write them first)
+        if getattr(self, "_pending", None) is not None:
+            self.subset([])
+        return _RowsFile, (self.path, self.dtype, self.blocks, self.owner)
+
+    @classmethod
+    def later(cls, path, arrays, owner=None):
+        """The handle of ``arrays``, written to ``path`` when first needed."""
+        handle = cls(path, None, None, owner)
+        handle._pending = arrays
+        return handle
+
     def subset(self, indices):
         """The handle of some clients only (what one task carries)."""
+        pending = getattr(self, "_pending", None)
+        if pending is not None:
+            # (a fit's folder gone: the fit is over and no task will read it)
+            write = os.path.isdir(os.path.dirname(self.path) or ".")
+            written = _RowsFile.save(self.path, pending, self.owner, write=write)
+            self.dtype, self.blocks, self._pending = written.dtype, written.blocks, None
         return _RowsFile(self.path, self.dtype, {i: self.blocks[i] for i in indices}, self.owner)
 
     def open(self):

@@ -484,13 +484,13 @@ def test_sigterm_during_loky_fit_leaves_no_rows_and_no_workers(tmp_path):
 
 
 @pytest.mark.skipif(not LINUX, reason="/proc/<pid>/maps")
-def test_idle_workers_do_not_keep_client_rows_mapped(tmp_path):
+def test_idle_workers_do_not_keep_client_rows_mapped(tmp_path, monkeypatch):
     pid_file = tmp_path / "pids"
     folder = tmp_path / "tmp"
+    on_workers(monkeypatch)
     with parallel_config(backend="loky", n_jobs=2, temp_folder=str(folder)):
-        # (clients slow enough that running them on the workers pays)
-        FedMM(Mean(pid_file=str(pid_file), seconds=0.15), max_iter=2,
-              random_state=0).fit(mean_clients(8))
+        FedMM(Mean(pid_file=str(pid_file), seconds=0.05), max_iter=3,
+              random_state=0).fit(mean_clients())
     workers = {int(p) for p in pid_file.read_text().split()} - {os.getpid()}
     assert workers
     mapped = []
@@ -641,13 +641,20 @@ def test_a_hung_client_in_a_group_misses_only_its_own_deadline(monkeypatch):
 def test_the_scheduler_keeps_small_clients_here(monkeypatch):
     monkeypatch.setattr(local, "_WARM", set())
     monkeypatch.setattr(local, "_PER_CLIENT", {})
+    monkeypatch.setattr(local, "_FORGONE", {})
     s = local._Scheduler(2, "processes")
     assert not s.known("surrogate")
     assert s.parallel("surrogate", 10)  # unknown: let the workers measure
     s.record_here("full", 100, 100 * 30e-6)  # 30 us per client
     assert s.known("surrogate") and not s.known("init")
     assert not s.parallel("surrogate", 100)
-    assert not s.parallel("surrogate", 10_000)  # 0.15 s saved: not worth starting workers
+    for _ in range(100):  # sending states costs more than the clients' work
+        assert not s.parallel("surrogate", 10_000)
+    assert local._FORGONE == {}
+    heavier = local._Scheduler(2, "processes")
+    heavier.record_here("full", 10, 10 * 0.04)  # about 0.4 s saved per call of 20
+    assert not heavier.parallel("surrogate", 20)  # not yet worth starting the workers...
+    assert heavier.parallel("surrogate", 20)  # ... but it is after two such calls
     s.record_here("full", 10, 10 * 0.2)  # heavy clients
     assert s.parallel("surrogate", 10)
     assert not s.parallel("surrogate", 1)
@@ -667,6 +674,7 @@ def test_tiny_clients_never_start_workers(monkeypatch):
     from ._helpers import CauchyLocation
 
     monkeypatch.setattr(local, "_WARM", set())  # as in a fresh process
+    monkeypatch.setattr(local, "_FORGONE", {})
     calls = []
     real = LocalTransport._workers
     monkeypatch.setattr(LocalTransport, "_workers", lambda self: calls.append(1) or real(self))

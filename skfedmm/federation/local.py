@@ -823,13 +823,19 @@ class _RowsFile:
 #: first call, which may have started the workers, is not measured (it puts
 #: the key in ``_WARM``).
 _CALL_FIXED = {"processes": 0.01, "threads": 5e-3}
+_PER_CLIENT_DEFAULT = {"processes": 5e-5, "threads": 5e-6}
 _PER_CLIENT = {}
 _WARM = set()
 #: Starting process workers (which import numpy, scikit-learn and this
-#: package) takes a second or more: workers are started only for calls
-#: whose predicted saving pays back a quarter of that at once.
+#: package) takes a second or more. Until they run, calls stay here while
+#: the savings they forgo (``_FORGONE``, summed over the fits of this
+#: process) are less than ``_START_PAYBACK`` times that cost: a fit of small
+#: clients never starts them, heavy clients start them at once or after a
+#: few calls (renting before buying: never more than 1.5 times the better
+#: choice in hindsight).
 _START_COST = {"processes": 1.0}
-_START_PAYBACK = 0.25
+_START_PAYBACK = 0.5
+_FORGONE = {}
 
 
 class _Scheduler:
@@ -871,7 +877,8 @@ class _Scheduler:
     def overhead(self, n):
         """Predicted seconds of a parallel call of ``n`` clients beyond their work."""
         fixed = _CALL_FIXED.get(self.backend, 0.01)
-        return fixed + n * _PER_CLIENT.get(self._key, 0.0)
+        per_client = _PER_CLIENT.get(self._key, _PER_CLIENT_DEFAULT.get(self.backend, 5e-5))
+        return fixed + n * per_client
 
     @staticmethod
     def kind(task):
@@ -921,5 +928,8 @@ class _Scheduler:
         if saving <= (1 - self.margin) * n * here:
             return False
         if self._key not in _WARM:  # the workers may have to start first
-            return saving >= _START_PAYBACK * _START_COST.get(self.backend, 0.0)
+            forgone = _FORGONE.get(self._key, 0.0) + saving
+            if forgone < _START_PAYBACK * _START_COST.get(self.backend, 0.0):
+                _FORGONE[self._key] = forgone
+                return False
         return True

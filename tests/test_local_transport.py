@@ -738,3 +738,12 @@ def test_client_streams_copy_and_travel_as_their_state():
     np.testing.assert_array_equal(back.cv, state.cv)
     mt = ClientState(cv=None, rng=np.random.Generator(np.random.MT19937(1)))
     assert pickle.loads(pickle.dumps(mt)).rng.random() == copy.deepcopy(mt.rng).random()
+
+
+def test_a_group_whose_rows_cannot_be_read_is_absent_not_the_fit(tmp_path):
+    rows_file = local._RowsFile.save(str(tmp_path / "clients.rows"), [np.ones((3, 2))] * 3)
+    handle = rows_file.subset([0, 2])
+    os.unlink(rows_file.path)
+    answers, seconds = local._run_group(
+        lambda problem, X: X.sum(), None, (), handle, [(0, (), ()), (2, (), ())], pin=False)
+    assert [a.error for a in answers] == ["FileNotFoundError"] * 2 and seconds >= 0

@@ -691,7 +691,11 @@ def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None, gua
         The group's computing time (for the placement decisions).
     """
     start = time.perf_counter()
-    rows = rows.open() if isinstance(rows, _RowsFile) else rows
+    try:
+        rows = rows.open() if isinstance(rows, _RowsFile) else rows
+    except Exception as exc:  # noqa: BLE001 - the group's clients are absent, not the fit
+        failure = ClientFailure(type(exc).__name__, str(exc), exc)
+        return [failure] * len(items), time.perf_counter() - start
     guarded = _guarded if guarded is None else guarded
     answers = []
     with _ClientContext(pin):
@@ -737,6 +741,7 @@ class _RowsFile:
         self.dtype = dtype
         self.blocks = blocks
         self.owner = owner
+        self._pending = None  # arrays not written yet (see :meth:`later`)
 
     @classmethod
     def save(cls, path, arrays, owner=None, buffer_bytes=1 << 24, write=True):
@@ -776,7 +781,7 @@ class _RowsFile:
         return cls(path, dtype.str, blocks, owner)
 
     def __reduce__(self):  # (never the pending arrays: write them first)
-        if getattr(self, "_pending", None) is not None:
+        if self._pending is not None:
             self.subset([])
         return _RowsFile, (self.path, self.dtype, self.blocks, self.owner)
 
@@ -789,7 +794,7 @@ class _RowsFile:
 
     def subset(self, indices):
         """The handle of some clients only (what one task carries)."""
-        pending = getattr(self, "_pending", None)
+        pending = self._pending
         if pending is not None:
             # (a fit's folder gone: the fit is over and no task will read it)
             write = os.path.isdir(os.path.dirname(self.path) or ".")

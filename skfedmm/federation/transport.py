@@ -15,6 +15,7 @@ so the fitted model does not depend on the transport.
 """
 
 import contextlib
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -242,10 +243,18 @@ class LocalTransport(Transport):
 
     def __exit__(self, *exc):
         stack, self._stack = self._stack, None
+        # a thread pool's idle threads end soon after it is closed: wait for
+        # them, so that a finished fit leaves no threads behind
+        pool = getattr(getattr(self._parallel, "_backend", None), "_pool", None)
+        threads = [t for t in getattr(pool, "_pool", None) or [] if isinstance(t, threading.Thread)]
         self._parallel = self._placed = None
-        if stack is not None:
-            return stack.__exit__(*exc)
-        return False
+        try:
+            if stack is not None:
+                return stack.__exit__(*exc)
+            return False
+        finally:
+            for thread in threads:
+                thread.join(timeout=5.0)
 
     def _workers(self):
         """joblib's workers (started on first use) and the rows as they read them."""

@@ -775,6 +775,12 @@ class _RowsFile:
                 if (at + flat.size - start) * dtype.itemsize > buffer_bytes:
                     flush()
                     start = at
+                if flat.size * dtype.itemsize > buffer_bytes:  # directly, no copy
+                    if write:
+                        f.seek(at * dtype.itemsize)
+                        f.write(memoryview(np.ascontiguousarray(flat)).cast("B"))
+                    end = start = at + flat.size
+                    continue
                 pending.append((at, flat))
                 end = at + flat.size
             flush()

@@ -15,9 +15,11 @@ rounds, participation 0.1, with 1,000 and 10,000 clients, ``n_jobs=1`` and
   - own work in the rounds) / active clients.
 
 Runs alternate between the settings (interleaved) and each cell is the
-median over repeats. A second table fits heavier clients (whose own work
-dominates) with ``n_jobs=1`` and ``n_jobs=2``, after one warm-up fit that
-starts the workers (its time is reported too). Every fit of a problem gives
+median over repeats. "always on workers" sends every call of several
+clients to the workers (what they cost or give, whatever the transport
+would choose). A second table fits heavier clients (whose own work
+dominates) with ``n_jobs=1`` and ``n_jobs=2``, with the workers started by
+the first table. Every fit of a problem gives
 bitwise the same parameter, whatever ``n_jobs`` and backend (checked).
 
 Part 2, loaded machines. One client (BLAS runs on several threads unless
@@ -238,17 +240,21 @@ def part1_heavy(out, repeats, n_clients, n_rows, rounds):
     first = timed_fit(problem, clients, 2, **params)
     out(f"first n_jobs=2 fit of this script at this size (the rows' file written, workers "
         f"warm from part 1): {time.perf_counter() - t0:.2f} s ({load()})")
-    runs = {1: [], 2: []}
+    settings = {"n_jobs=1": (1, False), "n_jobs=2": (2, False),
+                "n_jobs=2, always on workers": (2, True)}
+    runs = {name: [] for name in settings}
     for _ in range(repeats):
-        for n_jobs in (1, 2):
-            runs[n_jobs].append(timed_fit(problem, clients, n_jobs, **params))
-    out(f"{'setting':<10} {'fit (s)':>8} {'own work (s)':>12} {'calls on workers':>16}")
-    for n_jobs in (1, 2):
-        rs = runs[n_jobs]
-        out(f"n_jobs={n_jobs:<3} {np.median([r['wall'] for r in rs]):>8.3f} "
+        for name, (n_jobs, forced) in settings.items():
+            runs[name].append(timed_fit(problem, clients, n_jobs, forced=forced, **params))
+    out(f"{'setting':<28} {'fit (s)':>8} {'own work (s)':>12} {'calls on workers':>16}")
+    for name, rs in runs.items():
+        out(f"{name:<28} {np.median([r['wall'] for r in rs]):>8.3f} "
             f"{np.median([r['work'] for r in rs]):>12.3f} "
             f"{np.median([r['parallel_calls'] for r in rs]):>16.0f}")
-    speedups = [a["wall"] / b["wall"] for a, b in zip(runs[1], runs[2])]
+    forced = [a["wall"] / b["wall"] for a, b in zip(runs["n_jobs=1"], runs[
+        "n_jobs=2, always on workers"])]
+    out(f"always on workers over n_jobs=1: median {np.median(forced):.2f}x")
+    speedups = [a["wall"] / b["wall"] for a, b in zip(runs["n_jobs=1"], runs["n_jobs=2"])]
     same = all(np.array_equal(r["theta"], first["theta"]) for rs in runs.values() for r in rs)
     out(f"speed-up n_jobs=2 over n_jobs=1: median {np.median(speedups):.2f}x (per repeat: "
         f"{', '.join(f'{x:.2f}' for x in speedups)}); same parameter bitwise: "

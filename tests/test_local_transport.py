@@ -642,6 +642,7 @@ def test_the_scheduler_keeps_small_clients_here(monkeypatch):
     monkeypatch.setattr(local, "_WARM", set())
     monkeypatch.setattr(local, "_PER_CLIENT", {})
     monkeypatch.setattr(local, "_FORGONE", {})
+    monkeypatch.setattr(local, "_SLOWDOWN", {})
     s = local._Scheduler(2, "processes")
     assert not s.known("surrogate")
     assert s.parallel("surrogate", 10)  # unknown: let the workers measure
@@ -666,6 +667,18 @@ def test_the_scheduler_keeps_small_clients_here(monkeypatch):
     assert local._PER_CLIENT[("processes", 2)] == pytest.approx(0.05)
     assert s.here["statistic"] == pytest.approx(0.02)  # corrected by the workers' time
     assert not s.parallel("surrogate", 10)
+    # clients computing three times slower on the workers (a loaded machine): a
+    # new fit predicts it before sending anything
+    monkeypatch.setattr(local, "_PER_CLIENT", {})
+    monkeypatch.setattr(local, "_SLOWDOWN", {})
+    s = local._Scheduler(2, "processes")
+    s.record_here("full", 10, 10 * 0.1)
+    assert s.parallel("surrogate", 10)
+    s.record_there("surrogate", [5, 5], [1.5, 1.5], 1.5 + 0.01)
+    assert local._SLOWDOWN[("processes", 2)] == pytest.approx(3.0)
+    fresh = local._Scheduler(2, "processes")
+    fresh.record_here("full", 10, 10 * 0.1)
+    assert not fresh.parallel("surrogate", 10)
 
 
 def test_tiny_clients_never_start_workers(monkeypatch):
@@ -675,6 +688,7 @@ def test_tiny_clients_never_start_workers(monkeypatch):
 
     monkeypatch.setattr(local, "_WARM", set())  # as in a fresh process
     monkeypatch.setattr(local, "_FORGONE", {})
+    monkeypatch.setattr(local, "_SLOWDOWN", {})
     calls = []
     real = LocalTransport._workers
     monkeypatch.setattr(LocalTransport, "_workers", lambda self: calls.append(1) or real(self))

@@ -847,6 +847,10 @@ _WARM = set()
 _START_COST = {"processes": 1.0}
 _START_PAYBACK = 0.5
 _FORGONE = {}
+#: How much longer a client computes on the workers than here (contention:
+#: the GIL for threads; for processes, a machine whose other processes get
+#: the cores), learned across fits: a new fit predicts from it.
+_SLOWDOWN = {}
 
 
 class _Scheduler:
@@ -914,7 +918,10 @@ class _Scheduler:
         if not n:
             return
         kind = self.kind(task)
-        self._mix(self.there, kind, sum(seconds) / n)
+        per_client = sum(seconds) / n
+        if self.here.get(kind):
+            self._mix(_SLOWDOWN, self._key, per_client / self.here[kind])
+        self._mix(self.there, kind, per_client)
         if self.here.get(kind, 0.0) > self.there[kind]:
             # clients computing faster there than measured here: the
             # measurement here was inflated (a first call, a busy moment)
@@ -933,7 +940,7 @@ class _Scheduler:
         here = self.here.get(kind)
         if here is None:
             return True
-        there = self.there.get(kind, here)
+        there = self.there.get(kind, here * _SLOWDOWN.get(self._key, 1.0))
         groups = min(self.n_workers, n)
         saving = n * here - (self.overhead(n) + n * there / groups)
         if saving <= (1 - self.margin) * n * here:

@@ -51,7 +51,6 @@ References
    heterogeneity mitigation and variance reduction. NeurIPS 2021.
 """
 
-import copy
 import math
 import time
 import uuid
@@ -73,7 +72,7 @@ from ._params import (
 from .history import _Progress, History  # noqa: F401
 from .schedules import PolynomialDecay, _MeasuredStep, _step_schedule, auto_step_size  # noqa: F401
 from .federation.client import ClientConfig, ClientMessage, ClientState  # noqa: F401
-from .federation.client import Unverified, _current_cv
+from .federation.client import Unverified, _copy_rng, _current_cv
 from .federation.transport import LocalTransport, RemoteClients, Transport
 from ._messages import (
     InvalidMessageError,
@@ -85,7 +84,7 @@ from ._messages import (
 )
 from .compression import make_compressor
 from .baselines import GRADIENT_AGGREGATIONS
-from .federation.local import ClientFailure
+from .federation.local import ClientFailure, _single_blas_thread
 
 __all__ = [
     "ClientFailureWarning",
@@ -585,7 +584,8 @@ class FedMM:
         max_iter = self.max_iter if max_iter is None else max_iter
         n = transport.n_clients
         dtype = transport.dtype
-        pin = n > 1
+        n_features = getattr(transport, "n_features", getattr(transport, "_n_features", None))
+        pin = _single_blas_thread(n, transport.n_rows, n_features)
         weights = client_weights(transport.n_rows, self.client_weights)
         if client_init is not None and len(client_init) != n:
             raise ValueError(f"client_init has {len(client_init)} entries for {n} clients.")
@@ -621,13 +621,14 @@ class FedMM:
                 batch_size=self.batch_size,
                 local_steps=self.local_steps,
                 dtype=np.dtype(dtype),
-                pin=pin,
+                pin=pin if self.batch_size is None else _single_blas_thread(
+                    n, np.minimum(transport.n_rows, self.batch_size), n_features),
             )
             progress = _Progress(self.verbose, max_iter)
             for _ in range(max_iter):
                 t = state.round
                 # drawn from a copy: the stream advances only with the commit
-                server_rng = copy.deepcopy(state.server_rng)
+                server_rng = _copy_rng(state.server_rng)
                 if m is None:
                     active = np.flatnonzero(server_rng.random(n) < self.participation)
                 else:
@@ -886,6 +887,9 @@ class FedMM:
         scaffold = self.aggregation == "scaffold"
         size = state.layout.size if surrogate else param_layout.size * (2 if scaffold else 1)
         exact = surrogate and cfg.compressor.omega(size) == 0
+        if exact:  # (the round's part of the rounding slack, once)
+            s_scale = np.abs(state.s_hat).max() + 1.0
+            eps16 = 16 * np.finfo(state.s_hat.dtype).eps
 
         def check(i, answer):
             msg, new_client = answer
@@ -894,8 +898,7 @@ class FedMM:
             if exact:
                 # an exact message is S_i - S_hat - V_i: check S_i itself
                 implied = state.s_hat + _client_cv(state, i) + payload
-                scale = np.abs(state.s_hat).max() + np.abs(payload).max() + 1.0
-                atol = 16 * np.finfo(implied.dtype).eps * scale
+                atol = eps16 * (s_scale + np.abs(payload).max())
                 check_statistic_message(problem, state.layout, implied, theta, atol)
             return ClientMessage(payload=payload, bits=msg.bits, loss=loss), new_client
 
@@ -946,7 +949,7 @@ class FedMM:
             cv_new = state.cv
             if cfg.cv_rate != 0 and len(idx):
                 cv_new = aggregate(payloads, cfg.cv_rate * w_ans, out=state.cv.copy())
-            mstep_rng = copy.deepcopy(state.mstep_rng)
+            mstep_rng = _copy_rng(state.mstep_rng)
             theta_new = param_layout.cast(
                 problem.minimize(layout.unflatten(s_new), theta, mstep_rng), cfg.dtype
             )

@@ -1,5 +1,6 @@
 """Clients run locally (sequential, threads, loky): BLAS limits, timeouts, rows on disk."""
 
+import copy
 import glob
 import os
 import pickle
@@ -385,11 +386,12 @@ def test_client_files_go_to_joblibs_temp_folder(tmp_path, monkeypatch):
     seen = []
 
     def look(info):
-        seen.append(glob.glob(str(chosen / "skfedmm-*" / "client*.npy")))
+        seen.append(glob.glob(str(chosen / "skfedmm-*" / "clients.rows")))
 
+    on_workers(monkeypatch)  # (small clients would stay here, and their rows unwritten)
     with parallel_config(backend="loky", n_jobs=2, temp_folder=str(chosen)):
         FedMM(Mean(), max_iter=2, random_state=0, callback=look).fit(mean_clients())
-    assert seen and all(len(files) == 4 for files in seen)
+    assert seen and all(len(files) == 1 for files in seen)  # one file for all clients
     assert not glob.glob(str(chosen / "skfedmm-*"))  # removed at the end
     assert not glob.glob(str(system_tmp / "skfedmm-*"))
     # the environment variable joblib honours, when nothing is configured
@@ -421,12 +423,15 @@ TERM_SCRIPT = textwrap.dedent(
     from skfedmm import FedMM, MMProblem
 
     class SlowMean(MMProblem):
+        def __init__(self, main=None):
+            self.main = main
         def init_statistic(self, X):
             return None
         def init_parameter(self, init_stat, rng):
             return np.zeros(3)
         def local_statistic(self, X, theta):
-            print("worker", os.getpid(), flush=True)
+            if os.getpid() != self.main:  # (one write: workers print at once)
+                os.write(1, f"worker {os.getpid()}\\n".encode())
             time.sleep(0.5)
             return {"m": X.mean(axis=0)}, 0.0
         def minimize(self, stat, theta_prev, rng=None):
@@ -438,7 +443,7 @@ TERM_SCRIPT = textwrap.dedent(
         rng = np.random.default_rng(0)
         clients = [rng.standard_normal((40, 3)) for i in range(4)]
         with parallel_config(backend="loky", n_jobs=2, temp_folder=sys.argv[1]):
-            FedMM(SlowMean(), max_iter=1000, random_state=0).fit(clients)
+            FedMM(SlowMean(os.getpid()), max_iter=1000, random_state=0).fit(clients)
     """
 )
 
@@ -460,7 +465,7 @@ def test_sigterm_during_loky_fit_leaves_no_rows_and_no_workers(tmp_path):
                 break
             workers.add(int(line.split()[1]))
         assert len(workers) == 2
-        assert glob.glob(str(folder / "skfedmm-*" / "client*.npy"))
+        assert glob.glob(str(folder / "skfedmm-*" / "clients.rows"))
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
         deadline = time.time() + 8
@@ -479,14 +484,15 @@ def test_sigterm_during_loky_fit_leaves_no_rows_and_no_workers(tmp_path):
 
 
 @pytest.mark.skipif(not LINUX, reason="/proc/<pid>/maps")
-def test_idle_workers_do_not_keep_client_rows_mapped(tmp_path):
+def test_idle_workers_do_not_keep_client_rows_mapped(tmp_path, monkeypatch):
     pid_file = tmp_path / "pids"
     folder = tmp_path / "tmp"
+    on_workers(monkeypatch)
     with parallel_config(backend="loky", n_jobs=2, temp_folder=str(folder)):
         FedMM(Mean(pid_file=str(pid_file), seconds=0.05), max_iter=3,
               random_state=0).fit(mean_clients())
-    workers = {int(p) for p in pid_file.read_text().split()}
-    assert workers and os.getpid() not in workers
+    workers = {int(p) for p in pid_file.read_text().split()} - {os.getpid()}
+    assert workers
     mapped = []
     for pid in workers:
         with open(f"/proc/{pid}/maps") as f:
@@ -494,23 +500,40 @@ def test_idle_workers_do_not_keep_client_rows_mapped(tmp_path):
     assert not mapped
 
 
-def test_loading_rows_is_linear_in_the_number_of_clients(tmp_path, monkeypatch):
-    """Mapping a client's rows does not look at other clients' files."""
-    n = 300
-    handles = [local._MappedRows.save(str(tmp_path / f"client{i}.npy"),
-                                      np.full((2, 3), float(i)), os.getpid())
-               for i in range(n)]
-    calls = []
+def test_a_task_maps_the_rows_file_once_for_its_group(tmp_path, monkeypatch):
+    """One file holds every client's rows; a task maps it once for its group,
+    reads only its own clients' blocks, and never looks at other files."""
+    n = 3000
+    rng = np.random.default_rng(0)
+    arrays = [np.full((i % 5, 3), float(i)) for i in range(n)]
+    arrays[7] = np.asfortranarray(rng.standard_normal((6, 4))[:, :3])
+    rows_file = local._RowsFile.save(str(tmp_path / "clients.rows"), arrays, buffer_bytes=4096)
+    assert len(os.listdir(tmp_path)) == 1
+    later = local._RowsFile.later(str(tmp_path / "later.rows"), arrays)
+    assert len(os.listdir(tmp_path)) == 1  # written when first needed
+    assert len(pickle.dumps(later)) < 60 * n  # the handle, never the arrays
+    assert len(os.listdir(tmp_path)) == 2
+    maps, calls = [], []
+    real_mmap = local.mmap.mmap
+    monkeypatch.setattr(local.mmap, "mmap", lambda *a, **k: maps.append(1) or real_mmap(*a, **k))
     for name in ("exists", "isdir", "isfile"):
         real = getattr(os.path, name)
         monkeypatch.setattr(os.path, name, lambda p, _real=real: calls.append(p) or _real(p))
+    group = list(range(0, n, 2))
+    handle = pickle.loads(pickle.dumps(rows_file.subset(group)))
+    assert len(pickle.dumps(handle)) < 60 * len(group)  # offsets, never rows
     t0 = time.perf_counter()
-    rows = [pickle.loads(pickle.dumps(h)) for h in handles]
+    rows = handle.open()
     elapsed = time.perf_counter() - t0
-    assert not calls
-    assert all(np.array_equal(r, np.full((2, 3), float(i))) for i, r in enumerate(rows))
-    assert all(not r.flags.writeable for r in rows)
-    assert elapsed < 0.1 * n  # before: every load rescanned the cache (63 s for 5,000)
+    assert len(maps) == 1 and not calls
+    assert sorted(rows) == group
+    for i in group:
+        np.testing.assert_array_equal(rows[i], arrays[i])
+        assert not rows[i].flags.writeable
+        assert rows[i].size == 0 or rows[i].ctypes.data % 64 == 0  # aligned as allocated
+    assert rows[8].flags.c_contiguous
+    assert pickle.loads(pickle.dumps(rows_file.subset([7]))).open()[7].flags.f_contiguous
+    assert elapsed < 1.0
 
 
 def test_continued_fits_of_a_run_share_the_busy_record():
@@ -527,3 +550,214 @@ def test_continued_fits_of_a_run_share_the_busy_record():
     hung = [t for t in threading.enumerate() if t not in baseline and "client 1" in t.name]
     assert len(hung) <= 1, hung
     assert all((1, "TimeoutError") in f for f in state.history.failed[1:])
+
+
+# --------------------------------------------------------------------------
+# Groups of clients, and where they run
+# --------------------------------------------------------------------------
+def on_workers(monkeypatch):
+    """Every call of several clients goes to the workers; counts those calls."""
+    from skfedmm.federation.transport import LocalTransport
+
+    calls = []
+    real = LocalTransport._workers
+    monkeypatch.setattr(local._Scheduler, "parallel",
+                        lambda self, task, n: self.n_workers > 1 and n > 1)
+    monkeypatch.setattr(LocalTransport, "_workers",
+                        lambda self: calls.append(1) or real(self))
+    return calls
+
+
+class Fragile(MMProblem):
+    """Mean estimation; the client with ``bad_rows`` rows raises."""
+
+    def __init__(self, bad_rows=47):
+        self.bad_rows = bad_rows
+
+    def init_statistic(self, X):
+        return None
+
+    def init_parameter(self, init_stat, rng):
+        return np.zeros(3)
+
+    def local_statistic(self, X, theta):
+        if X.shape[0] == self.bad_rows:
+            raise ArithmeticError("this client is broken")
+        return {"m": X.mean(axis=0)}, float(np.mean((X - theta) ** 2))
+
+    def minimize(self, stat, theta_prev, rng=None):
+        return stat["m"]
+
+    def project(self, stat):
+        return stat
+
+
+@pytest.mark.parametrize("backend", ["threading", "loky"])
+def test_groups_on_workers_give_the_model_of_one_process(monkeypatch, backend):
+    from ._helpers import CauchyLocation, make_clients
+
+    clients = make_clients(n_clients=9)
+    params = dict(max_iter=4, participation=0.7, compression="qsgd", batch_size=30,
+                  random_state=0, eval_every=2)
+    ref = FedMM(CauchyLocation(), n_jobs=1, **params).fit(clients)
+    calls = on_workers(monkeypatch)
+    with parallel_config(backend=backend, n_jobs=2):
+        par = FedMM(CauchyLocation(), **params).fit(clients)
+    assert len(calls) >= 5  # init, full, rounds and evaluations, all on the workers
+    np.testing.assert_array_equal(par.theta, ref.theta)
+    np.testing.assert_array_equal(par.history["objective"], ref.history["objective"])
+    for a, b in zip(par.clients, ref.clients):
+        assert a.rng.bit_generator.state == b.rng.bit_generator.state
+        np.testing.assert_array_equal(a.cv, b.cv)
+
+
+def test_a_failing_client_in_a_group_is_absent_alone(monkeypatch):
+    clients = sleepy_clients()  # client 1 has 47 rows
+    calls = on_workers(monkeypatch)
+    with parallel_config(backend="threading", n_jobs=2), \
+            pytest.warns(ClientFailureWarning, match="client 1 failed"):
+        state = FedMM(Fragile(), max_iter=3, random_state=0).fit(clients)
+    assert calls
+    assert all(f == [(1, "ArithmeticError")] for f in state.history.failed)
+    assert list(state.history.n_active[1:]) == [3, 3, 3]
+
+
+def test_a_hung_client_in_a_group_misses_only_its_own_deadline(monkeypatch):
+    clients = sleepy_clients()
+    calls = on_workers(monkeypatch)
+    t0 = time.perf_counter()
+    with parallel_config(backend="threading", n_jobs=2), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ClientFailureWarning)
+        state = FedMM(Sleepy(seconds=2.0), max_iter=3, random_state=0,
+                      client_timeout=0.3).fit(clients)
+    elapsed = time.perf_counter() - t0
+    assert calls
+    # its group-mates answered, in every round
+    assert all((1, "TimeoutError") in f for f in state.history.failed[1:])
+    assert all(n >= 2 for n in state.history.n_active[1:])
+    assert elapsed < 2.0 + 6 * 0.3  # one deadline missed, then known busy
+
+
+def test_the_scheduler_keeps_small_clients_here(monkeypatch):
+    monkeypatch.setattr(local, "_WARM", set())
+    monkeypatch.setattr(local, "_PER_CLIENT", {})
+    monkeypatch.setattr(local, "_FORGONE", {})
+    monkeypatch.setattr(local, "_SLOWDOWN", {})
+    s = local._Scheduler(2, "processes")
+    assert not s.known("surrogate")
+    assert s.parallel("surrogate", 10)  # unknown: let the workers measure
+    s.record_here("full", 100, 100 * 30e-6)  # 30 us per client
+    assert s.known("surrogate") and not s.known("init")
+    assert not s.parallel("surrogate", 100)
+    for _ in range(100):  # sending states costs more than the clients' work
+        assert not s.parallel("surrogate", 10_000)
+    assert local._FORGONE == {}
+    heavier = local._Scheduler(2, "processes")
+    heavier.record_here("full", 10, 10 * 0.04)  # about 0.4 s saved per call of 20
+    assert not heavier.parallel("surrogate", 20)  # not yet worth starting the workers...
+    assert heavier.parallel("surrogate", 20)  # ... but it is after two such calls
+    s.record_here("full", 10, 10 * 0.2)  # heavy clients
+    assert s.parallel("surrogate", 10)
+    assert not s.parallel("surrogate", 1)
+    assert not local._Scheduler(1, "processes").parallel("surrogate", 10)
+    # measured: the workers' start is not counted, then a call costs 50 ms per client
+    s.record_there("surrogate", [5, 5], [0.1, 0.1], 5.0)
+    assert local._PER_CLIENT == {}
+    s.record_there("surrogate", [5, 5], [0.1, 0.1], 0.1 + 0.01 + 10 * 0.05)
+    assert local._PER_CLIENT[("processes", 2)] == pytest.approx(0.05)
+    assert s.here["statistic"] == pytest.approx(0.02)  # corrected by the workers' time
+    assert not s.parallel("surrogate", 10)
+    # clients computing three times slower on the workers (a loaded machine): a
+    # new fit predicts it before sending anything
+    monkeypatch.setattr(local, "_PER_CLIENT", {})
+    monkeypatch.setattr(local, "_SLOWDOWN", {})
+    s = local._Scheduler(2, "processes")
+    s.record_here("full", 10, 10 * 0.1)
+    assert s.parallel("surrogate", 10)
+    s.record_there("surrogate", [5, 5], [1.5, 1.5], 1.5 + 0.01)
+    assert local._SLOWDOWN[("processes", 2)] == pytest.approx(3.0)
+    fresh = local._Scheduler(2, "processes")
+    fresh.record_here("full", 10, 10 * 0.1)
+    assert not fresh.parallel("surrogate", 10)
+
+
+def test_tiny_clients_never_start_workers(monkeypatch):
+    from skfedmm.federation.transport import LocalTransport
+
+    from ._helpers import CauchyLocation
+
+    monkeypatch.setattr(local, "_WARM", set())  # as in a fresh process
+    monkeypatch.setattr(local, "_FORGONE", {})
+    monkeypatch.setattr(local, "_SLOWDOWN", {})
+    calls = []
+    real = LocalTransport._workers
+    monkeypatch.setattr(LocalTransport, "_workers", lambda self: calls.append(1) or real(self))
+    rng = np.random.default_rng(0)
+    clients = [rng.standard_normal((20, 3)) for _ in range(300)]
+    params = dict(max_iter=5, participation=0.1, random_state=0)
+    ref = FedMM(CauchyLocation(), n_jobs=1, **params).fit(clients)
+    with parallel_config(backend="loky", n_jobs=2):
+        state = FedMM(CauchyLocation(), **params).fit(clients)
+    assert not calls
+    np.testing.assert_array_equal(state.theta, ref.theta)
+
+
+# --------------------------------------------------------------------------
+# One client: BLAS threads by the size of its task
+# --------------------------------------------------------------------------
+def test_single_blas_thread_rule():
+    rule = local._single_blas_thread
+    big = local.BLAS_THREADS_MIN_VALUES
+    assert rule(2, [10, 10], 3)  # several clients: always
+    assert rule(1, [10], 3)
+    assert not rule(1, [big], 1)
+    assert not rule(1, [10], None)  # unknown shapes: left alone
+
+
+@needs_blas
+def test_a_small_lone_client_computes_on_one_blas_thread(monkeypatch):
+    clients = gram_clients(n_clients=1, n=60, dim=30)
+    with threadpool_limits(limits=2, user_api="blas"):
+        if min(blas_threads()) < 2:
+            pytest.skip("BLAS runs on one thread here")
+        Gram.seen = []
+        state = FedMM(Gram(dim=30, strict=True), max_iter=3, random_state=0).fit(clients)
+        assert all(f == [] for f in state.history.failed)
+        assert Gram.seen and all(n == [1] * len(n) for n in Gram.seen)
+        assert blas_threads() == [2] * len(blas_threads())  # restored
+        # a large task keeps every thread (the threshold lowered to make it large)
+        monkeypatch.setattr(local, "BLAS_THREADS_MIN_VALUES", 100)
+        Gram.seen = []
+        FedMM(Gram(dim=30), max_iter=2, random_state=0).fit(clients)
+        assert Gram.seen and all(n == [2] * len(n) for n in Gram.seen)
+        # minibatches: the size of the batch decides
+        Gram.seen = []
+        FedMM(Gram(dim=30), max_iter=2, random_state=0, batch_size=3).fit(clients)
+        assert [1] * len(Gram.seen[-1]) == Gram.seen[-1]
+
+
+def test_client_streams_copy_and_travel_as_their_state():
+    from skfedmm.federation.client import ClientState, _copy_rng
+
+    rng = np.random.default_rng(3)
+    rng.random(5)
+    copy_ = _copy_rng(rng)
+    assert copy_ is not rng and copy_.bit_generator is not rng.bit_generator
+    expected = copy.deepcopy(rng).random(4)
+    np.testing.assert_array_equal(copy_.random(4), expected)
+    np.testing.assert_array_equal(rng.random(4), expected)  # the original did not move
+    state = ClientState(cv=np.arange(3.0), rng=rng, log_scale=None)
+    back = pickle.loads(pickle.dumps(state))
+    assert back.rng.bit_generator.state == rng.bit_generator.state
+    np.testing.assert_array_equal(back.cv, state.cv)
+    mt = ClientState(cv=None, rng=np.random.Generator(np.random.MT19937(1)))
+    assert pickle.loads(pickle.dumps(mt)).rng.random() == copy.deepcopy(mt.rng).random()
+
+
+def test_a_group_whose_rows_cannot_be_read_is_absent_not_the_fit(tmp_path):
+    rows_file = local._RowsFile.save(str(tmp_path / "clients.rows"), [np.ones((3, 2))] * 3)
+    handle = rows_file.subset([0, 2])
+    os.unlink(rows_file.path)
+    answers, seconds = local._run_group(
+        lambda problem, X: X.sum(), None, (), handle, [(0, (), ()), (2, (), ())], pin=False)
+    assert [a.error for a in answers] == ["FileNotFoundError"] * 2 and seconds >= 0

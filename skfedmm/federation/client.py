@@ -14,9 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..compression import Identity
 from .local import _aligned, _ClientContext
 
 __all__ = ["ClientConfig", "ClientMessage", "ClientState", "CLIENT_TASKS"]
+
+_SEED = np.random.SeedSequence(0)  # (streams made from it are overwritten at once)
 
 
 def _map_param(fn, theta):
@@ -50,6 +53,15 @@ class ClientState:
     rng: object
     log_scale: object = None
     memory: object = None
+
+    def __reduce__(self):
+        # a Generator travels as its state: unpickled without drawing OS
+        # entropy to seed a stream that is overwritten at once
+        rng = self.rng
+        if type(rng) is np.random.Generator:
+            bit_generator = rng.bit_generator
+            rng = (_stream, (type(bit_generator), bit_generator.state))
+        return _client_state, (self.cv, rng, self.log_scale, self.memory)
 
 
 class Unverified:
@@ -89,6 +101,18 @@ def _local_statistic(problem, X, batch, theta, memory):
         memory["_rows"] = old["_rows"] if old is not None and "_rows" in old else _checksum(X)
     return stat, loss, memory
 
+def _stream(bit_generator_type, state):
+    """A Generator in the given state."""
+    new = np.random.Generator(bit_generator_type(_SEED))
+    new.bit_generator.state = state
+    return new
+
+
+def _client_state(cv, rng, log_scale, memory=None):
+    if isinstance(rng, tuple) and len(rng) == 2 and rng[0] is _stream:
+        rng = _stream(*rng[1])
+    return ClientState(cv=cv, rng=rng, log_scale=log_scale, memory=memory)
+
 
 @dataclass
 class ClientMessage:
@@ -108,6 +132,20 @@ class ClientMessage:
     payload: object
     bits: int
     loss: float
+
+
+def _copy_rng(rng):
+    """A private copy of a random stream (a Generator: state copied, not pickled)."""
+    if type(rng) is np.random.Generator:
+        bit_generator = rng.bit_generator
+        return _stream(type(bit_generator), bit_generator.state)
+    return copy.deepcopy(rng)
+
+
+def _uses_rng(X, cfg):
+    """Whether a surrogate round draws from the client's stream."""
+    draws = cfg.batch_size is not None and cfg.batch_size < X.shape[0]
+    return draws or type(cfg.compressor) is not Identity
 
 
 def _draw_batch(X, batch_size, rng):
@@ -161,7 +199,8 @@ def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
     """One surrogate-aggregation round on one client."""
     with _ClientContext(cfg.pin):
         # a private copy: a failed round leaves the client's stream untouched
-        rng = copy.deepcopy(state.rng)
+        # (a round that draws nothing shares the unchanged stream)
+        rng = _copy_rng(state.rng) if _uses_rng(X, cfg) else state.rng
         X, s_hat, cv = (_aligned(a) for a in (X, s_hat, state.cv))
         theta = _map_param(_aligned, theta)
         cv = _current_cv(cv, state.log_scale, log_scale)
@@ -179,7 +218,7 @@ def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
 def _client_parameter(problem, X, state, theta, cfg):
     """One parameter-aggregation round: local MM steps, send the change."""
     with _ClientContext(cfg.pin):
-        rng = copy.deepcopy(state.rng)
+        rng = _copy_rng(state.rng)
         X, theta = _aligned(X), _map_param(_aligned, theta)
         param_layout = cfg.param_layout
         local = theta

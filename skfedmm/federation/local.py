@@ -6,9 +6,15 @@ backends (sequential, threads, loky or multiprocessing processes, Dask):
 - **Placement of rows** (:func:`_place_clients`): once per fit, the rows go
   where the workers read them; every round then ships only parameters,
   statistics and client state.
+- **Groups of clients** (:func:`_run_group`, :class:`_Scheduler`): one
+  task carries a group of clients (one group per worker), each client
+  guarded on its own; a call's clients run in the fit's process unless
+  groups on the workers are measured to be faster.
 - **BLAS limits** (:func:`blas_limited`, :class:`_ClientContext`): with
-  several clients, BLAS runs on one thread in every process that computes,
-  so that results are bitwise independent of ``n_jobs`` and of the backend.
+  several clients (or one client with few rows, see
+  :func:`_single_blas_thread`), BLAS runs on one thread in every process
+  that computes, so that results are bitwise independent of ``n_jobs`` and
+  of the backend.
   Limits are reference-counted per process: set once for a whole fit in the
   fit's process, and around tasks in worker processes, never undone by an
   overlapping task, and the caller's setting is restored exactly.
@@ -25,6 +31,7 @@ import contextlib
 import mmap
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -99,6 +106,7 @@ class _BlasLimit:
         self._holders = 0
         self._fits = 0
         self._controller = None
+        self._modules = None
         self._limiter = None
 
     def acquire(self, fit):
@@ -118,11 +126,14 @@ class _BlasLimit:
             if not fit and self._fits:
                 return False
             if self._holders == 0:
-                if fit or self._controller is None:
-                    # (re)scan the loaded libraries once per fit, once per worker
+                modules = len(sys.modules)
+                if self._controller is None or (fit and modules != self._modules):
+                    # (re)scan the loaded libraries (tens of milliseconds) once
+                    # per worker, and for a fit when modules were imported since
                     from threadpoolctl import ThreadpoolController
 
                     self._controller = ThreadpoolController()
+                    self._modules = modules
                 with _blas_control():
                     self._limiter = self._controller.limit(limits=1, user_api="blas")
             self._holders += 1
@@ -177,6 +188,37 @@ def blas_limited(pin):
             _BLAS.release(fit=True)
 
 
+#: A lone client's task whose rows hold fewer values than this computes with
+#: one BLAS thread: its products are small, and a second thread saves a
+#: fraction of a millisecond on an idle machine but costs tens of
+#: milliseconds when other processes keep the cores busy (each product then
+#: waits for a descheduled thread).
+BLAS_THREADS_MIN_VALUES = 1 << 20
+
+
+def _single_blas_thread(n_clients, n_rows, n_features):
+    """Whether client work runs with BLAS on one thread.
+
+    Several clients: always (results do not depend on ``n_jobs``, and the
+    clients are the parallelism). One client: when its task's rows are
+    few (see :data:`BLAS_THREADS_MIN_VALUES`). The choice depends only on
+    shapes, so that results do not depend on the machine's load.
+
+    Parameters
+    ----------
+    n_clients : int
+    n_rows : array-like of int
+        Rows one task of each client computes on.
+    n_features : int or None
+        None when unknown (then BLAS is left alone for one client).
+    """
+    if n_clients > 1:
+        return True
+    if n_features is None or len(n_rows) == 0:
+        return False
+    return int(np.max(n_rows)) * int(n_features) < BLAS_THREADS_MIN_VALUES
+
+
 class _ClientContext:
     """Context of all client work.
 
@@ -192,16 +234,30 @@ class _ClientContext:
         Whether BLAS must run on one thread.
     """
 
+    _local = threading.local()  # this thread's open contexts: their pins
+
     def __init__(self, pin):
         self.pin = pin
 
     def __enter__(self):
+        open_pins = getattr(self._local, "pins", None)
+        if open_pins is None:
+            open_pins = self._local.pins = []
+        # inside a context of this thread that already covers this one (the
+        # task of a group of clients): nothing more to set, per client
+        self._nested = bool(open_pins) and (open_pins[-1] or not self.pin)
+        open_pins.append(bool(self.pin) or (self._nested and open_pins[-1]))
+        if self._nested:
+            return self
         self._held = bool(self.pin) and _BLAS.acquire(fit=False)
         self._err = np.errstate(all="ignore")
         self._err.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self._local.pins.pop()
+        if self._nested:
+            return False
         self._err.__exit__(*exc)
         if self._held:
             _BLAS.release(fit=False)
@@ -409,10 +465,16 @@ class _Placed(list):
         The fit's registry of busy clients.
     """
 
-    def __init__(self, handles, arrays, busy):
+    def __init__(self, handles, arrays, busy, rows=None):
         super().__init__(handles)
         self.shapes = [X.shape for X in arrays]
         self.busy = busy
+        self.rows = arrays if rows is None else rows
+
+    def __getitem__(self, i):
+        if isinstance(self.rows, _RowsFile):  # (handles made when asked for)
+            return self.rows.subset([int(i)])
+        return super().__getitem__(i)
 
     def guard(self, i):
         """The guard that client ``i``'s tasks carry (see :func:`_guarded`)."""
@@ -426,11 +488,11 @@ def _place_clients(clients, n_jobs, stack, token=None):
       to one worker (not broadcast) and replaced by its future; Dask runs
       that client's tasks where its rows live.
     - Process-based backends (loky, multiprocessing) with several workers:
-      each array is written once to a ``.npy`` file in a private folder
-      (under joblib's ``temp_folder``, see :func:`_temp_root`), and tasks
-      carry only its path; a task maps the file read-only while it runs
-      (no mapping outlives its task, so the rows are released with the
-      folder at the end of the fit). The folder is registered with loky's
+      the arrays are written once to one file in a private folder (under
+      joblib's ``temp_folder``, see :func:`_temp_root`), and tasks carry
+      only its path and their clients' offsets (:class:`_RowsFile`); a task
+      maps the file read-only while it runs (no mapping outlives its task,
+      so the rows are released with the folder at the end of the fit). The folder is registered with loky's
       resource tracker, which removes it if this process dies before the
       end of the fit, and workers exit when this process is gone.
     - Sequential and thread-based runs use the arrays themselves.
@@ -465,11 +527,9 @@ def _place_clients(clients, n_jobs, stack, token=None):
         return _Placed(futures, clients, _busy_registry(token))
     if name in ("LokyBackend", "MultiprocessingBackend") and effective_n_jobs(n_jobs) > 1:
         folder = _private_folder(stack)
-        owner = os.getpid()
-        handles = []
-        for i, X in enumerate(clients):
-            handles.append(_MappedRows.save(os.path.join(folder, f"client{i}.npy"), X, owner))
-        return _Placed(handles, clients, _busy_registry(token, folder))
+        # (written when a task first needs it: small clients may never leave)
+        rows = _RowsFile.later(os.path.join(folder, "clients.rows"), clients, os.getpid())
+        return _Placed([], clients, _busy_registry(token, folder), rows)
     return _Placed(clients, clients, _busy_registry(token))
 
 
@@ -541,61 +601,6 @@ def _dask_client():
     return None
 
 
-class _MappedRows:
-    """A client's rows in a ``.npy`` file; unpickles as a read-only memmap.
-
-    Parameters
-    ----------
-    path : str
-    shape, dtype, offset, order
-        Where and how the rows are in the file (read once, when it is
-        written).
-    owner : int or None
-        Process id of the fit; a worker process it started exits once it
-        is gone (see :func:`_watch_owner`).
-    """
-
-    def __init__(self, path, shape, dtype, offset, order="C", owner=None):
-        self.path = path
-        self.shape = shape
-        self.dtype = dtype
-        self.offset = offset
-        self.order = order
-        self.owner = owner
-
-    @classmethod
-    def save(cls, path, X, owner=None):
-        """Write ``X`` to ``path`` (``.npy``) and return its handle."""
-        np.save(path, X)
-        rows = np.load(path, mmap_mode="r")
-        order = "F" if rows.flags.f_contiguous and not rows.flags.c_contiguous else "C"
-        handle = cls(path, rows.shape, rows.dtype.str, rows.offset, order, owner)
-        del rows
-        return handle
-
-    def __reduce__(self):
-        return _load_rows, (self.path, self.shape, self.dtype, self.offset, self.order, self.owner)
-
-
-def _load_rows(path, shape, dtype, offset, order="C", owner=None):
-    """Map a client's rows read-only, for one task.
-
-    Each task maps the file anew (tens of microseconds, without parsing its
-    header again) and the mapping goes with the task: a mapping kept across
-    tasks would keep the rows of a finished fit on disk until the next fit,
-    and its bookkeeping would grow with the number of clients.
-    """
-    _watch_owner(owner)
-    dtype = np.dtype(dtype)
-    if int(np.prod(shape)) == 0:  # (mmap cannot map nothing)
-        rows = np.empty(shape, dtype=dtype, order=order)
-        rows.flags.writeable = False
-        return rows
-    with open(path, "rb") as f:
-        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return np.ndarray(shape, dtype=dtype, buffer=buffer, offset=offset, order=order)
-
-
 _WATCHING = []
 _WATCH_LOCK = threading.Lock()
 
@@ -644,3 +649,305 @@ class _AlignedRows:
 
     def __reduce__(self):
         return _aligned, (self.X,)
+
+
+# --------------------------------------------------------------------------
+# Groups of clients: one task per worker, and where each group runs
+# --------------------------------------------------------------------------
+def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None, guarded=None):
+    """Run one client task on a group of clients, each guarded on its own.
+
+    One joblib task carries a whole group: the problem and the round's
+    payload travel once for the group, the rows are read where they are
+    (``rows[i]``), and a client's exception or missed deadline makes only
+    that client absent (:func:`_guarded`, one deadline per client).
+
+    Parameters
+    ----------
+    fn : callable
+        The client function.
+    problem : MMProblem
+    args : tuple
+        The round's payload, the same for every client.
+    rows : sequence
+        Indexed by client: the rows themselves, or a :class:`_RowsFile`
+        (which maps its file once for the group).
+    items : list of (int, tuple, tuple)
+        Per client: its index, the arguments before the payload (its
+        state) and after it (its initialization data).
+    pin : bool
+        Limit BLAS to one thread (several clients).
+    timeout : float or None
+    busy : _BusyRegistry or None
+        The fit's registry of busy clients (with a ``timeout``).
+    guarded : callable, default=None
+        The guard of each call; :func:`_guarded` when None.
+
+    Returns
+    -------
+    answers : list
+        One answer or :class:`ClientFailure` per item, in order.
+    seconds : float
+        The group's computing time (for the placement decisions).
+    """
+    start = time.perf_counter()
+    try:
+        rows = rows.open() if isinstance(rows, _RowsFile) else rows
+    except Exception as exc:  # noqa: BLE001 - the group's clients are absent, not the fit
+        failure = ClientFailure(type(exc).__name__, str(exc), exc)
+        return [failure] * len(items), time.perf_counter() - start
+    guarded = _guarded if guarded is None else guarded
+    answers = []
+    with _ClientContext(pin):
+        for i, head, tail in items:
+            guard = None if timeout is None or busy is None else _ClientGuard(busy, i)
+            try:
+                X = rows[i]
+            except Exception as exc:  # noqa: BLE001 - this client's rows only
+                answers.append(ClientFailure(type(exc).__name__, str(exc), exc))
+                continue
+            answers.append(
+                guarded(fn, problem, X, *head, *args, *tail, timeout=timeout, guard=guard)
+            )
+    del rows
+    return answers, time.perf_counter() - start
+
+
+class _RowsFile:
+    """All clients' rows in one file, written once per fit; tasks map it.
+
+    Each client's rows are one block of the file (its own memory order,
+    starting on a 64-byte boundary, as freshly allocated arrays do, so that
+    vectorized kernels see the same alignment wherever a client runs). A
+    task carries only the path and the offsets of its own clients, and
+    maps the file once, read-only, for its whole group of clients; the
+    mapping goes with the task (a mapping kept across tasks would keep the
+    rows of a finished fit on disk until the next fit).
+
+    Parameters
+    ----------
+    path : str
+    dtype : str
+    blocks : dict
+        Client index to ``(offset, shape, order)``.
+    owner : int or None
+        Process id of the fit (see :func:`_watch_owner`).
+    """
+
+    ALIGN = 64
+
+    def __init__(self, path, dtype, blocks, owner=None):
+        self.path = path
+        self.dtype = dtype
+        self.blocks = blocks
+        self.owner = owner
+        self._pending = None  # arrays not written yet (see :meth:`later`)
+
+    @classmethod
+    def save(cls, path, arrays, owner=None, buffer_bytes=1 << 24, write=True):
+        """Write ``arrays`` (one dtype) to ``path`` and return the handle.
+
+        Small arrays are gathered into a buffer of at most ``buffer_bytes``
+        and written together; larger ones are written directly. With
+        ``write=False`` only the handle is made (nothing is written).
+        """
+        dtype = np.dtype(arrays[0].dtype) if len(arrays) else np.dtype(float)
+        step = max(cls.ALIGN // dtype.itemsize, 1)  # 64 bytes, in elements
+        blocks, end = {}, 0
+        pending, start = [], 0
+        with open(path, "wb") if write else contextlib.nullcontext() as f:
+
+            def flush():
+                if pending and write:
+                    buf = np.zeros(end - start, dtype=dtype)
+                    for at, flat in pending:
+                        buf[at - start : at - start + flat.size] = flat
+                    f.seek(start * dtype.itemsize)
+                    f.write(memoryview(buf).cast("B"))
+                pending.clear()
+
+            for i, X in enumerate(arrays):
+                X = np.asarray(X, dtype=dtype)
+                order = "F" if X.flags.f_contiguous and not X.flags.c_contiguous else "C"
+                at = -(-end // step) * step
+                blocks[i] = (at * dtype.itemsize, X.shape, order)
+                flat = np.ravel(X, order=order) if write else X
+                if (at + flat.size - start) * dtype.itemsize > buffer_bytes:
+                    flush()
+                    start = at
+                if flat.size * dtype.itemsize > buffer_bytes:  # directly, no copy
+                    if write:
+                        f.seek(at * dtype.itemsize)
+                        f.write(memoryview(np.ascontiguousarray(flat)).cast("B"))
+                    end = start = at + flat.size
+                    continue
+                pending.append((at, flat))
+                end = at + flat.size
+            flush()
+        return cls(path, dtype.str, blocks, owner)
+
+    def __reduce__(self):  # (never the pending arrays: write them first)
+        if self._pending is not None:
+            self.subset([])
+        return _RowsFile, (self.path, self.dtype, self.blocks, self.owner)
+
+    @classmethod
+    def later(cls, path, arrays, owner=None):
+        """The handle of ``arrays``, written to ``path`` when first needed."""
+        handle = cls(path, None, None, owner)
+        handle._pending = arrays
+        return handle
+
+    def subset(self, indices):
+        """The handle of some clients only (what one task carries)."""
+        pending = self._pending
+        if pending is not None:
+            # (a fit's folder gone: the fit is over and no task will read it)
+            write = os.path.isdir(os.path.dirname(self.path) or ".")
+            written = _RowsFile.save(self.path, pending, self.owner, write=write)
+            self.dtype, self.blocks, self._pending = written.dtype, written.blocks, None
+        return _RowsFile(self.path, self.dtype, {i: self.blocks[i] for i in indices}, self.owner)
+
+    def open(self):
+        """The clients' rows, read-only, from one mapping of the file."""
+        _watch_owner(self.owner)
+        dtype = np.dtype(self.dtype)
+        buffer = None
+        rows = {}
+        for i, (offset, shape, order) in self.blocks.items():
+            if int(np.prod(shape)) == 0:  # (mmap cannot map nothing)
+                X = np.empty(shape, dtype=dtype, order=order)
+                X.flags.writeable = False
+            else:
+                if buffer is None:
+                    with open(self.path, "rb") as f:
+                        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                X = np.ndarray(shape, dtype=dtype, buffer=buffer, offset=offset, order=order)
+            rows[i] = X
+        return rows
+
+
+#: The cost of one parallel call beyond its clients' work: a fixed part
+#: (joblib's dispatch and its polling for answers) and a part per client
+#: (sending its state and payload, collecting its answer), learned per
+#: joblib backend and number of workers from the calls of this process; the
+#: first call, which may have started the workers, is not measured (it puts
+#: the key in ``_WARM``).
+_CALL_FIXED = {"processes": 0.01, "threads": 5e-3}
+_PER_CLIENT_DEFAULT = {"processes": 5e-5, "threads": 5e-6}
+_PER_CLIENT = {}
+_WARM = set()
+#: Starting process workers (which import numpy, scikit-learn and this
+#: package) takes a second or more. Until they run, calls stay here while
+#: the savings they forgo (``_FORGONE``, summed over the fits of this
+#: process) are less than ``_START_PAYBACK`` times that cost: a fit of small
+#: clients never starts them, heavy clients start them at once or after a
+#: few calls (renting before buying: never more than 1.5 times the better
+#: choice in hindsight).
+_START_COST = {"processes": 1.0}
+_START_PAYBACK = 0.5
+_FORGONE = {}
+#: How much longer a client computes on the workers than here (contention:
+#: the GIL for threads; for processes, a machine whose other processes get
+#: the cores), learned across fits: a new fit predicts from it.
+_SLOWDOWN = {}
+
+
+class _Scheduler:
+    """Where a call's clients run: here, or in groups on joblib's workers.
+
+    Clients run here (in the fit's process, one after another) unless
+    running them in ``n_workers`` groups is predicted to be faster, from
+    what earlier calls measured: the computing time per client here and in
+    the workers (which counts contention, such as the GIL for threads), and
+    the cost of a parallel call beyond that (a fixed part, and per client:
+    sending its state, collecting its answer; learned per backend across
+    fits, the first call of a process, which may start the workers,
+    excepted). The first call of
+    a kind measures its first clients here (for about ``probe`` seconds)
+    before deciding for the rest. Where a client runs does not change its
+    answer (BLAS runs on one thread in both places), only the time.
+
+    Parameters
+    ----------
+    n_workers : int
+    backend : str
+        Key of the backend ("processes", "threads", ...), for the measured
+        cost of a parallel call.
+    """
+
+    def __init__(self, n_workers, backend, probe=2e-3, margin=0.9, decay=0.3):
+        self.n_workers = int(n_workers)
+        self.backend = backend
+        self.probe = probe
+        self.margin = margin
+        self.decay = decay
+        self.here = {}
+        self.there = {}
+
+    @property
+    def _key(self):
+        return (self.backend, self.n_workers)
+
+    def overhead(self, n):
+        """Predicted seconds of a parallel call of ``n`` clients beyond their work."""
+        fixed = _CALL_FIXED.get(self.backend, 0.01)
+        per_client = _PER_CLIENT.get(self._key, _PER_CLIENT_DEFAULT.get(self.backend, 5e-5))
+        return fixed + n * per_client
+
+    @staticmethod
+    def kind(task):
+        """Tasks of like cost share their measurements."""
+        return "init" if task == "init" else "statistic"
+
+    def _mix(self, table, key, value):
+        old = table.get(key)
+        table[key] = value if old is None else (1 - self.decay) * old + self.decay * value
+
+    def known(self, task):
+        return self.kind(task) in self.here
+
+    def record_here(self, task, n, seconds):
+        """Clients run here: how many, and their computing time."""
+        if n:
+            self._mix(self.here, self.kind(task), seconds / n)
+
+    def record_there(self, task, sizes, seconds, wall):
+        """A parallel call: its groups' sizes and computing times, its wall time."""
+        n = sum(sizes)
+        if not n:
+            return
+        kind = self.kind(task)
+        per_client = sum(seconds) / n
+        if self.here.get(kind):
+            self._mix(_SLOWDOWN, self._key, per_client / self.here[kind])
+        self._mix(self.there, kind, per_client)
+        if self.here.get(kind, 0.0) > self.there[kind]:
+            # clients computing faster there than measured here: the
+            # measurement here was inflated (a first call, a busy moment)
+            self.here[kind] = self.there[kind]
+        if self._key not in _WARM:  # this call may have started the workers
+            _WARM.add(self._key)
+            return
+        fixed = _CALL_FIXED.get(self.backend, 0.01)
+        self._mix(_PER_CLIENT, self._key, max(wall - max(seconds) - fixed, 0.0) / n)
+
+    def parallel(self, task, n):
+        """Whether ``n`` clients of ``task`` go to the workers."""
+        if self.n_workers < 2 or n < 2:
+            return False
+        kind = self.kind(task)
+        here = self.here.get(kind)
+        if here is None:
+            return True
+        there = self.there.get(kind, here * _SLOWDOWN.get(self._key, 1.0))
+        groups = min(self.n_workers, n)
+        saving = n * here - (self.overhead(n) + n * there / groups)
+        if saving <= (1 - self.margin) * n * here:
+            return False
+        if self._key not in _WARM:  # the workers may have to start first
+            forgone = _FORGONE.get(self._key, 0.0) + saving
+            if forgone < _START_PAYBACK * _START_COST.get(self.backend, 0.0):
+                _FORGONE[self._key] = forgone
+                return False
+        return True

@@ -15,6 +15,8 @@ so the fitted model does not depend on the transport.
 """
 
 import contextlib
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -22,7 +24,17 @@ import numpy as np
 from joblib import Parallel, delayed
 
 from .client import CLIENT_TASKS
-from .local import _client_guard, _dask_client, _guarded, _place_clients, blas_limited
+from .local import (
+    _client_guard,
+    _dask_client,
+    _guarded,
+    _place_clients,
+    _run_group,
+    _single_blas_thread,
+    _RowsFile,
+    _Scheduler,
+    blas_limited,
+)
 
 __all__ = ["LocalTransport", "RemoteClients", "Transport"]
 
@@ -157,10 +169,16 @@ class LocalTransport(Transport):
     Notes
     -----
     Entering the transport places the rows where the workers read them
-    (once per fit: memory-mapped files for process workers, scattered once
-    on Dask), limits BLAS to one thread when several clients may compute at
-    once (results do not depend on ``n_jobs``), and opens the joblib pool.
-    Every task then ships only parameters, statistics and client states.
+    (once per fit: one memory-mapped file for process workers, scattered
+    once on Dask) and limits BLAS to one thread when several clients may
+    compute at once (results do not depend on ``n_jobs``). Every task then
+    ships only parameters, statistics and client states.
+
+    On one machine a call sends one task per worker, each with a group of
+    clients (each client guarded on its own), or runs the clients in this
+    process when that is measured to be faster (small clients; workers
+    are started only when they pay). On Dask each client is one task, run
+    where its rows are.
     """
 
     def __init__(self, clients, n_jobs=None, timeout=None, run_id=None):
@@ -183,25 +201,40 @@ class LocalTransport(Transport):
         return self.clients[0].dtype
 
     @property
+    def _n_features(self):
+        # (for the choice of BLAS threads only: not ``n_features``, which
+        # would make the transport usable as RemoteClients)
+        return self.clients[0].shape[1] if np.ndim(self.clients[0]) == 2 else None
+
+    @property
     def pin(self):
-        """BLAS on one thread in client work (several clients)."""
-        return len(self.clients) > 1
+        """BLAS on one thread in client work (several clients, or small ones)."""
+        return _single_blas_thread(len(self.clients), self.n_rows, self._n_features)
 
     def __enter__(self):
+        from joblib import effective_n_jobs
+        from joblib.parallel import get_active_backend
+
         stack = contextlib.ExitStack()
         try:
             # BLAS on one thread in this process for the whole fit (clients
-            # in threads and the server's steps alike); workers limit theirs
+            # run here and the server's steps alike); workers limit theirs
             stack.enter_context(blas_limited(self.pin))
-            # one task per client on Dask, so that each runs where its rows
-            # are (joblib's automatic batching would group clients of
-            # different workers into one task and move their rows every round)
-            batch_size = 1 if _dask_client() is not None else "auto"
-            self._parallel = stack.enter_context(
-                Parallel(n_jobs=self.n_jobs, batch_size=batch_size)
-            )
-            # the rows go where the workers read them once, here
-            self._placed = _place_clients(self.clients, self.n_jobs, stack, token=self.run_id)
+            backend = type(get_active_backend()[0]).__name__
+            self._dask = _dask_client() is not None
+            self._processes = backend in ("LokyBackend", "MultiprocessingBackend")
+            n_workers = 1 if self.n_jobs == 1 else effective_n_jobs(self.n_jobs)
+            kind = "processes" if self._processes else (
+                "threads" if backend == "ThreadingBackend" else backend)
+            self._scheduler = _Scheduler(n_workers, kind)
+            self._parallel = None
+            if self._dask:
+                # one task per client on Dask, each where its rows are
+                self._parallel = stack.enter_context(Parallel(n_jobs=self.n_jobs, batch_size=1))
+            # the rows go where the workers read them once, here (and the
+            # record of busy clients is one that they and this process see)
+            self._placed = _place_clients(self.clients, n_workers, stack, token=self.run_id)
+            self._busy = self._placed.busy
         except BaseException:
             stack.close()
             raise
@@ -210,18 +243,94 @@ class LocalTransport(Transport):
 
     def __exit__(self, *exc):
         stack, self._stack = self._stack, None
+        # a thread pool's idle threads end soon after it is closed: wait for
+        # them, so that a finished fit leaves no threads behind
+        pool = getattr(getattr(self._parallel, "_backend", None), "_pool", None)
+        threads = [t for t in getattr(pool, "_pool", None) or [] if isinstance(t, threading.Thread)]
         self._parallel = self._placed = None
-        if stack is not None:
-            return stack.__exit__(*exc)
-        return False
+        try:
+            if stack is not None:
+                return stack.__exit__(*exc)
+            return False
+        finally:
+            for thread in threads:
+                thread.join(timeout=5.0)
+
+    def _workers(self):
+        """joblib's workers (started on first use) and the rows as they read them."""
+        if self._parallel is None:
+            self._parallel = self._stack.enter_context(Parallel(n_jobs=self.n_jobs))
+        return self._parallel, self._placed.rows
 
     def run(self, task, indices, problem, *args, states=None, per_client=None):
         if self._stack is None:
             raise RuntimeError("Enter the transport (`with transport:`) before running tasks.")
         fn = CLIENT_TASKS[task]
-        indices = list(indices)
+        indices = [int(i) for i in indices]
         if not indices:
             return []
+        if self._dask:
+            return self._run_per_client(fn, indices, problem, args, states, per_client)
+        items = [
+            (i, () if states is None else (states[i],), () if per_client is None else (per_client[i],))
+            for i in indices
+        ]
+        scheduler = self._scheduler
+
+        def here(group):
+            return _run_group(
+                fn, problem, args, self.clients, group, self.pin, self.timeout, self._busy,
+                _guarded,
+            )
+
+        answers = []
+        if not scheduler.known(task) and scheduler.n_workers > 1:
+            # the first clients run here (a few milliseconds), then decide
+            start = time.perf_counter()
+            times = []
+            while len(times) < len(items) and (
+                not times or time.perf_counter() - start < scheduler.probe
+            ):
+                (answer,), seconds = here(items[len(times):len(times) + 1])
+                answers.append(answer)
+                times.append(seconds)
+            # (the median: a first call may pay one-off costs)
+            scheduler.record_here(task, 1, float(np.median(times)))
+            items = items[len(times):]
+        if not items:
+            return answers
+        if not scheduler.parallel(task, len(items)):
+            out, seconds = here(items)
+            scheduler.record_here(task, len(items), seconds)
+            return answers + out
+        parallel, rows = self._workers()
+        groups = self._groups(items, scheduler.n_workers)
+        start = time.perf_counter()
+        outs = parallel(
+            delayed(_run_group)(
+                fn, problem, args,
+                rows.subset([i for i, _, _ in g]) if isinstance(rows, _RowsFile) else rows,
+                g, self.pin, self.timeout, self._busy, _guarded,
+            )
+            for g in groups
+        )
+        scheduler.record_there(
+            task, [len(g) for g in groups], [sec for _, sec in outs], time.perf_counter() - start
+        )
+        for out, _ in outs:
+            answers += out
+        return answers
+
+    def _groups(self, items, n_groups):
+        """Consecutive groups of clients with about equal numbers of rows."""
+        sizes = np.array([self.clients[i].shape[0] for i, _, _ in items], dtype=float) + 1.0
+        bounds = np.searchsorted(np.cumsum(sizes), sizes.sum() * np.arange(1, n_groups) / n_groups)
+        cuts = [0, *sorted(set(int(b) + 1 for b in bounds)), len(items)]
+        cuts = sorted(set(min(c, len(items)) for c in cuts))
+        return [items[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+    def _run_per_client(self, fn, indices, problem, args, states, per_client):
+        """One task per client (Dask: each runs where its rows were scattered)."""
 
         def call(i):
             head = (problem, self._placed[i]) + (() if states is None else (states[i],))

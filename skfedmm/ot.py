@@ -16,6 +16,12 @@ from .problems.ot import EntropicOTProblem
 
 __all__ = ["FederatedOTMap", "TargetSample"]
 
+#: ``epsilon_scaling="auto"`` scales epsilon when it is below this value
+#: (relative to the spread with the default ``normalize_cost="spread"``)...
+AUTO_SCALING_BELOW = 0.05
+#: ... by this factor per round (see ``benchmarks/bench_ot_epsilon.py``).
+AUTO_SCALING_FACTOR = 0.9
+
 
 class TargetSample:
     """A target sample that cross-validation passes whole to every fit.
@@ -353,6 +359,8 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         **FederatedMixin._parameter_constraints,
         "epsilon": [Interval(Real, 0, None, closed="neither")],
         "normalize_cost": [StrOptions({"spread"}), None],
+        "epsilon_scaling": [StrOptions({"auto"}), Interval(Real, 0, 1, closed="neither"), None],
+        "kernel_dtype": [StrOptions({"float32", "float64"}), None],
         "max_iter": [Interval(Integral, 0, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "n_reference": [Interval(Integral, 1, None, closed="left")],
@@ -376,6 +384,8 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         epsilon=0.05,
         *,
         normalize_cost="spread",
+        epsilon_scaling="auto",
+        kernel_dtype=None,
         max_iter=1000,
         tol=1e-4,
         n_reference=1000,
@@ -400,6 +410,8 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     ):
         self.epsilon = epsilon
         self.normalize_cost = normalize_cost
+        self.epsilon_scaling = epsilon_scaling
+        self.kernel_dtype = kernel_dtype
         self.max_iter = max_iter
         self.tol = tol
         self.n_reference = n_reference
@@ -479,9 +491,24 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         points = np.array(points, dtype=dtype, copy=True)
         return points, self._check_weights(points.shape[0])
 
+    def _scaling_factor(self):
+        """The per-round factor of the epsilon schedule, or None (no scaling)."""
+        scaling = self.epsilon_scaling
+        if scaling == "auto":
+            if self.aggregation != "surrogate" or self.epsilon >= AUTO_SCALING_BELOW:
+                return None
+            return AUTO_SCALING_FACTOR
+        if scaling is not None and self.aggregation != "surrogate":
+            raise ValueError(
+                "epsilon_scaling needs aggregation='surrogate': averaged local potentials "
+                "would average their epsilon schedules too; use epsilon_scaling=None."
+            )
+        return scaling
+
     def _make_problem(self, target, weights):
         return EntropicOTProblem(
             target, weights, epsilon=self.epsilon, normalize_cost=self.normalize_cost,
+            epsilon_scaling=self._scaling_factor(), kernel_dtype=self.kernel_dtype,
         )
 
     def fit(self, X, y=None, *, target=None, client_ids=None):
@@ -585,12 +612,13 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
             target, weights = self._check_target(target, self.n_features_in_, clients[0].dtype)
 
         def record(state):
-            self.potential_ = state.theta
+            self.potential_, factor = EntropicOTProblem._unpack(state.theta)
+            self._epsilon_factor = factor
             self.target_ = target
             self.target_weights_ = weights
             self._reference_size = reference_size
             self.cost_scale_ = float(state.problem.cost_scale_)
-            self.epsilon_ = float(state.problem.reg_)
+            self.epsilon_ = float(state.problem.reg_) * factor
 
         state = self._run_engine(
             clients,
@@ -606,7 +634,15 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
             _, stat = engine.evaluate(clients, state.theta, state.weights, state=state)
             error = float(np.abs(stat["mass"].astype(np.float64) - weights).sum())
         self.marginal_error_ = error
-        if warn and tol > 0 and not error <= tol:
+        if self._epsilon_factor != 1.0:
+            if warn:
+                warnings.warn(
+                    f"FederatedOTMap stopped after {self.n_iter_} rounds while epsilon was still "
+                    f"being scaled down (epsilon_ is {self._epsilon_factor:.3g} times the "
+                    "requested value); increase max_iter.",
+                    ConvergenceWarning,
+                )
+        elif warn and tol > 0 and not error <= tol:
             warnings.warn(
                 f"FederatedOTMap did not reach tol={tol:g} in {self.n_iter_} rounds "
                 f"(marginal error {error:.3g}); increase max_iter or epsilon.",
@@ -638,7 +674,7 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     def _fitted_problem(self, dtype):
         problem = EntropicOTProblem(
             self.target_.astype(dtype, copy=False), self.target_weights_,
-            epsilon=self.epsilon_, normalize_cost=None,
+            epsilon=self.epsilon_, normalize_cost=None, kernel_dtype=self.kernel_dtype,
         )
         return problem
 

@@ -224,6 +224,11 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     and every statistic are indexed by the target points. Nor can
     ``normalize_cost`` go from None to ``"spread"``: the clients did not
     send the moments it needs.
+    With epsilon scaling the schedule's factor is part of the parameter,
+    relative to ``epsilon``: a continued fit resumes the schedule where it
+    stopped (towards the new ``epsilon``), and ``epsilon_scaling=None``
+    moves to ``epsilon`` at once; a fit started without scaling continues
+    without it.
 
     **POT.** The numbers, not the interface, are those of POT's
     ``ot.da.SinkhornTransport(reg_e=2 * epsilon_)`` on the pooled rows
@@ -250,6 +255,30 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         ``None``: ``epsilon`` is absolute, the potential starts at 0 and the
         clients send nothing before the initial round (the map is then
         equivariant only up to ``tol``).
+    epsilon_scaling : "auto", float in (0, 1) or None, default="auto"
+        Epsilon scaling: the first round uses a large regularization, the
+        data's spread (``epsilon`` 1; the target's spread with
+        ``normalize_cost=None``), and each round multiplies it by this
+        factor down to ``epsilon``; the potential of one value warm-starts
+        the next, so small ``epsilon`` needs far fewer rounds (at
+        ``epsilon=0.01``, 77 instead of 254 rounds to a marginal error of
+        1e-2 on 4 clients x 300 rows in dimension 4). The schedule is part
+        of the broadcast parameter (``fedmm_state_.theta`` is then
+        ``{"potential", "epsilon_factor"}``): with exact rounds the fit is
+        Sinkhorn with that schedule on the pooled rows, however the rows
+        are split, and ``tol`` counts only rounds at ``epsilon``. "auto":
+        0.9 when ``epsilon < 0.05`` and ``aggregation="surrogate"``, None
+        otherwise (at 0.05 and above plain rounds converge about as fast).
+        None: every round at ``epsilon``. Needs
+        ``aggregation="surrogate"``.
+    kernel_dtype : {"float32", "float64"} or None, default=None
+        Precision of the clients' soft-assignment blocks (logits and
+        exponentials; masses are accumulated in float64). None: the data's
+        dtype. ``"float32"`` on float64 data is about twice as fast; the
+        soft assignments then carry a relative error of about
+        :math:`2^{-24} \|x - \bar y\| \|y_j - \bar y\| / \varepsilon`
+        (about 1e-5 for standardized data in dimension 10 at the default
+        ``epsilon``), and so does the map.
     max_iter : int, default=1000
         Maximum number of FedMM rounds after the initial round.
     tol : float, default=1e-4
@@ -287,7 +316,9 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     epsilon_ : float
         The regularization :math:`\varepsilon` in cost units
         (``epsilon * cost_scale_``): POT's ``reg_e`` for the same problem is
-        ``2 * epsilon_`` (POT's squared Euclidean cost has no 1/2).
+        ``2 * epsilon_`` (POT's squared Euclidean cost has no 1/2). Larger
+        (with a ConvergenceWarning) if the fit stopped before epsilon
+        scaling reached ``epsilon``: the value ``potential_`` belongs to.
     cost_scale_ : float
         The spread :math:`\sigma^2` (1 when ``normalize_cost`` is None).
     marginal_error_ : float

@@ -6,15 +6,15 @@ target points, ``epsilon=0.05`` (relative to the spread). Each round every
 client computes its mean soft assignment, a ``20,000 x 5,000`` block of
 logits and exponentials processed in cache-sized chunks.
 
-Configurations, run interleaved (A, B, C, A, B, C, ...), each a fit of
+Configurations, run interleaved (A, B, C, D, A, B, ...), each a fit of
 ``--rounds`` rounds after the initial round; seconds per round = the median
 over the timed rounds (``history_["time"]`` differences, the initial round
 excluded), minimum over the repeats:
 
 - ``float64 kernel, n_jobs=1``: the kernel in the data's precision;
 - ``float64 kernel, n_jobs=2``: clients on both cores;
-- ``float32 kernel, n_jobs=2``: ``kernel_dtype="float32"``: logits and
-  exponentials in float32, masses accumulated in float64.
+- ``float32 kernel, n_jobs=1`` and ``n_jobs=2``: ``kernel_dtype="float32"``:
+  logits and exponentials in float32, masses accumulated in float64.
 
 Accuracy of the float32 kernel: after the same rounds, the largest distance
 between the two maps over 2,000 fresh source points, relative to the
@@ -58,6 +58,28 @@ def problem(n_rows, n_clients, m, d, seed=0):
     return clients, X, Y, X_test
 
 
+def pot_line(Xp, Y, epsilon, pot_iters=50):
+    """POT's SinkhornTransport on pooled rows, capped at ``pot_iters`` iterations."""
+    try:
+        import ot
+    except ImportError:
+        return "POT not installed: skipped"
+    n, m = Xp.shape[0], Y.shape[0]
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "did not converge": the iterations are capped
+        pot = ot.da.SinkhornTransport(reg_e=2 * epsilon, max_iter=pot_iters, tol=0.0)
+        pot.fit(Xs=Xp, Xt=Y)
+    wall = time.perf_counter() - t0
+    return (
+        f"POT SinkhornTransport on {n} pooled rows x {m} targets, capped at {pot_iters} "
+        f"iterations: fit {wall:.1f} s ({wall / pot_iters:.3f} s per iteration with its cost "
+        f"matrix; one {n}x{m} float64 matrix = {n * m * 8 / 2**30:.2f} GiB). 200,000 rows "
+        f"would need {200_000 * m * 8 / 2**30:.1f} GiB per matrix and POT holds several: out "
+        "of reach of this 23 GB machine."
+    )
+
+
 def per_round(est):
     t = np.asarray(est.history_["time"])
     return float(np.median(np.diff(t)))
@@ -68,17 +90,18 @@ def main():
     parser.add_argument("--quick", action="store_true", help="50,000 rows, 1 repeat")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--pot-rows", type=int, default=None)
+    parser.add_argument("--pot-rows", type=int, default=None, help="0: skip POT")
     args = parser.parse_args()
     n_rows = 50_000 if args.quick else 200_000
     rounds = args.rounds or (2 if args.quick else 3)
     repeats = args.repeats or (1 if args.quick else 2)
-    pot_rows = args.pot_rows or (2_000 if args.quick else 20_000)
+    pot_rows = args.pot_rows if args.pot_rows is not None else (2_000 if args.quick else 20_000)
     n_clients, m, d, eps = 10, 5000, 10, 0.05
     clients, X, Y, X_test = problem(n_rows, n_clients, m, d)
     configs = {
         "float64 kernel, n_jobs=1": dict(kernel_dtype=None, n_jobs=1),
         "float64 kernel, n_jobs=2": dict(kernel_dtype=None, n_jobs=2),
+        "float32 kernel, n_jobs=1": dict(kernel_dtype="float32", n_jobs=1),
         "float32 kernel, n_jobs=2": dict(kernel_dtype="float32", n_jobs=2),
     }
     lines = [
@@ -100,8 +123,10 @@ def main():
             est.fit(clients, target=Y)
             times[name].append(per_round(est))
             fitted[name] = est
-            print(f"  repeat {rep}: {name}: {times[name][-1]:.2f} s/round "
-                  f"(loadavg {os.getloadavg()[0]:.2f})", flush=True)
+            line = (f"  repeat {rep}: {name}: {times[name][-1]:.2f} s/round "
+                    f"(loadavg {os.getloadavg()[0]:.2f})")
+            print(line, flush=True)
+            lines.append(line)
     base = min(times["float64 kernel, n_jobs=1"])
     table = ["| configuration | s/round (min) | all repeats | speed-up vs float64 n_jobs=1 |",
              "|---|---|---|---|"]
@@ -119,33 +144,16 @@ def main():
         f"(sigma = {sigma:.3f}, epsilon_ = {ref.epsilon_:.4f})",
         f"marginal error after {rounds} rounds: float64 {ref.marginal_error_:.3e}, "
         f"float32 {f32.marginal_error_:.3e}",
+        "potentials bitwise independent of n_jobs: float64 "
+        f"{np.array_equal(ref.potential_, fitted['float64 kernel, n_jobs=2'].potential_)}, "
+        f"float32 {np.array_equal(f32.potential_, fitted['float32 kernel, n_jobs=1'].potential_)}",
     ]
     print("\n".join(table), flush=True)
-    lines += table
+    lines += [""] + table
     # POT, pooled, full matrices
-    try:
-        import ot
-    except ImportError:
-        lines.append("POT not installed: skipped")
-    else:
-        Xp = X[:pot_rows]
-        pot_iters = 50
-        t0 = time.perf_counter()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "did not converge": the iterations are capped
-            pot = ot.da.SinkhornTransport(reg_e=2 * ref.epsilon_, max_iter=pot_iters, tol=0.0)
-            pot.fit(Xs=Xp, Xt=Y)
-        wall = time.perf_counter() - t0
-        line = (
-            f"POT SinkhornTransport on {pot_rows} pooled rows x {m} targets, capped at "
-            f"{pot_iters} iterations: fit {wall:.1f} s ({wall / pot_iters:.3f} s per iteration "
-            f"with its cost matrix; one {pot_rows}x{m} float64 matrix = "
-            f"{pot_rows * m * 8 / 2**30:.2f} GiB). 200,000 rows would need "
-            f"{200_000 * m * 8 / 2**30:.1f} GiB per matrix and POT holds several: out of "
-            "reach of this 23 GB machine."
-        )
-        print(line, flush=True)
-        lines += ["", line]
+    if pot_rows > 0:
+        lines += ["", pot_line(X[:pot_rows], Y, ref.epsilon_)]
+        print(lines[-1], flush=True)
     lines += ["", f"# loadavg at end {tuple(round(x, 2) for x in os.getloadavg())}"]
     out = RESULTS / ("bench_ot_scale_quick.txt" if args.quick else "bench_ot_scale.txt")
     out.write_text("\n".join(lines) + "\n")

@@ -277,8 +277,10 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         dtype. ``"float32"`` on float64 data is about twice as fast; the
         soft assignments then carry a relative error of about
         :math:`2^{-24} \|x - \bar y\| \|y_j - \bar y\| / \varepsilon`
-        (about 1e-5 for standardized data in dimension 10 at the default
-        ``epsilon``), and so does the map.
+        and so does the map (measured: within 3e-5 of the data's standard
+        deviation for 200,000 rows in dimension 10 at the default
+        ``epsilon``; a round there took 1.5 s instead of 2.7 s on two
+        shared cores).
     max_iter : int, default=1000
         Maximum number of FedMM rounds after the initial round.
     tol : float, default=1e-4

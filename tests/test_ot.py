@@ -741,3 +741,9 @@ def test_float32_kernel_agrees_with_float64_kernel():
     gap = np.max(np.linalg.norm(f64.transform(X) - f32.transform(X), axis=1))
     assert 0 < gap < 1e-4 * np.sqrt(f64.cost_scale_)
     assert_allclose(f32.potential_, f64.potential_, rtol=0, atol=1e-4 * f64.epsilon_)
+    # and the other way: a float64 kernel on float32 data
+    X32, Y32 = X[:500].astype(np.float32), Y[:50].astype(np.float32)
+    a = FederatedOTMap(0.1, **kw).fit(X32, target=Y32)
+    b = FederatedOTMap(0.1, kernel_dtype="float64", **kw).fit(X32, target=Y32)
+    assert b.potential_.dtype == np.float32 and b.transform(X32).dtype == np.float32
+    assert_allclose(b.transform(X32), a.transform(X32), atol=1e-4 * np.sqrt(a.cost_scale_))

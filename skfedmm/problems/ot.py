@@ -555,7 +555,8 @@ class EntropicOTProblem(MMProblem):
         mass = np.asarray(stat["mass"], dtype=np.float64)
         if np.any(mass < -atol):
             return f"a negative mass ({mass.min():.3g})"
-        slack = atol * mass.size + 1e3 * np.finfo(self.kernel_dtype).eps
+        coarse = max(np.finfo(self.dtype).eps, np.finfo(self.kernel_dtype).eps)
+        slack = atol * mass.size + 1e3 * coarse
         if abs(mass.sum() - 1.0) > slack:
             return f"masses summing to {mass.sum():.6g}, not 1"
         return None

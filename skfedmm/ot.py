@@ -16,6 +16,12 @@ from .problems.ot import EntropicOTProblem
 
 __all__ = ["FederatedOTMap", "TargetSample"]
 
+#: ``epsilon_scaling="auto"`` scales epsilon when it is below this value
+#: (relative to the spread with the default ``normalize_cost="spread"``)...
+AUTO_SCALING_BELOW = 0.05
+#: ... by this factor per round (see ``benchmarks/bench_ot_epsilon.py``).
+AUTO_SCALING_FACTOR = 0.9
+
 
 class TargetSample:
     """A target sample that cross-validation passes whole to every fit.
@@ -218,6 +224,11 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     and every statistic are indexed by the target points. Nor can
     ``normalize_cost`` go from None to ``"spread"``: the clients did not
     send the moments it needs.
+    With epsilon scaling the schedule's factor is part of the parameter,
+    relative to ``epsilon``: a continued fit resumes the schedule where it
+    stopped (towards the new ``epsilon``), and ``epsilon_scaling=None``
+    moves to ``epsilon`` at once; a fit started without scaling continues
+    without it.
 
     **POT.** The numbers, not the interface, are those of POT's
     ``ot.da.SinkhornTransport(reg_e=2 * epsilon_)`` on the pooled rows
@@ -244,6 +255,32 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         ``None``: ``epsilon`` is absolute, the potential starts at 0 and the
         clients send nothing before the initial round (the map is then
         equivariant only up to ``tol``).
+    epsilon_scaling : "auto", float in (0, 1) or None, default="auto"
+        Epsilon scaling: the first round uses a large regularization, the
+        data's spread (``epsilon`` 1; the target's spread with
+        ``normalize_cost=None``), and each round multiplies it by this
+        factor down to ``epsilon``; the potential of one value warm-starts
+        the next, so small ``epsilon`` needs far fewer rounds (at
+        ``epsilon=0.01``, 77 instead of 254 rounds to a marginal error of
+        1e-2 on 4 clients x 300 rows in dimension 4). The schedule is part
+        of the broadcast parameter (``fedmm_state_.theta`` is then
+        ``{"potential", "epsilon_factor"}``): with exact rounds the fit is
+        Sinkhorn with that schedule on the pooled rows, however the rows
+        are split, and ``tol`` counts only rounds at ``epsilon``. "auto":
+        0.9 when ``epsilon < 0.05`` and ``aggregation="surrogate"``, None
+        otherwise (at 0.05 and above plain rounds converge about as fast).
+        None: every round at ``epsilon``. Needs
+        ``aggregation="surrogate"``.
+    kernel_dtype : {"float32", "float64"} or None, default=None
+        Precision of the clients' soft-assignment blocks (logits and
+        exponentials; masses are accumulated in float64). None: the data's
+        dtype. ``"float32"`` on float64 data is about twice as fast; the
+        soft assignments then carry a relative error of about
+        :math:`2^{-24} \|x - \bar y\| \|y_j - \bar y\| / \varepsilon`
+        and so does the map (measured: within 3e-5 of the data's standard
+        deviation for 200,000 rows in dimension 10 at the default
+        ``epsilon``; a round there took 1.5 s instead of 2.7 s on two
+        shared cores).
     max_iter : int, default=1000
         Maximum number of FedMM rounds after the initial round.
     tol : float, default=1e-4
@@ -281,7 +318,9 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     epsilon_ : float
         The regularization :math:`\varepsilon` in cost units
         (``epsilon * cost_scale_``): POT's ``reg_e`` for the same problem is
-        ``2 * epsilon_`` (POT's squared Euclidean cost has no 1/2).
+        ``2 * epsilon_`` (POT's squared Euclidean cost has no 1/2). Larger
+        (with a ConvergenceWarning) if the fit stopped before epsilon
+        scaling reached ``epsilon``: the value ``potential_`` belongs to.
     cost_scale_ : float
         The spread :math:`\sigma^2` (1 when ``normalize_cost`` is None).
     marginal_error_ : float
@@ -353,6 +392,8 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         **FederatedMixin._parameter_constraints,
         "epsilon": [Interval(Real, 0, None, closed="neither")],
         "normalize_cost": [StrOptions({"spread"}), None],
+        "epsilon_scaling": [StrOptions({"auto"}), Interval(Real, 0, 1, closed="neither"), None],
+        "kernel_dtype": [StrOptions({"float32", "float64"}), None],
         "max_iter": [Interval(Integral, 0, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "n_reference": [Interval(Integral, 1, None, closed="left")],
@@ -376,6 +417,8 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         epsilon=0.05,
         *,
         normalize_cost="spread",
+        epsilon_scaling="auto",
+        kernel_dtype=None,
         max_iter=1000,
         tol=1e-4,
         n_reference=1000,
@@ -402,6 +445,8 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     ):
         self.epsilon = epsilon
         self.normalize_cost = normalize_cost
+        self.epsilon_scaling = epsilon_scaling
+        self.kernel_dtype = kernel_dtype
         self.max_iter = max_iter
         self.tol = tol
         self.n_reference = n_reference
@@ -483,9 +528,24 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         points = np.array(points, dtype=dtype, copy=True)
         return points, self._check_weights(points.shape[0])
 
+    def _scaling_factor(self):
+        """The per-round factor of the epsilon schedule, or None (no scaling)."""
+        scaling = self.epsilon_scaling
+        if scaling == "auto":
+            if self.aggregation != "surrogate" or self.epsilon >= AUTO_SCALING_BELOW:
+                return None
+            return AUTO_SCALING_FACTOR
+        if scaling is not None and self.aggregation != "surrogate":
+            raise ValueError(
+                "epsilon_scaling needs aggregation='surrogate': averaged local potentials "
+                "would average their epsilon schedules too; use epsilon_scaling=None."
+            )
+        return scaling
+
     def _make_problem(self, target, weights):
         return EntropicOTProblem(
             target, weights, epsilon=self.epsilon, normalize_cost=self.normalize_cost,
+            epsilon_scaling=self._scaling_factor(), kernel_dtype=self.kernel_dtype,
         )
 
     def fit(self, X, y=None, *, target=None, client_ids=None):
@@ -589,12 +649,13 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
             target, weights = self._check_target(target, self.n_features_in_, clients[0].dtype)
 
         def record(state):
-            self.potential_ = state.theta
+            self.potential_, factor = EntropicOTProblem._unpack(state.theta)
+            self._epsilon_factor = factor
             self.target_ = target
             self.target_weights_ = weights
             self._reference_size = reference_size
             self.cost_scale_ = float(state.problem.cost_scale_)
-            self.epsilon_ = float(state.problem.reg_)
+            self.epsilon_ = float(state.problem.reg_) * factor
 
         state = self._run_engine(
             clients,
@@ -610,7 +671,15 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
             _, stat = engine.evaluate(clients, state.theta, state.weights, state=state)
             error = float(np.abs(stat["mass"].astype(np.float64) - weights).sum())
         self.marginal_error_ = error
-        if warn and tol > 0 and not error <= tol:
+        if self._epsilon_factor != 1.0:
+            if warn:
+                warnings.warn(
+                    f"FederatedOTMap stopped after {self.n_iter_} rounds while epsilon was still "
+                    f"being scaled down (epsilon_ is {self._epsilon_factor:.3g} times the "
+                    "requested value); increase max_iter.",
+                    ConvergenceWarning,
+                )
+        elif warn and tol > 0 and not error <= tol:
             warnings.warn(
                 f"FederatedOTMap did not reach tol={tol:g} in {self.n_iter_} rounds "
                 f"(marginal error {error:.3g}); increase max_iter or epsilon.",
@@ -642,7 +711,7 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     def _fitted_problem(self, dtype):
         problem = EntropicOTProblem(
             self.target_.astype(dtype, copy=False), self.target_weights_,
-            epsilon=self.epsilon_, normalize_cost=None,
+            epsilon=self.epsilon_, normalize_cost=None, kernel_dtype=self.kernel_dtype,
         )
         return problem
 

@@ -162,7 +162,9 @@ def test_small_epsilon_float32_stays_finite_and_improves():
     clients32 = [c.astype(np.float32) for c in clients]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        est = FederatedOTMap(3e-3, max_iter=60, random_state=0).fit(clients32, target=Y)
+        est = FederatedOTMap(
+            3e-3, epsilon_scaling=None, max_iter=60, random_state=0
+        ).fit(clients32, target=Y)
     assert est.potential_.dtype == np.float32
     assert np.all(np.isfinite(est.potential_))
     out = est.transform(clients32[0])
@@ -577,3 +579,171 @@ def test_resumed_fit_validates_parameters_again():
     est = FederatedOTMap(0.3, max_iter=3, tol=0, warm_start=True).fit(clients, target=Y)
     with pytest.raises(ValueError, match="The 'epsilon' parameter of FederatedOTMap"):
         est.set_params(epsilon=-1.0).fit(clients)
+
+
+# ------------------------------------------------------- epsilon scaling
+def sinkhorn_scaled(X, Y, eps, q, n_iter):
+    """Pooled semi-discrete Sinkhorn with epsilon scaling, written out.
+
+    ``normalize_cost=None``: the schedule starts at the target's spread (its
+    mean variance per coordinate) and is multiplied by ``q`` each round,
+    down to ``eps``.
+    """
+    m = Y.shape[0]
+    b = np.full(m, 1.0 / m)
+    C = 0.5 * ((X[:, None, :] - Y[None, :, :]) ** 2).sum(-1)
+    g = np.zeros(m)
+    factor = max(1.0, Y.var(axis=0).mean() / eps)
+    factors = []
+    for _ in range(n_iter + 1):  # the initial full round is one more step
+        factors.append(factor)
+        e = eps * factor
+        Z = (g - C) / e + np.log(b)
+        chi = np.exp(Z - logsumexp(Z, axis=1, keepdims=True))
+        g = g + e * np.log(b / chi.mean(axis=0))
+        g -= g.mean()
+        factor = max(1.0, factor * q)
+    return g, factors
+
+
+@pytest.mark.parametrize("split", ["one", "three", "ids"])
+def test_batch_fedmm_with_epsilon_scaling_is_pooled_sinkhorn_with_the_schedule(split):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((240, 3))
+    Y = rng.standard_normal((40, 3)) * 0.8 + 0.5
+    n_iter, eps, q = 25, 0.02, 0.7
+    est = FederatedOTMap(eps, normalize_cost=None, epsilon_scaling=q, max_iter=n_iter, tol=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the schedule ends within the rounds: no warning
+        if split == "one":
+            est.fit(X, target=Y)
+        elif split == "three":
+            est.fit([X[:30], X[30:200], X[200:]], target=Y)
+        else:
+            est.fit(X, target=Y, client_ids=rng.integers(0, 5, size=X.shape[0]))
+    g, factors = sinkhorn_scaled(X, Y, eps, q, n_iter)
+    assert factors[0] > 10 and factors[-1] == 1.0  # the schedule did run, and ended
+    assert est.n_iter_ == n_iter and est.epsilon_ == eps
+    assert_allclose(est.potential_, g, rtol=0, atol=1e-10)
+    # rounds at a larger epsilon are flagged: they never count as convergence
+    restarted = est.history_["restarted"][1:]
+    assert_array_equal(restarted, np.array(factors[1:]) != 1.0)
+
+
+def test_epsilon_scaling_never_stops_before_the_requested_epsilon():
+    clients, _, Y, _, _ = gaussian_problem(n=60, m=40, seed=2)
+    # a loose tol is met at once at a large epsilon; the fit still goes on
+    est = FederatedOTMap(0.01, epsilon_scaling=0.5, tol=0.5).fit(clients, target=Y)
+    n_scaling = int(np.ceil(np.log(0.01) / np.log(0.5)))  # from epsilon 1 to 0.01
+    assert est.n_iter_ >= n_scaling
+    assert est.epsilon_ == pytest.approx(0.01 * est.cost_scale_)
+    assert est.marginal_error_ <= 0.5
+    with pytest.warns(ConvergenceWarning, match="still being scaled"):
+        short = FederatedOTMap(0.01, epsilon_scaling=0.5, max_iter=3).fit(clients, target=Y)
+    assert short.epsilon_ > 0.01 * short.cost_scale_
+
+
+def test_epsilon_scaling_reaches_tol_in_fewer_rounds():
+    clients, _, Y, _, _ = gaussian_problem(d=3, n_clients=4, n=100, m=100, seed=0)
+    kw = dict(tol=1e-2, max_iter=2000)
+    plain = FederatedOTMap(0.005, epsilon_scaling=None, **kw).fit(clients, target=Y)
+    scaled = FederatedOTMap(0.005, **kw).fit(clients, target=Y)  # "auto": on
+    assert plain.marginal_error_ <= 1e-2 and scaled.marginal_error_ <= 1e-2
+    assert scaled.n_iter_ < 0.5 * plain.n_iter_
+    # the same problem: the two maps agree to the tolerance
+    X = np.vstack(clients)
+    gap = np.sqrt(np.mean(np.sum((plain.transform(X) - scaled.transform(X)) ** 2, axis=1)))
+    print(f"rounds to 1e-2: {plain.n_iter_} plain, {scaled.n_iter_} scaled; rms map gap {gap:.3g}")
+    assert gap < 0.1 * np.sqrt(plain.cost_scale_)
+
+
+def test_epsilon_scaling_keeps_control_variates_valid_under_noise():
+    from skfedmm import FedMM
+    from skfedmm.federation.client import _current_cv
+
+    clients, _, Y, _, _ = gaussian_problem(n=80, m=40, seed=4)
+    problem = EntropicOTProblem(Y, epsilon=0.02, epsilon_scaling=0.8)
+    engine = FedMM(
+        problem, max_iter=1, tol=0.0, participation=0.5, participation_scheme="fixed",
+        compression=("qsgd", {"s": 16}), random_state=0,
+    )
+    state = engine.fit(clients)
+    w = state.weights
+    seen = set()
+    for _ in range(60):
+        state = engine.fit(clients, state=state, max_iter=1)
+        seen.add(float(state.theta["epsilon_factor"][0]))
+        cvs = [_current_cv(c.cv, c.log_scale, state.log_scale) for c in state.clients]
+        # V = sum_i w_i V_i in the broadcast coordinates, whatever epsilon did
+        assert_allclose(state.cv, sum(wi * c for wi, c in zip(w, cvs)), rtol=0, atol=1e-12)
+    assert len(seen) > 10 and 1.0 in seen  # the schedule ran during the noisy rounds
+    # and noisy FedMM converges to the requested problem
+    est = FederatedOTMap(
+        0.02, epsilon_scaling=0.8, participation=0.5, participation_scheme="fixed",
+        compression=("qsgd", {"s": 16}), tol=1e-3, max_iter=1500, random_state=0,
+    ).fit(clients, target=Y)
+    exact = FederatedOTMap(0.02, epsilon_scaling=None, tol=1e-9, max_iter=5000).fit(
+        clients, target=Y
+    )
+    assert est.marginal_error_ <= 1e-3
+    assert np.max(np.abs(est.potential_ - exact.potential_)) < 0.05 * np.ptp(exact.potential_)
+
+
+def test_epsilon_scaling_default_and_parameter():
+    assert FederatedOTMap().epsilon_scaling == "auto"
+    clients, _, Y, _, _ = gaussian_problem(n=40, m=20, seed=0)
+    kw = dict(max_iter=2, tol=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        small = FederatedOTMap(0.01, **kw).fit(clients, target=Y)
+        large = FederatedOTMap(0.05, **kw).fit(clients, target=Y)  # the default epsilon
+        off = FederatedOTMap(0.01, epsilon_scaling=None, **kw).fit(clients, target=Y)
+        param = FederatedOTMap(0.01, aggregation="parameter", **kw).fit(clients, target=Y)
+    assert isinstance(small.fedmm_state_.theta, dict)  # "auto" scales below 0.05
+    for est in (large, off, param):
+        assert isinstance(est.fedmm_state_.theta, np.ndarray)
+        assert est.epsilon_ == pytest.approx(est.epsilon * est.cost_scale_)
+    assert small.potential_.shape == (20,)
+    with pytest.raises(ValueError, match="aggregation='surrogate'"):
+        FederatedOTMap(0.01, epsilon_scaling=0.9, aggregation="parameter").fit(clients, target=Y)
+    for bad in (0.0, 1.0, 1.5, "yes"):
+        with pytest.raises(ValueError, match="epsilon_scaling"):
+            FederatedOTMap(epsilon_scaling=bad).fit(clients, target=Y)
+        with pytest.raises(ValueError, match="epsilon_scaling"):
+            EntropicOTProblem(Y, epsilon_scaling=bad)
+
+
+# ----------------------------------------------------------- float32 kernel
+def test_float32_kernel_agrees_with_float64_kernel():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((3000, 10)) + 0.5
+    Y = rng.standard_normal((500, 10))
+    p64 = EntropicOTProblem(Y, epsilon=0.5, normalize_cost=None)
+    p32 = EntropicOTProblem(Y, epsilon=0.5, normalize_cost=None, kernel_dtype="float32")
+    g = rng.standard_normal(500)
+    s64, l64 = p64.local_statistic(X, g)
+    s32, l32 = p32.local_statistic(X, g)
+    assert s32["mass"].dtype == np.float64  # the masses stay in the data's dtype
+    # the stated accuracy: soft assignments to about 2^-24 |x||y| / eps
+    bound = np.finfo(np.float32).eps * np.max(np.linalg.norm(X, axis=1)) * np.max(
+        np.linalg.norm(Y, axis=1)) / 0.5
+    assert bound < 1e-4
+    assert_allclose(s32["mass"], s64["mass"], rtol=bound, atol=0)
+    assert_allclose(l32, l64, rtol=1e-6)
+    assert p32.check_statistic(s32, g) is None
+    assert np.max(np.abs(s32["mass"] - s64["mass"]) / s64["mass"]) > 0  # float32 did run
+    # fitted maps: the same to 1e-4 of the data's scale
+    clients = np.array_split(X, 4)
+    kw = dict(max_iter=30, tol=0.0, epsilon_scaling=None)
+    f64 = FederatedOTMap(0.1, **kw).fit(clients, target=Y)
+    f32 = FederatedOTMap(0.1, kernel_dtype="float32", **kw).fit(clients, target=Y)
+    assert f32.potential_.dtype == np.float64
+    gap = np.max(np.linalg.norm(f64.transform(X) - f32.transform(X), axis=1))
+    assert 0 < gap < 1e-4 * np.sqrt(f64.cost_scale_)
+    assert_allclose(f32.potential_, f64.potential_, rtol=0, atol=1e-4 * f64.epsilon_)
+    # and the other way: a float64 kernel on float32 data
+    X32, Y32 = X[:500].astype(np.float32), Y[:50].astype(np.float32)
+    a = FederatedOTMap(0.1, **kw).fit(X32, target=Y32)
+    b = FederatedOTMap(0.1, kernel_dtype="float64", **kw).fit(X32, target=Y32)
+    assert b.potential_.dtype == np.float32 and b.transform(X32).dtype == np.float32
+    assert_allclose(b.transform(X32), a.transform(X32), atol=1e-4 * np.sqrt(a.cost_scale_))

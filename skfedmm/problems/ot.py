@@ -157,7 +157,7 @@ def _soft_assignment_chunks(X, kernel, center, working_memory=None):
         stop = min(start + step, n)
         k = stop - start
         xa = Xa[:k]
-        np.subtract(X[start:stop], center, out=xa[:, :d])
+        np.subtract(X[start:stop], center, out=xa[:, :d], casting="same_kind")
         E = buf[:k]
         np.matmul(xa, kernel, out=E)
         zmax = E.max(axis=1)
@@ -242,6 +242,30 @@ class EntropicOTProblem(MMProblem):
         rounds (step size :math:`\gamma < 1`) the server's masses stay
         above :math:`(1 - \gamma) b`, which bounds the potential step by
         :math:`\varepsilon \log(1 / (1 - \gamma))`.
+    epsilon_scaling : float in (0, 1), default=None
+        Epsilon scaling: the parameter becomes ``{"potential": g,
+        "epsilon_factor": [k]}``, the round at :math:`\theta_t` uses
+        :math:`\varepsilon_t = k_t \varepsilon`, :math:`k_0`
+        = :meth:`start_factor` (the schedule starts at the data's spread)
+        and :math:`k_{t+1} = \max(1, q k_t)`, :math:`q` = ``epsilon_scaling``
+        (:meth:`minimize` decides it, so the schedule travels with the
+        broadcast parameter). :meth:`restarted` is True while
+        :math:`k_t > 1`, so the engine does not stop before the requested
+        :math:`\varepsilon`. Statistics keep their mass coordinates across a
+        change of :math:`\varepsilon` (:meth:`rescale` is the potential's
+        change only): a control variate is then a stale offset, like after
+        any move of the parameter, and :math:`V = \sum_i w_i V_i` still
+        holds. None: the parameter is the potential, every round at
+        :math:`\varepsilon`.
+    kernel_dtype : {None, "float32", "float64"}, default=None
+        Precision of the ``chunk x m`` soft-assignment block (the logits'
+        matrix product, the max, the exponentials); None: the data's dtype.
+        ``"float32"`` on float64 data halves the memory traffic and
+        doubles the SIMD width of the exponentials (about twice as fast);
+        masses are still accumulated over chunks in float64. The logits
+        :math:`\langle x - c, y_j - c\rangle / \varepsilon` then carry a
+        rounding error of about :math:`2^{-24} |x - c| |y_j - c| /
+        \varepsilon`, the relative error of the soft assignments.
 
     Attributes
     ----------
@@ -289,7 +313,7 @@ class EntropicOTProblem(MMProblem):
 
     def __init__(
         self, target, target_weights=None, *, epsilon=0.05, normalize_cost="spread",
-        working_memory=None, min_mass=None,
+        working_memory=None, min_mass=None, epsilon_scaling=None, kernel_dtype=None,
     ):
         target = np.asarray(target)
         if target.ndim != 2 or target.shape[0] == 0:
@@ -314,6 +338,13 @@ class EntropicOTProblem(MMProblem):
             raise ValueError(f"epsilon must be a finite float > 0, got {epsilon!r}.")
         if normalize_cost not in ("spread", None):
             raise ValueError(f"normalize_cost must be 'spread' or None, got {normalize_cost!r}.")
+        if epsilon_scaling is not None and (
+            not isinstance(epsilon_scaling, Real) or isinstance(epsilon_scaling, bool)
+            or not 0 < epsilon_scaling < 1
+        ):
+            raise ValueError(
+                f"epsilon_scaling must be None or a float in (0, 1), got {epsilon_scaling!r}."
+            )
         dtype = target.dtype
         self.target = target
         self.target_weights = target_weights  # as given (a deployment rebuilds the problem)
@@ -322,6 +353,10 @@ class EntropicOTProblem(MMProblem):
         self.epsilon = float(epsilon)
         self.normalize_cost = normalize_cost
         self.working_memory = working_memory
+        self.epsilon_scaling = None if epsilon_scaling is None else float(epsilon_scaling)
+        if kernel_dtype is not None and np.dtype(kernel_dtype) not in (np.float32, np.float64):
+            raise ValueError(f"kernel_dtype must be None, float32 or float64, got {kernel_dtype!r}.")
+        self.kernel_dtype = dtype if kernel_dtype is None else np.dtype(kernel_dtype)
         self.min_mass = float(np.sqrt(np.finfo(dtype).eps)) if min_mass is None else float(min_mass)
         # Centre of the costs: the b-weighted target mean (exact cancellation
         # of the cross term in the mean cost, and small norms in the BLAS
@@ -337,11 +372,56 @@ class EntropicOTProblem(MMProblem):
     def reg_(self):
         return self.epsilon * self.cost_scale_
 
-    def _kernel(self, g):
+    @staticmethod
+    def _unpack(theta):
+        """``(g, k)``: the potential and the epsilon factor (1 without scaling)."""
+        if isinstance(theta, dict):
+            return theta["potential"], float(np.asarray(theta["epsilon_factor"]).reshape(-1)[0])
+        return theta, 1.0
+
+    def _pack(self, g, factor, like):
+        """A parameter of the same structure as ``like``."""
+        if isinstance(like, dict):
+            return {"potential": g, "epsilon_factor": np.array([factor], dtype=self.dtype)}
+        return g
+
+    def _reg_at(self, theta):
+        """:math:`\\varepsilon_t` in cost units: ``reg_`` times the epsilon factor."""
+        return self.reg_ * self._unpack(theta)[1]
+
+    def start_factor(self, init_stat=None):
+        r"""The first epsilon factor of the schedule, :math:`k_0 \ge 1`.
+
+        The schedule starts at :math:`\varepsilon_0 = \sigma^2` (``epsilon``
+        1, a blur of one standard deviation of the data) with
+        ``normalize_cost="spread"``; with ``normalize_cost=None``, at the
+        target's own spread (its mean variance per coordinate, which the
+        server knows). Never below the requested :math:`\varepsilon`.
+        """
+        if self.normalize_cost == "spread":
+            start = self.cost_scale_
+        else:
+            start = float(self.weights.astype(np.float64) @ (2 * self._y_sq)) / self.target.shape[1]
+        if not (np.isfinite(start) and start > 0):
+            return 1.0
+        return max(1.0, start / self.reg_)
+
+    def next_factor(self, factor):
+        r"""The epsilon factor of the next round: :math:`\max(1, q k)`.
+
+        :math:`q` is ``epsilon_scaling``; without scaling the factor is 1
+        (a parameter that carries a factor jumps to the requested
+        :math:`\varepsilon`).
+        """
+        if self.epsilon_scaling is None:
+            return 1.0
+        return max(1.0, float(factor) * self.epsilon_scaling)
+
+    def _kernel(self, g, eps=None):
         """``[(Y - c)^T / eps; (g - |y - c|^2 / 2) / eps + log b]``."""
-        eps = self.reg_
+        eps = self.reg_ if eps is None else eps
         Yc = self._Yc
-        out = np.empty((Yc.shape[1] + 1, Yc.shape[0]), dtype=self.dtype)
+        out = np.empty((Yc.shape[1] + 1, Yc.shape[0]), dtype=self.kernel_dtype)
         out[:-1] = Yc.T / eps
         out[-1] = (np.asarray(g, dtype=np.float64) - self._y_sq) / eps + self._log_b
         return out
@@ -353,10 +433,12 @@ class EntropicOTProblem(MMProblem):
                 f"have {self.target.shape[1]}."
             )
 
-    def _chunks(self, X, g):
+    def _chunks(self, X, theta):
         self._check_rows(X)
         X = np.asarray(X, dtype=self.dtype)
-        return _soft_assignment_chunks(X, self._kernel(g), self.center, self.working_memory)
+        g, factor = self._unpack(theta)
+        kernel = self._kernel(g, self.reg_ * factor)
+        return _soft_assignment_chunks(X, kernel, self.center, self.working_memory)
 
     # --------------------------------------------------------- protocol
     def init_statistic(self, X):
@@ -446,17 +528,22 @@ class EntropicOTProblem(MMProblem):
         Without moments (``normalize_cost=None``), :math:`g_0 = 0`.
         """
         if init_stat is None or "mean" not in init_stat:
-            return np.zeros(self.target.shape[0], dtype=self.dtype)
-        shift = -np.asarray(init_stat["mean"], dtype=np.float64)  # ybar - xbar
-        g = self._Yc.astype(np.float64) @ shift
-        return (g - g.mean()).astype(self.dtype)
+            g = np.zeros(self.target.shape[0], dtype=self.dtype)
+        else:
+            shift = -np.asarray(init_stat["mean"], dtype=np.float64)  # ybar - xbar
+            g = self._Yc.astype(np.float64) @ shift
+            g = (g - g.mean()).astype(self.dtype)
+        if self.epsilon_scaling is None:
+            return g
+        return self._pack(g, self.start_factor(init_stat), {})
 
-    def _rows_lse(self, zmax, rowsum, Xc):
+    def _rows_lse(self, zmax, rowsum, Xc, reg=None):
         r"""Sum over a chunk of :math:`(\ell(x, g) + \langle b, g\rangle) / \varepsilon`."""
+        reg = self.reg_ if reg is None else reg
         return (
             float(np.sum(zmax, dtype=np.float64))
             + float(np.sum(np.log(rowsum), dtype=np.float64))
-            - 0.5 * float(np.einsum("ij,ij->", Xc, Xc, dtype=np.float64)) / self.reg_
+            - 0.5 * float(np.einsum("ij,ij->", Xc, Xc, dtype=np.float64)) / reg
         )
 
     def statistic_shapes(self, theta):
@@ -468,7 +555,8 @@ class EntropicOTProblem(MMProblem):
         mass = np.asarray(stat["mass"], dtype=np.float64)
         if np.any(mass < -atol):
             return f"a negative mass ({mass.min():.3g})"
-        slack = atol * mass.size + 1e3 * np.finfo(self.dtype).eps
+        coarse = max(np.finfo(self.dtype).eps, np.finfo(self.kernel_dtype).eps)
+        slack = atol * mass.size + 1e3 * coarse
         if abs(mass.sum() - 1.0) > slack:
             return f"masses summing to {mass.sum():.6g}, not 1"
         return None
@@ -477,12 +565,13 @@ class EntropicOTProblem(MMProblem):
         """Mean soft assignment ``{"mass": (m,)}`` and mean semi-dual loss."""
         mass = np.zeros(self.target.shape[0], dtype=np.float64)
         total = 0.0
+        reg = self._reg_at(theta)
         for _, E, zmax, rowsum, Xc in self._chunks(X, theta):
             mass += E.T @ (1.0 / rowsum)
-            total += self._rows_lse(zmax, rowsum, Xc)
+            total += self._rows_lse(zmax, rowsum, Xc, reg)
         n = X.shape[0]
-        loss = self.reg_ * total / n - float(
-            self.weights.astype(np.float64) @ np.asarray(theta, dtype=np.float64)
+        loss = reg * total / n - float(
+            self.weights.astype(np.float64) @ np.asarray(self._unpack(theta)[0], dtype=np.float64)
         )
         return {"mass": (mass / n).astype(self.dtype)}, loss
 
@@ -492,21 +581,41 @@ class EntropicOTProblem(MMProblem):
         return np.where(r > floor, r, floor)
 
     def minimize(self, stat, theta_prev, rng=None):
-        """:math:`g + \\varepsilon \\log(b / r)`, then the gauge (mean zero)."""
+        """:math:`g + \\varepsilon_t \\log(b / r)`, then the gauge (mean zero).
+
+        With epsilon scaling the parameter is ``{"potential": g,
+        "epsilon_factor": [k]}``: the step uses :math:`\\varepsilon_t = k`
+        ``reg_`` (the regularization the masses were measured at), and the
+        next factor is :meth:`next_factor` (the problem decides the next
+        :math:`\\varepsilon`).
+        """
+        g_prev, factor = self._unpack(theta_prev)
         r = self._floor(stat["mass"])
-        g = np.asarray(theta_prev, dtype=np.float64) + self.reg_ * (
+        g = np.asarray(g_prev, dtype=np.float64) + self.reg_ * factor * (
             self._log_b - np.log(r.astype(np.float64))
         )
-        return (g - g.mean()).astype(self.dtype)
+        g = (g - g.mean()).astype(self.dtype)
+        return self._pack(g, self.next_factor(factor), theta_prev)
 
     def project(self, stat):
         """Keep the masses :math:`r \\ge` ``min_mass`` :math:`\\cdot b > 0`."""
         return {"mass": self._floor(stat["mass"])}
 
     def project_parameter(self, theta):
-        """The gauge: :math:`\\mathrm{mean}(g) = 0`."""
-        theta = np.asarray(theta)
-        return theta - theta.mean(dtype=np.float64).astype(theta.dtype)
+        """The gauge: :math:`\\mathrm{mean}(g) = 0` (and an epsilon factor :math:`\\ge 1`)."""
+        g, factor = self._unpack(theta)
+        g = np.asarray(g)
+        g = g - g.mean(dtype=np.float64).astype(g.dtype)
+        return self._pack(g, max(1.0, factor), theta)
+
+    def restarted(self, stat, theta_prev, theta_new):
+        """True while epsilon is still being scaled: no convergence before the last value.
+
+        The round's marginal error was measured at ``theta_prev``'s
+        :math:`\\varepsilon`; it says whether the requested problem is
+        solved only once that is the requested :math:`\\varepsilon`.
+        """
+        return self._unpack(theta_prev)[1] != 1.0
 
     def rescale(self, stat, theta_old, theta_new):
         """Change of mass coordinates :math:`b / r` (gauge-free)."""
@@ -545,10 +654,11 @@ class EntropicOTProblem(MMProblem):
     def loss(self, X, theta):
         r"""Mean semi-dual loss :math:`\ell(x, g)` over the rows."""
         total = 0.0
+        reg = self._reg_at(theta)
         for _, _, zmax, rowsum, Xc in self._chunks(X, theta):
-            total += self._rows_lse(zmax, rowsum, Xc)
-        return self.reg_ * total / X.shape[0] - float(
-            self.weights.astype(np.float64) @ np.asarray(theta, dtype=np.float64)
+            total += self._rows_lse(zmax, rowsum, Xc, reg)
+        return reg * total / X.shape[0] - float(
+            self.weights.astype(np.float64) @ np.asarray(self._unpack(theta)[0], dtype=np.float64)
         )
 
     # ------------------------------------------------------- prediction
@@ -563,6 +673,6 @@ class EntropicOTProblem(MMProblem):
         r"""The entropic map :math:`T_\varepsilon(x) = \sum_j \chi_j(x; g) y_j`, chunked."""
         out = np.empty((X.shape[0], self.target.shape[1]), dtype=self.dtype)
         for rows, E, _, rowsum, _ in self._chunks(X, theta):
-            out[rows] = (E @ self._Yc) / rowsum[:, None]
+            out[rows] = (E @ self._Yc.astype(E.dtype, copy=False)) / rowsum[:, None]
         out += self.center
         return out

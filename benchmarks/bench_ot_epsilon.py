@@ -1,0 +1,110 @@
+"""Rounds to tolerance against epsilon, with and without epsilon scaling.
+
+Problem: 4 clients x 300 rows in dimension 4 (a Gaussian source sorted along
+its first coordinate before the split, so the clients differ), 300 Gaussian
+target points (the ``gaussian_problem`` of ``tests/test_ot.py``, seed 0).
+Exact rounds (full participation, no compression, full batches), so every
+schedule is plain Sinkhorn with that epsilon schedule on the pooled rows.
+
+Marginal error: :math:`\\|\\sum_i w_i \\bar\\chi_i - b\\|_1`, the L1 distance
+between the aggregated mean soft assignment (the mass each target point
+receives) and the target weights, at the requested epsilon; it is what
+``tol`` and ``marginal_error_`` measure (``history_["mean_field"]``). Rounds
+at a larger epsilon of the schedule do not count as reaching it.
+
+Schedules: ``off`` (``epsilon_scaling=None``: every round at epsilon) and
+``q`` in (0, 1) (``epsilon_scaling=q``: start at epsilon 1, i.e. the spread
+of the data, multiply by ``q`` each round down to the requested value).
+Also reported: the marginal error after 60 rounds and the map error after
+60 rounds (mean squared distance between the 60-round map and the map of a
+long reference run, over the source rows).
+
+Run: ``PYTHONPATH=. python benchmarks/bench_ot_epsilon.py [--quick]``
+"""
+
+import argparse
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from skfedmm import FederatedOTMap  # noqa: E402
+from tests.test_ot import gaussian_problem  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_ot_epsilon.txt"
+
+
+def first_round(history, tol):
+    """The first round whose marginal error, at the requested epsilon, is <= tol."""
+    mf = np.asarray(history["mean_field"])
+    ok = (mf <= tol) & (np.asarray(history["restarted"]) == 0)
+    hits = np.nonzero(ok[1:])[0]
+    return int(hits[0]) + 1 if len(hits) else None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer epsilons and rounds")
+    args = parser.parse_args()
+    if args.quick:
+        epsilons, schedules, max_iter = [0.05, 0.01, 0.001], [None, 0.8, 0.9], 400
+    else:
+        epsilons = [0.1, 0.05, 0.02, 0.01, 0.003, 0.001]
+        schedules, max_iter = [None, 0.5, 0.8, 0.9, 0.95], 1000
+    tols = [1e-2, 1e-3, 1e-4]
+    clients, X, Y, _, _ = gaussian_problem(d=4, n_clients=4, n=300, m=300, seed=0)
+    lines = [
+        f"# benchmarks/bench_ot_epsilon.py{' --quick' if args.quick else ''} -- "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"# python {platform.python_version()}, numpy {np.__version__}, nproc={os.cpu_count()}, "
+        f"loadavg at start {tuple(round(x, 2) for x in os.getloadavg())}",
+        "# 4 clients x 300 rows, d=4 (sorted split), 300 target points; exact rounds;",
+        "# marginal error = || sum_i w_i mean soft assignment_i - b ||_1 at the requested epsilon",
+        f"# rounds to tol: '>{max_iter}' when not reached in {max_iter} rounds",
+        "",
+        f"| epsilon | schedule | {' | '.join(f'rounds to {t:g}' for t in tols)} "
+        "| marg. err @60 | map err @60 |",
+        "|---|---|" + "---|" * len(tols) + "---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    warnings.simplefilter("ignore", ConvergenceWarning)
+    for eps in epsilons:
+        # the reference map: the best run, long
+        ref = FederatedOTMap(eps, epsilon_scaling=0.9, max_iter=3 * max_iter, tol=1e-6).fit(
+            clients, target=Y
+        )
+        T_ref = ref.transform(X)
+        for q in schedules:
+            est = FederatedOTMap(eps, epsilon_scaling=q, max_iter=max_iter, tol=min(tols)).fit(
+                clients, target=Y
+            )
+            counts = [first_round(est.history_, t) for t in tols]
+            at60 = FederatedOTMap(eps, epsilon_scaling=q, max_iter=60, tol=0.0).fit(
+                clients, target=Y
+            )
+            mf60 = at60.history_["mean_field"][-1]
+            mf60 = f"{mf60:.2e}" if at60.history_["restarted"][-1] == 0 else "(scaling)"
+            map60 = float(np.mean(np.sum((at60.transform(X) - T_ref) ** 2, axis=1)))
+            cells = [str(c) if c is not None else f">{max_iter}" for c in counts]
+            line = (
+                f"| {eps:g} | {'off' if q is None else q} | {' | '.join(cells)} | {mf60} "
+                f"| {map60:.2e} |"
+            )
+            lines.append(line)
+            print(line, flush=True)
+    lines += ["", f"# loadavg at end {tuple(round(x, 2) for x in os.getloadavg())}"]
+    RESULTS.parent.mkdir(exist_ok=True)
+    out = RESULTS.with_name("bench_ot_epsilon_quick.txt") if args.quick else RESULTS
+    out.write_text("\n".join(lines) + "\n")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

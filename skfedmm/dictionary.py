@@ -124,6 +124,16 @@ class FederatedDictionaryLearning(
         aggregation when the second moment is sent anyway or costs at most
         one round's statistic (``n_features**2 <= n_components**2 +
         n_features * n_components``), else ``"random"``.
+    code_cache : {"auto", True, False}, default="auto"
+        Warm-start each training row's code (``fit_algorithm="batch_cd"``)
+        from its code at the previous round: each client keeps its rows'
+        last codes (never sent) and the coder starts from them. A row starts
+        only from its own last code, and only while the row is unchanged,
+        so its code never depends on other rows; codes are still computed
+        to the coder's tolerance. ``"auto"``: with full batches
+        (``batch_size=None``) when a client's codes take at most 64 MiB;
+        ``True``: also with minibatches; ``False``: every code starts at
+        zero.
     """ + FEDERATED_PARAMS_DOC + r"""
     Attributes
     ----------
@@ -201,6 +211,7 @@ class FederatedDictionaryLearning(
         "transform_max_iter": [Interval(Integral, 0, None, closed="left")],
         "init": [StrOptions({"pca", "random"})],
         "atom_restart": [StrOptions({"auto", "residual", "random"})],
+        "code_cache": [StrOptions({"auto"}), "boolean"],
     }
 
     _fixed_when_resuming = {
@@ -234,6 +245,7 @@ class FederatedDictionaryLearning(
         transform_max_iter=1000,
         init="pca",
         atom_restart="auto",
+        code_cache="auto",
         aggregation="surrogate",
         participation=1.0,
         participation_scheme="bernoulli",
@@ -268,6 +280,7 @@ class FederatedDictionaryLearning(
         self.transform_max_iter = transform_max_iter
         self.init = init
         self.atom_restart = atom_restart
+        self.code_cache = code_cache
         self.aggregation = aggregation
         self.participation = participation
         self.participation_scheme = participation_scheme
@@ -316,6 +329,7 @@ class FederatedDictionaryLearning(
                 "random" if self.atom_restart == "auto" and self.aggregation == "parameter"
                 else self.atom_restart
             ),
+            code_cache=self.code_cache,
         )
 
     def fit(self, X, y=None, *, client_ids=None):

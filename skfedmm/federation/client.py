@@ -39,11 +39,15 @@ class ClientState:
     log_scale : ndarray or None
         Cumulative log-coordinate of ``cv`` for problems with
         :meth:`MMProblem.rescale`.
+    cache : dict of ndarray or None
+        The problem's client cache (:meth:`MMProblem.client_cache`, for
+        example each row's last sparse code); it never leaves the client.
     """
 
     cv: object
     rng: object
     log_scale: object = None
+    cache: object = None
 
 
 @dataclass
@@ -66,12 +70,33 @@ class ClientMessage:
     loss: float
 
 
-def _draw_batch(X, batch_size, rng):
-    n = X.shape[0]
+def _draw_rows(n, batch_size, rng):
+    """The sorted rows of a minibatch, or None for all ``n`` rows."""
     if batch_size is None or batch_size >= n:
-        return X
-    rows = np.sort(rng.choice(n, size=batch_size, replace=False))
-    return X[rows]
+        return None
+    return np.sort(rng.choice(n, size=batch_size, replace=False))
+
+
+def _draw_batch(X, batch_size, rng):
+    rows = _draw_rows(X.shape[0], batch_size, rng)
+    return X if rows is None else X[rows]
+
+
+def _batch_statistic(problem, X, theta, cache, batch_size, rng):
+    """Draw a batch; its statistic and loss, and the client's next cache.
+
+    Problems without a client cache (:meth:`MMProblem.client_cache` returns
+    None) get :meth:`MMProblem.local_statistic` on the batch; the others
+    :meth:`MMProblem.cached_statistic` on all rows and the batch's indices.
+    """
+    if cache is None:
+        make = getattr(problem, "client_cache", None)
+        cache = make(X) if make is not None else None
+    rows = _draw_rows(X.shape[0], batch_size, rng)
+    if cache is None:
+        stat, loss = problem.local_statistic(X if rows is None else X[rows], theta)
+        return stat, loss, None
+    return problem.cached_statistic(X, theta, cache, rows)
 
 
 def _client_init(problem, X, pin, init=None):
@@ -121,13 +146,12 @@ def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
         X, s_hat, cv = (_aligned(a) for a in (X, s_hat, state.cv))
         theta = _map_param(_aligned, theta)
         cv = _current_cv(cv, state.log_scale, log_scale)
-        batch = _draw_batch(X, cfg.batch_size, rng)
-        stat, loss = problem.local_statistic(batch, theta)
+        stat, loss, cache = _batch_statistic(problem, X, theta, state.cache, cfg.batch_size, rng)
         s_i = cfg.layout.flatten(stat, s_hat.dtype)
         delta = s_i - s_hat - cv
         payload, bits = cfg.compressor.compress(delta, rng)
         new_state = ClientState(
-            cv=_next_cv(cv, payload, cfg.cv_rate), rng=rng, log_scale=log_scale
+            cv=_next_cv(cv, payload, cfg.cv_rate), rng=rng, log_scale=log_scale, cache=cache,
         )
         return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
 
@@ -140,15 +164,17 @@ def _client_parameter(problem, X, state, theta, cfg):
         param_layout = cfg.param_layout
         local = theta
         loss = np.nan
+        cache = state.cache
         for k in range(cfg.local_steps):
-            batch = _draw_batch(X, cfg.batch_size, rng)
-            stat, batch_loss = problem.local_statistic(batch, local)
+            stat, batch_loss, cache = _batch_statistic(
+                problem, X, local, cache, cfg.batch_size, rng
+            )
             if k == 0:
                 loss = batch_loss
             local = param_layout.cast(problem.minimize(stat, local, rng), cfg.dtype)
         delta = param_layout.flatten(local, cfg.dtype) - param_layout.flatten(theta, cfg.dtype)
         payload, bits = cfg.compressor.compress(delta, rng)
-        new_state = ClientState(cv=None, rng=rng)
+        new_state = ClientState(cv=None, rng=rng, cache=cache)
         return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
 
 

@@ -405,6 +405,8 @@ def encode_state(state):
         arrays["cv"] = Array(np.ascontiguousarray(state.cv))
     if state.log_scale is not None:
         arrays["log_scale"] = Array(np.ascontiguousarray(state.log_scale))
+    for name, value in (state.cache or {}).items():
+        arrays[f"cache.{name}"] = Array(np.ascontiguousarray(value))
     return cfg, arrays
 
 
@@ -425,7 +427,11 @@ def decode_state(cfg, arrays, size=None, dtype=None):
         "bit_generator": "PCG64", "state": {"state": state_int, "inc": inc},
         "has_uint32": has_uint32, "uinteger": uinteger,
     }
-    unknown = set(arrays.keys()) - {"cv", "log_scale"}
+    cache = {
+        name[len("cache."):]: _array(arrays, name) for name in arrays.keys()
+        if name.startswith("cache.")
+    } or None
+    unknown = {name for name in arrays.keys() if not name.startswith("cache.")} - {"cv", "log_scale"}
     if unknown:
         raise WireError(f"unexpected arrays in the client state: {sorted(unknown)}")
     cv = _array(arrays, "cv") if "cv" in arrays else None
@@ -435,7 +441,7 @@ def decode_state(cfg, arrays, size=None, dtype=None):
             raise WireError(f"the client state's {name} has shape {value.shape}, expected ({size},)")
     if cv is not None and dtype is not None and cv.dtype != dtype:
         raise WireError(f"the client state's cv has dtype {cv.dtype}, expected {dtype}")
-    return ClientState(cv=cv, rng=rng, log_scale=log_scale)
+    return ClientState(cv=cv, rng=rng, log_scale=log_scale, cache=cache)
 
 
 # --------------------------------------------------------------------------

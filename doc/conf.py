@@ -101,6 +101,7 @@ API = [
         ("skfedmm", "History"),
         ("skfedmm", "PolynomialDecay"),
         ("skfedmm.schedules", "auto_step_size"),
+        ("skfedmm.schedules", "minibatch_step_size"),
     ]),
     ("Transports", "Where clients run: the interface of the round loop and the local "
      "transport (joblib, any backend, Dask).", [

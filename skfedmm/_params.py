@@ -104,7 +104,9 @@ FEDERATED_PARAMETERS = (
     round index such as :class:`~skfedmm.PolynomialDecay`. ``"auto"``:
     :math:`1 / (1 + \\omega + (1 - q) / (4 q))` for the compressor's
     :math:`\\omega` and participation :math:`q` (1 without compression
-    and with full participation; see :func:`skfedmm.schedules.auto_step_size`).""",
+    and with full participation; see :func:`skfedmm.schedules.auto_step_size`);
+    with minibatches, that step for the first pass over the data, then
+    decreasing (see :func:`skfedmm.schedules.minibatch_step_size`).""",
     ),
     FederatedParam(
         "cv_rate", "auto", [StrOptions({"auto"}), Interval(Real, 0, 1, closed="both")],

@@ -578,7 +578,11 @@ class FedMM:
             else:
                 m = None
                 q = np.full(n, float(self.participation))
-            schedule = _step_schedule(self.step_size, omega, float(q[0]))
+            n_rows = np.asarray(transport.n_rows, dtype=float)
+            drawn = n_rows if self.batch_size is None else np.minimum(self.batch_size, n_rows)
+            schedule = _step_schedule(
+                self.step_size, omega, float(q[0]), fraction=float(drawn.sum() / n_rows.sum())
+            )
             cfg = ClientConfig(
                 layout=state.layout,
                 param_layout=state.param_layout,

@@ -218,3 +218,26 @@ def test_chunked_coding_equals_one_chunk(monkeypatch):
     for name in whole:
         np.testing.assert_allclose(parts[name], whole[name], rtol=1e-10, atol=1e-14)
     assert loss_parts == pytest.approx(loss, rel=1e-12)
+
+
+# ------------------------------------------------------- default step rule
+def test_default_step_rule_is_unchanged_with_full_batches_and_decays_with_minibatches():
+    rng = np.random.default_rng(11)
+    D = unit_rows(rng, 5, 6)
+    clients = [sparse_rows(rng, 40, D), sparse_rows(rng, 60, D)]
+    kwargs = dict(n_components=5, alpha=0.1, max_iter=12, tol=0, random_state=0)
+    full = FederatedDictionaryLearning(**kwargs).fit(clients)
+    np.testing.assert_array_equal(full.history_["step_size"][1:], 1.0)
+    compressed = FederatedDictionaryLearning(compression="qsgd", **kwargs).fit(clients)
+    steps = np.asarray(compressed.history_["step_size"][1:])
+    assert np.all(steps == steps[0]) and steps[0] < 1  # the constant auto_step_size
+    # minibatches of 20 rows: a round draws 40 of the 100 rows (f = 0.4)
+    mini = FederatedDictionaryLearning(batch_size=20, **kwargs).fit(clients)
+    steps = np.asarray(mini.history_["step_size"][1:])
+    expected = [min(1.0, (0.4 * (t + 1)) ** -0.6) for t in range(12)]
+    np.testing.assert_allclose(steps, expected, rtol=1e-12)
+    assert steps[0] == steps[1] == 1.0 and np.all(np.diff(steps[2:]) < 0)
+    # a batch as large as every client is a full batch
+    big = FederatedDictionaryLearning(batch_size=60, **kwargs).fit(clients)
+    np.testing.assert_array_equal(big.history_["step_size"][1:], 1.0)
+    np.testing.assert_array_equal(big.components_, full.components_)

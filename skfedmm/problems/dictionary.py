@@ -587,7 +587,7 @@ def update_dict(
 #: ``code_cache="auto"`` keeps a client's codes up to this size.
 _AUTO_CACHE_BYTES = 64 * 2**20
 #: Size of the coder's row chunks (see ``DictionaryLearningProblem._chunk_rows``).
-_CHUNK_BYTES = 8 * 2**20
+_CHUNK_BYTES = 4 * 2**20
 
 
 def _fingerprint(X):
@@ -850,7 +850,7 @@ class DictionaryLearningProblem(MMProblem):
         return {"A": A / n, "B": B / n}, total / n, codes
 
     def _chunk_rows(self, X):
-        """Rows coded at a time: about 8 MiB per ``rows x max(k, d)`` array."""
+        """Rows coded at a time: about 4 MiB per ``rows x max(k, d)`` array."""
         width = max(self.n_components, X.shape[1]) * X.dtype.itemsize
         return max(1024, _CHUNK_BYTES // width)
 

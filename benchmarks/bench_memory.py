@@ -116,7 +116,8 @@ def main():
         f"{(res['peak_mb'] - res['base_mb']) / res['data_mb']:.2f}x the data",
         f"fit time                           {res['fit_s']:8.1f} s",
         f"dtypes (components_, server statistic, control variate): {', '.join(res['dtypes'])}",
-        f"clients holding cached codes: {res['caches']} (code_cache='auto' keeps none with minibatches)",
+        f"clients holding cached codes: {res['caches']} (code_cache='auto' keeps none above "
+        "64 MiB of codes per client, nor for batches below 1/16 of a client)",
         f"final objective {res['objective']:.5f}",
         "",
         f"progress display (verbose=1), last line: {progress[-1].strip() if progress else '(none)'}",

@@ -130,10 +130,11 @@ class FederatedDictionaryLearning(
         last codes (never sent) and the coder starts from them. A row starts
         only from its own last code, and only while the row is unchanged,
         so its code never depends on other rows; codes are still computed
-        to the coder's tolerance. ``"auto"``: with full batches
-        (``batch_size=None``) when a client's codes take at most 64 MiB;
-        ``True``: also with minibatches; ``False``: every code starts at
-        zero.
+        to the coder's tolerance. With minibatches a row starts from its
+        code at the last round it was drawn. ``"auto"``: when a client's
+        codes take at most 64 MiB and, with minibatches, ``batch_size`` is
+        at least a sixteenth of the client's rows; ``True``: always;
+        ``False``: every code starts at zero.
     """ + FEDERATED_PARAMS_DOC + r"""
     Attributes
     ----------

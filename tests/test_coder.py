@@ -150,9 +150,10 @@ def test_minibatch_cache_updates_the_drawn_rows_only():
     np.testing.assert_array_equal(codes[rows], batch_lasso_cd(X[rows], D, 0.1))
     others = np.setdiff1d(np.arange(40), rows)
     assert np.all(codes[others] == 0)
-    # "auto" leaves minibatches uncached
+    # "auto" leaves small minibatches (below a sixteenth of the rows) uncached
     auto = DictionaryLearningProblem(10, 0.1, 8)
-    assert auto.cached_statistic(X, D, {}, rows)[2] == {}
+    assert auto.cached_statistic(X, D, {}, rows[:2])[2] == {}
+    assert auto.cached_statistic(X, D, {}, rows)[2]["codes"].shape == (40, 10)
 
 
 def test_cache_size_rule():
@@ -241,3 +242,19 @@ def test_default_step_rule_is_unchanged_with_full_batches_and_decays_with_miniba
     big = FederatedDictionaryLearning(batch_size=60, **kwargs).fit(clients)
     np.testing.assert_array_equal(big.history_["step_size"][1:], 1.0)
     np.testing.assert_array_equal(big.components_, full.components_)
+
+
+def test_client_ids_in_blocks_split_without_copying():
+    from skfedmm._clients import check_clients
+
+    X = np.random.default_rng(12).standard_normal((30, 4)).astype(np.float32)
+    est = FederatedDictionaryLearning()
+    grouped = np.repeat([2, 5, 7], 10)
+    clients, labels = check_clients(est, X, grouped)
+    assert [c.shape[0] for c in clients] == [10, 10, 10] and list(labels) == [2, 5, 7]
+    assert all(np.shares_memory(c, X) and c.dtype == np.float32 for c in clients)
+    np.testing.assert_array_equal(np.vstack(clients), X)
+    mixed = np.tile([2, 5, 7], 10)
+    clients, _ = check_clients(est, X, mixed)
+    assert not any(np.shares_memory(c, X) for c in clients)
+    np.testing.assert_array_equal(clients[1], X[1::3])

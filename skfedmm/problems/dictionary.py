@@ -586,6 +586,8 @@ def update_dict(
 
 #: ``code_cache="auto"`` keeps a client's codes up to this size.
 _AUTO_CACHE_BYTES = 64 * 2**20
+#: ... and with minibatches, when a batch is at least this fraction (1/n) of the rows.
+_AUTO_MIN_DRAWN = 16
 #: Size of the coder's row chunks (see ``DictionaryLearningProblem._chunk_rows``).
 _CHUNK_BYTES = 4 * 2**20
 
@@ -645,10 +647,12 @@ class DictionaryLearningProblem(MMProblem):
         (:math:`\\langle x, v\\rangle` for a fixed vector :math:`v`) is
         unchanged, so its code never depends on other rows; each code is
         still computed to the coder's tolerance, so warm starts change
-        codes only within it. ``"auto"``: with full batches, when the
-        client's codes take at most 64 MiB; ``True``: also with
-        minibatches (each row starts from its code at the last round it
-        was drawn; the client then copies its codes every round).
+        codes only within it. With minibatches a row starts from its code
+        at the last round it was drawn, and the client copies its codes
+        every round. ``"auto"``: when the client's codes take at most 64
+        MiB, and, with minibatches, a batch is at least a sixteenth of the
+        client's rows (rows come back often enough, and the copy costs at
+        most 16 batches' codes); ``True``: always; ``False``: never.
     atom_restart : {"auto", "residual", "random"}, default="auto"
         Where the server re-places dead atoms (unused, or duplicating
         another atom; see :func:`update_dict`). ``"residual"``: clients add
@@ -742,10 +746,10 @@ class DictionaryLearningProblem(MMProblem):
     def cached_statistic(self, X, theta, cache, rows):
         """:meth:`local_statistic` on ``X[rows]``, each row warm-started at
         its last code in ``cache`` (see ``code_cache``); the next cache."""
-        if rows is not None and self.code_cache == "auto":
+        n, k = X.shape[0], self.n_components
+        if rows is not None and self.code_cache == "auto" and rows.size * _AUTO_MIN_DRAWN < n:
             stat, loss = self.local_statistic(X[rows], theta)
             return stat, loss, cache
-        n, k = X.shape[0], self.n_components
         codes, marks = cache.get("codes"), cache.get("fingerprint")
         if codes is None or codes.shape != (n, k) or marks.shape != (n,):
             codes = marks = None

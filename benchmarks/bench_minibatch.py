@@ -16,7 +16,8 @@ FedMM with every other parameter at its default: in particular the step
 size is ``step_size="auto"``, the default rule of minibatch mode. Both
 record the dictionary along the way (callbacks; time spent in callbacks is
 not counted) and the objective of each recorded dictionary is computed
-afterwards on the same ``--eval`` rows (default 20,000 of the patches):
+afterwards on the same ``--eval`` rows (default 10,000 of the patches; at
+most ``--points`` evenly spaced dictionaries per curve, default 20):
 the mean of 1/2||x - hD||^2 + alpha||h||_1 with codes from
 ``batch_lasso_cd`` (tol 1e-4). The wall time at which FedMM first reaches
 the learner's final objective is compared with the learner's time. Times
@@ -144,7 +145,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--patches", type=int, default=None)
-    parser.add_argument("--eval", type=int, default=20000)
+    parser.add_argument("--eval", type=int, default=10000)
+    parser.add_argument("--points", type=int, default=20, help="evaluated points per curve")
     parser.add_argument("--seeds", type=int, nargs="*", default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1)")
@@ -155,7 +157,7 @@ def main():
     n = args.patches or (20000 if args.quick else 60000)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1])
     max_iter = 1 if args.quick else 3
-    rounds = args.rounds or (30 if args.quick else 60)
+    rounds = args.rounds or (20 if args.quick else 40)
     lines = []
 
     def say(text=""):
@@ -182,7 +184,7 @@ def main():
             m10, model10 = run_fedmm(ten, 500, seed, rounds)
             runs["FedMM, 10 regions, batch 500 each"] = (m10, m10[-1][0])
             for name, (marks, total) in runs.items():
-                curves[(seed, name)] = [(t, objective(ev, D)) for t, D in marks]
+                curves[(seed, name)] = [(t, objective(ev, D)) for t, D in thin(marks, args.points)]
             target = curves[(seed, "MBDL")][-1][1]
             t_mbdl = runs["MBDL"][1]
             say()
@@ -228,6 +230,14 @@ def main():
         ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(out, stem + ".png"), dpi=100)
+
+
+def thin(marks, points):
+    """At most ``points`` evenly spaced marks, the last one always kept."""
+    if len(marks) <= points:
+        return marks
+    keep = np.unique(np.linspace(0, len(marks) - 1, points).round().astype(int))
+    return [marks[i] for i in keep]
 
 
 def steps_every(n):

@@ -89,14 +89,11 @@ def batch_lasso_cd(
     within the block. Rows still running after 10 sweeps (few, usually)
     are finished by accelerated proximal gradient (FISTA), whose
     iterations cost one small product for all of them instead of one
-    vector operation per atom; there every ``gap_every``
-    iterations, a row whose signs held is also tried with the exact
-    solution on its support and signs (kept when it satisfies the
-    optimality conditions to ``tol``).
+    vector operation per atom.
 
     Stopping rules (``tol`` semantics), per row: the largest change of the
     row's code in a sweep is at most ``tol`` times its largest entry; or
-    (checked every ``gap_every`` sweeps, or FISTA iterations) its duality
+    (checked every ``gap_every`` sweeps, and every 5 FISTA iterations) its duality
     gap is at most ``tol`` times its objective; or the sweep budget
     ``max_iter`` is spent (a FISTA iteration counts as a tenth of a
     sweep). The result of a row never depends on the other rows.
@@ -148,16 +145,18 @@ def batch_lasso_cd(
     sq_norms = np.einsum("ij,ij->i", X, X)
     rows = np.arange(n)
     sweep = 0
+    # codes and correlations of the running rows, transposed (atoms x rows)
+    Ht = np.ascontiguousarray(H.T)
+    Ct = np.ascontiguousarray(C.T)
+    lo, hi = -alpha, alpha
     while rows.size and sweep < max_iter:
         if sweep == _TAIL_AFTER:
+            H[rows] = Ht.T
             _proximal_tail(
                 C, G, H, rows, sq_norms, alpha, positive, tol,
-                _TAIL_ITER_PER_SWEEP * (max_iter - sweep), gap_every,
+                _TAIL_ITER_PER_SWEEP * (max_iter - sweep), _TAIL_CHECK_EVERY,
             )
-            break
-        # codes and correlations transposed (atoms x rows)
-        Ht = np.ascontiguousarray(H[rows].T)
-        Ct = np.ascontiguousarray(C[rows].T)
+            return H
         check = (sweep + 1) % gap_every == 0
         # the residual correlations C - HG at the sweep's start give the
         # duality gap there, which bounds the gap at its end
@@ -178,8 +177,10 @@ def batch_lasso_cd(
                     r = r - G[j, blk[:jj]] @ changes[:jj]
                 if positive:
                     new = np.maximum(r - alpha, 0)
-                else:
-                    new = r - np.clip(r, -alpha, alpha)  # soft thresholding
+                else:  # soft thresholding: r - clip(r, -alpha, alpha)
+                    new = np.maximum(r, lo)
+                    np.minimum(new, hi, out=new)
+                    np.subtract(r, new, out=new)
                 if inv_diag[j] != 1:
                     new *= inv_diag[j]
                 np.subtract(new, Ht[j], out=changes[jj])
@@ -194,8 +195,11 @@ def batch_lasso_cd(
                 sq_norms[rows[live]], Ct[:, live].T, start[:, live].T, corr[:, live].T,
                 alpha, positive, tol,
             )
-        H[rows] = Ht.T
-        rows = rows[~done]
+        if done.any():
+            H[rows[done]] = Ht[:, done].T
+            keep = ~done
+            rows, Ht, Ct = rows[keep], Ht[:, keep], Ct[:, keep]
+    H[rows] = Ht.T
     return H
 
 
@@ -234,6 +238,7 @@ def _gap_from_corr(sq_norms, C, H, corr, alpha, positive, tol, margin=None):
 #: and the tail's iterations per remaining sweep.
 _TAIL_AFTER = 10
 _TAIL_ITER_PER_SWEEP = 10
+_TAIL_CHECK_EVERY = 5
 
 
 def _proximal_tail(C, G, H, rows, sq_norms, alpha, positive, tol, max_iter, check_every):
@@ -241,10 +246,10 @@ def _proximal_tail(C, G, H, rows, sq_norms, alpha, positive, tol, max_iter, chec
 
     Coordinate descent pays a fixed cost per coordinate and sweep, however
     few rows are left; one FISTA iteration is one small product for all of
-    them. Every ``check_every`` iterations, rows whose sign pattern held
-    get the active-set finish and the others the duality-gap test (both as
-    in :func:`batch_lasso_cd`); rows still running after ``max_iter``
-    iterations keep their last iterate. ``H`` is written in place.
+    them. Every ``check_every`` iterations, rows whose duality gap is at
+    most ``tol`` times their objective stop; rows still running after
+    ``max_iter`` iterations keep their last iterate. ``H`` is written in
+    place.
     """
     step = H.dtype.type(1.0 / max(float(np.linalg.eigvalsh(G)[-1]), np.finfo(H.dtype).tiny))
     thresh = alpha * step
@@ -252,86 +257,24 @@ def _proximal_tail(C, G, H, rows, sq_norms, alpha, positive, tol, max_iter, chec
     Y = Hk.copy()
     Cs = C[rows]
     t = 1.0
-    before = np.sign(Hk).astype(np.int8)
-    # sign pattern of each row's last exact attempt (one try per pattern)
-    tried = np.zeros(Hk.shape, dtype=np.int8)
     for it in range(1, max_iter + 1):
         Z = Y - step * (Y @ G - Cs)
         if positive:
             Hn = np.maximum(Z - thresh, 0)
         else:
-            Hn = Z - np.clip(Z, -thresh, thresh)
+            Hn = Z - np.minimum(np.maximum(Z, -thresh), thresh)
         t_next = (1 + np.sqrt(1 + 4 * t * t)) / 2
         Y = Hn + H.dtype.type((t - 1) / t_next) * (Hn - Hk)
         Hk, t = Hn, t_next
         if it % check_every and it != max_iter:
             continue
-        after = np.sign(Hk).astype(np.int8)
-        done = np.zeros(rows.size, dtype=bool)
-        ready = np.flatnonzero(np.all(after == before, axis=1) & np.any(after != tried, axis=1))
-        if ready.size:
-            sub = Hk[ready]
-            tried[ready] = after[ready]
-            done[ready] = _active_set_finish(Cs[ready], sub, G, alpha, positive, tol)
-            Hk[ready] = sub
-        live = np.flatnonzero(~done)
-        if live.size:
-            Hl = Hk[live]
-            done[live] = _gap_from_corr(
-                sq_norms[rows[live]], Cs[live], Hl, Cs[live] - Hl @ G, alpha, positive, tol, 0.0,
-            )
-        before = after
+        done = _gap_from_corr(sq_norms[rows], Cs, Hk, Cs - Hk @ G, alpha, positive, tol, 0.0)
         H[rows] = Hk
         if done.all():
             return
         keep = ~done
         rows, Hk, Y, Cs = rows[keep], Hk[keep], Y[keep], Cs[keep]
-        before, tried = before[keep], tried[keep]
     H[rows] = Hk
-
-
-def _active_set_finish(C, H, G, alpha, positive, tol):
-    r"""Exact lasso solutions on each row's current support and signs.
-
-    For every row with support :math:`S` and signs :math:`s` in ``H``,
-    solves :math:`G_{SS} h_S = C_S - \alpha s` (rows grouped by support
-    size, one batched solve per size), and writes the solution into ``H``
-    (in place) where it is optimal: signs :math:`s` and off-support
-    correlations :math:`|C_j - (hG)_j| \le (1 + \mathrm{tol}) \alpha`
-    (one-sided for positive codes).
-
-    Returns
-    -------
-    exact : ndarray of bool of shape (n_rows,)
-        The rows whose code was replaced by a certified solution.
-    """
-    m, k = H.shape
-    pattern = np.sign(H)
-    mask = pattern != 0
-    sizes = np.count_nonzero(mask, axis=1)
-    cand = np.zeros_like(H)
-    consistent = np.ones(m, dtype=bool)
-    for size in np.unique(sizes):
-        if size == 0:
-            continue
-        sel = np.flatnonzero(sizes == size)
-        idx = np.nonzero(mask[sel])[1].reshape(sel.size, size)
-        signs = np.take_along_axis(pattern[sel], idx, axis=1)
-        rhs = np.take_along_axis(C[sel], idx, axis=1) - alpha * signs
-        try:
-            h = np.linalg.solve(G[idx[:, :, None], idx[:, None, :]], rhs[:, :, None])[:, :, 0]
-        except np.linalg.LinAlgError:
-            consistent[sel] = False  # a singular support: coordinate descent goes on
-            continue
-        consistent[sel] = np.all(h * signs > 0, axis=1)
-        vals = np.zeros((sel.size, k), dtype=H.dtype)
-        np.put_along_axis(vals, idx, h, axis=1)
-        cand[sel] = vals
-    corr = np.where(mask, 0, C - cand @ G)
-    top = corr.max(axis=1) if positive else np.abs(corr).max(axis=1)
-    exact = consistent & (top <= (1 + tol) * alpha) & np.all(np.isfinite(cand), axis=1)
-    H[exact] = cand[exact]
-    return exact
 
 
 def _lasso_gap_small(X, H, D, alpha, positive, rtol):
@@ -569,7 +512,7 @@ def update_dict(
             D[j] += (B[:, j] - A[j] @ D) / A[j, j]
             if positive:
                 np.maximum(D[j], 0, out=D[j])
-            D[j] /= max(np.linalg.norm(D[j]), 1.0)
+            D[j] /= max(np.sqrt(D[j] @ D[j]), 1.0)
         change = np.linalg.norm(D - previous)
         if change <= tol * max(np.linalg.norm(previous), np.finfo(D.dtype).tiny):
             break

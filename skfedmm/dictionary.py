@@ -106,7 +106,10 @@ class FederatedDictionaryLearning(
     transform_max_iter : int, default=1000
         Maximum iterations of the ``"lasso_cd"`` / ``"lasso_lars"`` coders
         (at fit and transform time, as scikit-learn) and sweep cap of
-        ``"batch_cd"``.
+        ``"batch_cd"`` (whose rows stop earlier when their code changes by
+        at most 1e-4 of its largest entry in a sweep, or their duality gap
+        is at most 1e-4 of their objective; see
+        :func:`~skfedmm.problems.dictionary.batch_lasso_cd`).
     init : {"pca", "random"}, default="pca"
         Initialization when ``dict_init`` is None, with no raw row leaving a
         client: ``"pca"`` aggregates the clients' second-moment matrices and

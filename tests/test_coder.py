@@ -258,3 +258,14 @@ def test_client_ids_in_blocks_split_without_copying():
     clients, _ = check_clients(est, X, mixed)
     assert not any(np.shares_memory(c, X) for c in clients)
     np.testing.assert_array_equal(clients[1], X[1::3])
+
+
+def test_switching_the_cache_off_in_a_continued_fit_drops_it():
+    rng = np.random.default_rng(13)
+    D = unit_rows(rng, 5, 6)
+    clients = [sparse_rows(rng, 30, D) for _ in range(2)]
+    est = FederatedDictionaryLearning(n_components=5, alpha=0.1, max_iter=2, tol=0,
+                                      random_state=0, warm_start=True).fit(clients)
+    assert all(c.cache for c in est.fedmm_state_.clients)
+    est.set_params(code_cache=False).fit(clients)
+    assert est.n_iter_ == 4 and all(c.cache is None for c in est.fedmm_state_.clients)

@@ -690,6 +690,9 @@ class DictionaryLearningProblem(MMProblem):
         """:meth:`local_statistic` on ``X[rows]``, each row warm-started at
         its last code in ``cache`` (see ``code_cache``); the next cache."""
         n, k = X.shape[0], self.n_components
+        if self.client_cache(X) is None:  # the cache was switched off: drop it
+            stat, loss = self.local_statistic(X if rows is None else X[rows], theta)
+            return stat, loss, None
         if rows is not None and self.code_cache == "auto" and rows.size * _AUTO_MIN_DRAWN < n:
             stat, loss = self.local_statistic(X[rows], theta)
             return stat, loss, cache

@@ -159,10 +159,15 @@ def main():
     max_iter = 1 if args.quick else 3
     rounds = args.rounds or (20 if args.quick else 40)
     lines = []
+    out = os.path.join(HERE, "results")
+    os.makedirs(out, exist_ok=True)
+    stem = "bench_minibatch_quick" if args.quick else "bench_minibatch"
 
     def say(text=""):
         print(text, flush=True)
         lines.append(text)
+        with open(os.path.join(out, stem + ".txt"), "w") as f:  # a partial run keeps its lines
+            f.write("\n".join(lines) + "\n")
 
     say(f"Minibatch benchmark: {n} normalized 8x8 patches of china.jpg, {K} atoms, alpha {ALPHA}; "
         f"MiniBatchDictionaryLearning(batch_size=256, max_iter={max_iter}); FedMM default step "
@@ -206,11 +211,6 @@ def main():
     say("Curves (seconds, objective):")
     for (seed, name), curve in curves.items():
         say(f"  seed {seed} {name}: " + " ".join(f"({t:.1f}, {f:.4f})" for t, f in curve))
-    out = os.path.join(HERE, "results")
-    os.makedirs(out, exist_ok=True)
-    stem = "bench_minibatch_quick" if args.quick else "bench_minibatch"
-    with open(os.path.join(out, stem + ".txt"), "w") as f:
-        f.write("\n".join(lines) + "\n")
     try:
         import matplotlib
 

@@ -190,11 +190,7 @@ def batch_lasso_cd(
         sweep += 1
         done = max_change <= tol * np.abs(Ht).max(axis=0)
         if check:
-            live = np.flatnonzero(~done)
-            done[live] = _gap_from_corr(
-                sq_norms[rows[live]], Ct[:, live].T, start[:, live].T, corr[:, live].T,
-                alpha, positive, tol,
-            )
+            done |= _gap_from_corr(sq_norms[rows], Ct, start, corr, alpha, positive, tol)
         if done.any():
             H[rows[done]] = Ht[:, done].T
             keep = ~done
@@ -205,6 +201,8 @@ def batch_lasso_cd(
 
 def _gap_from_corr(sq_norms, C, H, corr, alpha, positive, tol, margin=None):
     r"""Rows whose duality gap, from the residual correlations, is small.
+
+    ``C``, ``H`` and ``corr`` are transposed, atoms x rows.
 
     With :math:`c = x D^\top`, the residual correlations :math:`\rho = c -
     hG = (x - hD) D^\top` and the dual point :math:`\theta = s (x - hD)`,
@@ -221,12 +219,12 @@ def _gap_from_corr(sq_norms, C, H, corr, alpha, positive, tol, margin=None):
     then a coordinate-descent sweep from this point, which lowers the
     objective and keeps the dual point, ends within ``tol`` of optimal).
     """
-    hc = np.einsum("ij,ij->i", H, C)
-    hr = np.einsum("ij,ij->i", H, corr)
-    bound = corr.max(axis=1) if positive else np.abs(corr).max(axis=1)
+    hc = np.einsum("ij,ij->j", H, C)
+    hr = np.einsum("ij,ij->j", H, corr)
+    bound = corr.max(axis=0) if positive else np.abs(corr).max(axis=0)
     s = np.minimum(1.0, alpha / np.maximum(bound, np.finfo(C.dtype).tiny))
     sq_res = np.maximum(sq_norms - hc - hr, 0)
-    l1 = np.abs(H).sum(axis=1)
+    l1 = np.abs(H).sum(axis=0)
     primal = 0.5 * sq_res + alpha * l1
     gap = 0.5 * (1 - s) ** 2 * sq_res + alpha * l1 - s * hr
     margin = tol if margin is None else margin
@@ -268,7 +266,9 @@ def _proximal_tail(C, G, H, rows, sq_norms, alpha, positive, tol, max_iter, chec
         Hk, t = Hn, t_next
         if it % check_every and it != max_iter:
             continue
-        done = _gap_from_corr(sq_norms[rows], Cs, Hk, Cs - Hk @ G, alpha, positive, tol, 0.0)
+        done = _gap_from_corr(
+            sq_norms[rows], Cs.T, Hk.T, (Cs - Hk @ G).T, alpha, positive, tol, 0.0
+        )
         H[rows] = Hk
         if done.all():
             return

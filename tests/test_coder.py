@@ -52,26 +52,14 @@ def test_warm_started_coder_reaches_the_lasso_solution(positive, start):
         assert not np.shares_memory(ours, init)
 
 
-def test_hard_rows_finish_in_the_tail_at_the_lasso_solution():
-    """Correlated atoms: rows run past the sweeps of coordinate descent and
-    are finished by the proximal tail, still at the lasso solution."""
+def test_hard_rows_reach_the_lasso_solution():
+    """Correlated atoms: coordinate descent needs many sweeps; the rows
+    still end at the lasso solution (within the tolerance)."""
     rng = np.random.default_rng(3)
     D = correlated_dictionary(rng, 30, 20)
     X = sparse_rows(rng, 200, D, density=0.3)
     alpha = 0.02
-    calls = []
-    real = dictionary_module._proximal_tail
-
-    def spy(C, G, H, rows, *args):
-        calls.append(rows.size)
-        return real(C, G, H, rows, *args)
-
-    dictionary_module._proximal_tail = spy
-    try:
-        ours = batch_lasso_cd(X, D, alpha)
-    finally:
-        dictionary_module._proximal_tail = real
-    assert calls and calls[0] > 0
+    ours = batch_lasso_cd(X, D, alpha)
     ref = sparse_encode(X, D, algorithm="lasso_lars", alpha=alpha)
     f_ours = lasso_objective(X, ours, D, alpha).sum()
     f_ref = lasso_objective(X, ref, D, alpha).sum()

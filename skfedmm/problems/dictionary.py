@@ -86,17 +86,14 @@ def batch_lasso_cd(
     held transposed, atoms x rows, so that one atom's entries are
     contiguous). Coordinates are visited in blocks of ``block_size`` whose
     residuals come from one matrix-matrix product (BLAS 3), corrected
-    within the block. Rows still running after 10 sweeps (few, usually)
-    are finished by accelerated proximal gradient (FISTA), whose
-    iterations cost one small product for all of them instead of one
-    vector operation per atom.
+    within the block.
 
     Stopping rules (``tol`` semantics), per row: the largest change of the
     row's code in a sweep is at most ``tol`` times its largest entry; or
-    (checked every ``gap_every`` sweeps, and every 5 FISTA iterations) its duality
-    gap is at most ``tol`` times its objective; or the sweep budget
-    ``max_iter`` is spent (a FISTA iteration counts as a tenth of a
-    sweep). The result of a row never depends on the other rows.
+    (checked every ``gap_every`` sweeps, from the residual correlations of
+    the sweep's start, which bound the gap at its end) its duality gap is at
+    most ``tol`` times its objective; or ``max_iter`` sweeps. The result of
+    a row never depends on the other rows.
 
     Parameters
     ----------
@@ -150,13 +147,6 @@ def batch_lasso_cd(
     Ct = np.ascontiguousarray(C.T)
     lo, hi = -alpha, alpha
     while rows.size and sweep < max_iter:
-        if sweep == _TAIL_AFTER:
-            H[rows] = Ht.T
-            _proximal_tail(
-                C, G, H, rows, sq_norms, alpha, positive, tol,
-                _TAIL_ITER_PER_SWEEP * (max_iter - sweep), _TAIL_CHECK_EVERY,
-            )
-            return H
         check = (sweep + 1) % gap_every == 0
         # the residual correlations C - HG at the sweep's start give the
         # duality gap there, which bounds the gap at its end
@@ -199,7 +189,7 @@ def batch_lasso_cd(
     return H
 
 
-def _gap_from_corr(sq_norms, C, H, corr, alpha, positive, tol, margin=None):
+def _gap_from_corr(sq_norms, C, H, corr, alpha, positive, tol):
     r"""Rows whose duality gap, from the residual correlations, is small.
 
     ``C``, ``H`` and ``corr`` are transposed, atoms x rows.
@@ -215,9 +205,9 @@ def _gap_from_corr(sq_norms, C, H, corr, alpha, positive, tol, margin=None):
         \qquad \|r\|^2 = \|x\|^2 - \langle h, c\rangle - \langle h, \rho\rangle,
 
     with no product with the rows. A row passes when its gap is at most
-    ``tol * (1 - margin)`` times its objective (``margin=tol`` by default:
-    then a coordinate-descent sweep from this point, which lowers the
-    objective and keeps the dual point, ends within ``tol`` of optimal).
+    ``tol * (1 - tol)`` times its objective: then a coordinate-descent
+    sweep from this point, which lowers the objective and keeps the dual
+    point, ends within ``tol`` of optimal.
     """
     hc = np.einsum("ij,ij->j", H, C)
     hr = np.einsum("ij,ij->j", H, corr)
@@ -227,54 +217,7 @@ def _gap_from_corr(sq_norms, C, H, corr, alpha, positive, tol, margin=None):
     l1 = np.abs(H).sum(axis=0)
     primal = 0.5 * sq_res + alpha * l1
     gap = 0.5 * (1 - s) ** 2 * sq_res + alpha * l1 - s * hr
-    margin = tol if margin is None else margin
-    return gap <= tol * (1 - margin) * primal
-
-
-#: Sweeps after which the rows still running go to the proximal-gradient
-#: tail (the same for every row: a row's path never depends on the others),
-#: and the tail's iterations per remaining sweep.
-_TAIL_AFTER = 10
-_TAIL_ITER_PER_SWEEP = 10
-_TAIL_CHECK_EVERY = 5
-
-
-def _proximal_tail(C, G, H, rows, sq_norms, alpha, positive, tol, max_iter, check_every):
-    """Finish the last rows by accelerated proximal gradient (FISTA).
-
-    Coordinate descent pays a fixed cost per coordinate and sweep, however
-    few rows are left; one FISTA iteration is one small product for all of
-    them. Every ``check_every`` iterations, rows whose duality gap is at
-    most ``tol`` times their objective stop; rows still running after
-    ``max_iter`` iterations keep their last iterate. ``H`` is written in
-    place.
-    """
-    step = H.dtype.type(1.0 / max(float(np.linalg.eigvalsh(G)[-1]), np.finfo(H.dtype).tiny))
-    thresh = alpha * step
-    Hk = H[rows]
-    Y = Hk.copy()
-    Cs = C[rows]
-    t = 1.0
-    for it in range(1, max_iter + 1):
-        Z = Y - step * (Y @ G - Cs)
-        if positive:
-            Hn = np.maximum(Z - thresh, 0)
-        else:
-            Hn = Z - np.minimum(np.maximum(Z, -thresh), thresh)
-        t_next = (1 + np.sqrt(1 + 4 * t * t)) / 2
-        Y = Hn + H.dtype.type((t - 1) / t_next) * (Hn - Hk)
-        Hk, t = Hn, t_next
-        if it % check_every and it != max_iter:
-            continue
-        done = _gap_from_corr(
-            sq_norms[rows], Cs.T, Hk.T, (Cs - Hk @ G).T, alpha, positive, tol, 0.0
-        )
-        H[rows] = Hk
-        if done.all():
-            return
-        keep = ~done
-        rows, Hk, Y, Cs = rows[keep], Hk[keep], Y[keep], Cs[keep]
-    H[rows] = Hk
+    return gap <= tol * (1 - tol) * primal
 
 
 def _lasso_gap_small(X, H, D, alpha, positive, rtol):

@@ -225,7 +225,7 @@ def main():
                 ax.plot(*zip(*curve), marker=".", label=name)
         ax.axhline(curves[(seed, "MBDL")][-1][1], color="gray", lw=0.5)
         ax.set_xlabel(f"{args.clock} time (s)")
-        ax.set_ylabel("objective (held-out mean)")
+        ax.set_ylabel("objective (mean over the --eval rows)")
         ax.set_title(f"seed {seed}")
         ax.legend()
     fig.tight_layout()

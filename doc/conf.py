@@ -101,6 +101,7 @@ API = [
         ("skfedmm", "History"),
         ("skfedmm", "PolynomialDecay"),
         ("skfedmm.schedules", "auto_step_size"),
+        ("skfedmm.schedules", "minibatch_step_size"),
         ("skfedmm.baselines", "local_gradient_steps"),
         ("skfedmm.baselines", "scaffold_control_change"),
     ]),

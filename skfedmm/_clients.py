@@ -138,6 +138,9 @@ def _split_by_ids(X, ids):
         raise TypeError(f"client_ids must be sortable labels: {exc}") from exc
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(len(labels) + 1))
+    if np.array_equal(order, np.arange(len(order))) and X.flags.c_contiguous:
+        # rows already grouped by sorted label: views, no copy of the data
+        return [X[bounds[k] : bounds[k + 1]] for k in range(len(labels))], labels
     parts = [
         np.ascontiguousarray(X[order[bounds[k] : bounds[k + 1]]]) for k in range(len(labels))
     ]

@@ -113,7 +113,9 @@ FEDERATED_PARAMETERS = (
     participation noise, never below
     :math:`1 / (1 + \\omega + (1 - q) / (4 q))` for the compressor's
     :math:`\\omega` and participation :math:`q` (see
-    :func:`skfedmm.schedules.auto_step_size`).""",
+    :func:`skfedmm.schedules.auto_step_size`); with minibatches, that
+    worst-case step for the first pass over the data, then decreasing (see
+    :func:`skfedmm.schedules.minibatch_step_size`).""",
     ),
     FederatedParam(
         "cv_rate", "auto", [StrOptions({"auto"}), Interval(Real, 0, 1, closed="both")],

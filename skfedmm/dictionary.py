@@ -106,7 +106,10 @@ class FederatedDictionaryLearning(
     transform_max_iter : int, default=1000
         Maximum iterations of the ``"lasso_cd"`` / ``"lasso_lars"`` coders
         (at fit and transform time, as scikit-learn) and sweep cap of
-        ``"batch_cd"``.
+        ``"batch_cd"`` (whose rows stop earlier when their code changes by
+        at most 1e-4 of its largest entry in a sweep, or their duality gap
+        is at most 1e-4 of their objective; see
+        :func:`~skfedmm.problems.dictionary.batch_lasso_cd`).
     init : {"pca", "random"}, default="pca"
         Initialization when ``dict_init`` is None, with no raw row leaving a
         client: ``"pca"`` aggregates the clients' second-moment matrices and
@@ -124,6 +127,17 @@ class FederatedDictionaryLearning(
         aggregation when the second moment is sent anyway or costs at most
         one round's statistic (``n_features**2 <= n_components**2 +
         n_features * n_components``), else ``"random"``.
+    code_cache : {"auto", True, False}, default="auto"
+        Warm-start each training row's code (``fit_algorithm="batch_cd"``)
+        from its code at the previous round: each client keeps its rows'
+        last codes (never sent) and the coder starts from them. A row starts
+        only from its own last code, and only while the row is unchanged,
+        so its code never depends on other rows; codes are still computed
+        to the coder's tolerance. With minibatches a row starts from its
+        code at the last round it was drawn. ``"auto"``: when a client's
+        codes take at most 64 MiB and, with minibatches, ``batch_size`` is
+        at least a sixteenth of the client's rows; ``True``: always;
+        ``False``: every code starts at zero.
     """ + FEDERATED_PARAMS_DOC + r"""
     Attributes
     ----------
@@ -201,6 +215,7 @@ class FederatedDictionaryLearning(
         "transform_max_iter": [Interval(Integral, 0, None, closed="left")],
         "init": [StrOptions({"pca", "random"})],
         "atom_restart": [StrOptions({"auto", "residual", "random"})],
+        "code_cache": [StrOptions({"auto"}), "boolean"],
     }
 
     _fixed_when_resuming = {
@@ -234,6 +249,7 @@ class FederatedDictionaryLearning(
         transform_max_iter=1000,
         init="pca",
         atom_restart="auto",
+        code_cache="auto",
         aggregation="surrogate",
         participation=1.0,
         participation_scheme="bernoulli",
@@ -270,6 +286,7 @@ class FederatedDictionaryLearning(
         self.transform_max_iter = transform_max_iter
         self.init = init
         self.atom_restart = atom_restart
+        self.code_cache = code_cache
         self.aggregation = aggregation
         self.participation = participation
         self.participation_scheme = participation_scheme
@@ -320,6 +337,7 @@ class FederatedDictionaryLearning(
                 "random" if self.atom_restart == "auto" and self.aggregation == "parameter"
                 else self.atom_restart
             ),
+            code_cache=self.code_cache,
         )
 
     def fit(self, X, y=None, *, client_ids=None):

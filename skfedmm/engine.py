@@ -612,7 +612,11 @@ class FedMM:
             else:
                 m = None
                 q = np.full(n, float(self.participation))
-            schedule = _step_schedule(self.step_size, omega, float(q[0]))
+            n_rows = np.asarray(transport.n_rows, dtype=float)
+            drawn = n_rows if self.batch_size is None else np.minimum(self.batch_size, n_rows)
+            schedule = _step_schedule(
+                self.step_size, omega, float(q[0]), fraction=float(drawn.sum() / n_rows.sum())
+            )
             cfg = ClientConfig(
                 layout=state.layout,
                 param_layout=state.param_layout,
@@ -677,10 +681,10 @@ class FedMM:
                 f"for aggregation={self.aggregation!r}; start a new fit."
             )
         problem = self.problem.prepare(state.init_stat)
-        # the clients' rows may have changed since: each checks its memory once
+        # the clients' rows may have changed since: each checks its cache once
         clients = [
-            c if c.memory is None or isinstance(c.memory, Unverified)
-            else replace(c, memory=Unverified(c.memory))
+            c if c.cache is None or isinstance(c.cache, Unverified)
+            else replace(c, cache=Unverified(c.cache))
             for c in state.clients
         ]
         changes = dict(problem=problem, clients=clients)

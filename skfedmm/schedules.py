@@ -4,7 +4,7 @@ from numbers import Real
 
 import numpy as np
 
-__all__ = ["PolynomialDecay", "auto_step_size"]
+__all__ = ["PolynomialDecay", "auto_step_size", "minibatch_step_size"]
 
 
 class PolynomialDecay:
@@ -129,11 +129,44 @@ class _MeasuredStep:
         return float(min(1.0, max(self.floor, 1.0 - noise / signal)))
 
 
-def _step_schedule(step_size, omega, q):
+def minibatch_step_size(gamma, fraction, t, power=0.6):
+    r"""The step size of ``step_size="auto"`` with minibatches.
+
+    .. math::
+
+        \gamma_t = \gamma \min\big(1, (f\,(t + 1))^{-a}\big),
+
+    where :math:`\gamma` is :func:`auto_step_size`, :math:`f` the fraction
+    of all rows a round draws (``batch_size`` over the clients' sizes) and
+    :math:`a` = ``power``: the full step for the first pass over the data
+    (:math:`1/f` rounds, while each round brings new rows), then a
+    stochastic-approximation decay counted in passes over the data, so
+    that minibatch noise averages out. ``benchmarks/bench_minibatch.py``
+    compares it with a constant step and with
+    :class:`PolynomialDecay` on image patches.
+
+    Parameters
+    ----------
+    gamma : float in (0, 1]
+    fraction : float in (0, 1]
+    t : int
+        The round index (0 for the first round).
+    power : float, default=0.6
+
+    Returns
+    -------
+    gamma_t : float in (0, 1]
+    """
+    return gamma * min(1.0, (fraction * (t + 1)) ** -power)
+
+
+def _step_schedule(step_size, omega, q, fraction=1.0):
     if isinstance(step_size, str):
         if step_size != "auto":
             raise ValueError(f"step_size must be 'auto', a float or a callable, got {step_size!r}.")
         gamma = auto_step_size(omega, q)
+        if fraction < 1:  # minibatches
+            return lambda t: minibatch_step_size(gamma, fraction, t)
         if gamma < 1:
             return _MeasuredStep(gamma)
         return lambda t: gamma

@@ -119,16 +119,33 @@ def test_one_client_equals_centralized_batch_mm(small_clients):
     est = FederatedDictionaryLearning(
         n_components=10, alpha=0.1, max_iter=n_rounds, tol=0, dict_init=D0
     ).fit(X)
-    # plain centralized MM with the same pieces: code all rows, update D
+    # plain centralized MM with the same pieces: code all rows (each warm-
+    # started at its own last code from the second round on), update D
     problem = DictionaryLearningProblem(10, 0.1, 12)
+    D = D0.copy()
+    objectives = []
+    cache = None
+    for t in range(n_rounds + 1):
+        if t == 0:  # the initial full round codes from zero
+            stat, loss = problem.local_statistic(X, D)
+        else:
+            stat, loss, cache = problem.cached_statistic(X, D, cache or {}, None)
+        objectives.append(loss)
+        D = problem.minimize(stat, D)
+    np.testing.assert_allclose(est.components_, D, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(est.error_, objectives, rtol=1e-10)
+    # without the cache, every round codes from zero
+    cold = FederatedDictionaryLearning(
+        n_components=10, alpha=0.1, max_iter=n_rounds, tol=0, dict_init=D0, code_cache=False
+    ).fit(X)
     D = D0.copy()
     objectives = []
     for _ in range(n_rounds + 1):
         stat, loss = problem.local_statistic(X, D)
         objectives.append(loss)
         D = problem.minimize(stat, D)
-    np.testing.assert_allclose(est.components_, D, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(est.error_, objectives, rtol=1e-10)
+    np.testing.assert_allclose(cold.components_, D, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(cold.error_, objectives, rtol=1e-10)
 
 
 @pytest.mark.parametrize("splitter", ["given", "shuffled-uneven", "client_ids"])

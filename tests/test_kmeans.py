@@ -174,16 +174,16 @@ def _centre_walk(X, k, rng):
 @pytest.mark.parametrize("k", [1, 2, K])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_memory_statistic_equals_a_full_pass(data, k, dtype):
-    """With the client's memory (Hamerly's bounds), the statistic of a full pass
+    """With the client cache (Hamerly's bounds), the statistic of a full pass
     to rounding, the exact labels, and the memory passed in is never modified."""
     X = data[0].astype(dtype)
     problem = KMeansProblem(k).prepare({"mean": X.mean(0), "sq": (X * X).mean(0)})
-    memory, bounded = None, 0
+    memory, bounded = problem.client_cache(X), 0
     for c in _centre_walk(X, k, np.random.default_rng(k)):
         c = c.astype(dtype)
-        before = None if memory is None else {n: a.copy() for n, a in memory.items()}
-        stat, loss, new_memory = problem.local_statistic_with_memory(X, c, memory)
-        if before is not None:
+        before = {n: a.copy() for n, a in memory.items()}
+        stat, loss, new_memory = problem.cached_statistic(X, c, memory, None)
+        if before:
             for name, a in before.items():
                 np.testing.assert_array_equal(memory[name], a)
             bounded += "upper" in before
@@ -211,9 +211,9 @@ def test_memory_does_not_outlive_changed_rows(data):
     others = [c[::-1] * 1.5 + 2.0 for c in clients]
     engine = FedMM(KMeansProblem(K, init=X[:K]), max_iter=6, tol=0, random_state=0)
     state = engine.fit(clients)
-    assert all(c.memory is not None for c in state.clients)
+    assert all("upper" in c.cache for c in state.clients)
     forgot = engine.fit(others, state=replace(
-        state, clients=[replace(c, memory=None) for c in state.clients]))
+        state, clients=[replace(c, cache=None) for c in state.clients]))
     continued = engine.fit(others, state=state)
     np.testing.assert_array_equal(continued.theta, forgot.theta)
     np.testing.assert_array_equal(

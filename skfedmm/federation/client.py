@@ -44,15 +44,15 @@ class ClientState:
     log_scale : ndarray or None
         Cumulative log-coordinate of ``cv`` for problems with
         :meth:`MMProblem.rescale`.
-    memory : dict of ndarray or None
-        What the problem keeps between the client's rounds on all its rows
-        (:meth:`MMProblem.local_statistic_with_memory`); never sent.
+    cache : dict of ndarray or None
+        The problem's client cache (:meth:`MMProblem.client_cache`, for
+        example each row's last sparse code); it never leaves the client.
     """
 
     cv: object
     rng: object
     log_scale: object = None
-    memory: object = None
+    cache: object = None
 
     def __reduce__(self):
         # a Generator travels as its state: unpickled without drawing OS
@@ -61,19 +61,19 @@ class ClientState:
         if type(rng) is np.random.Generator:
             bit_generator = rng.bit_generator
             rng = (_stream, (type(bit_generator), bit_generator.state))
-        return _client_state, (self.cv, rng, self.log_scale, self.memory)
+        return _client_state, (self.cv, rng, self.log_scale, self.cache)
 
 
 class Unverified:
-    """A client memory to check against the client's rows before use.
+    """A client cache to check against the client's rows before use.
 
     A continued fit (or a node that reloads its rows) cannot assume that
-    the rows are those the memory was built on: the client compares their
-    checksum, once, and forgets a memory that does not match.
+    the rows are those the cache was built on: the client compares their
+    checksum, once, and forgets a cache that does not match.
     """
 
-    def __init__(self, memory):
-        self.memory = memory
+    def __init__(self, cache):
+        self.cache = cache
 
 
 def _checksum(X):
@@ -81,25 +81,14 @@ def _checksum(X):
     return np.array([X.shape[0], X.shape[1], zlib.crc32(X.view(np.uint8))], dtype=np.int64)
 
 
-def _recall(memory, X):
-    """The client's memory if it belongs to these rows, else None."""
-    if isinstance(memory, Unverified):
-        memory = memory.memory
-        if memory is not None and not np.array_equal(memory.get("_rows"), _checksum(X)):
+def _recall(cache, X):
+    """The client's cache if it belongs to these rows, else None."""
+    if isinstance(cache, Unverified):
+        cache = cache.cache
+        if cache is not None and not np.array_equal(cache.get("_rows"), _checksum(X)):
             return None
-    return memory
+    return cache
 
-
-def _local_statistic(problem, X, batch, theta, memory):
-    """Statistic, loss and the client's next memory (kept on full batches only)."""
-    if batch is not X:
-        return (*problem.local_statistic(batch, theta), None)
-    old = _recall(memory, X)
-    stat, loss, memory = problem.local_statistic_with_memory(X, theta, old)
-    if memory is not None:
-        memory = dict(memory)
-        memory["_rows"] = old["_rows"] if old is not None and "_rows" in old else _checksum(X)
-    return stat, loss, memory
 
 def _stream(bit_generator_type, state):
     """A Generator in the given state."""
@@ -108,10 +97,10 @@ def _stream(bit_generator_type, state):
     return new
 
 
-def _client_state(cv, rng, log_scale, memory=None):
+def _client_state(cv, rng, log_scale, cache=None):
     if isinstance(rng, tuple) and len(rng) == 2 and rng[0] is _stream:
         rng = _stream(*rng[1])
-    return ClientState(cv=cv, rng=rng, log_scale=log_scale, memory=memory)
+    return ClientState(cv=cv, rng=rng, log_scale=log_scale, cache=cache)
 
 
 @dataclass
@@ -148,12 +137,39 @@ def _uses_rng(X, cfg):
     return draws or type(cfg.compressor) is not Identity
 
 
-def _draw_batch(X, batch_size, rng):
-    n = X.shape[0]
+def _draw_rows(n, batch_size, rng):
+    """The sorted rows of a minibatch, or None for all ``n`` rows."""
     if batch_size is None or batch_size >= n:
-        return X
-    rows = np.sort(rng.choice(n, size=batch_size, replace=False))
-    return X[rows]
+        return None
+    return np.sort(rng.choice(n, size=batch_size, replace=False))
+
+
+def _draw_batch(X, batch_size, rng):
+    rows = _draw_rows(X.shape[0], batch_size, rng)
+    return X if rows is None else X[rows]
+
+
+def _batch_statistic(problem, X, theta, cache, batch_size, rng):
+    """Draw a batch; its statistic and loss, and the client's next cache.
+
+    Problems without a client cache (:meth:`MMProblem.client_cache` returns
+    None) get :meth:`MMProblem.local_statistic` on the batch; the others
+    :meth:`MMProblem.cached_statistic` on all rows and the batch's indices.
+    """
+    cache = _recall(cache, X)
+    if cache is None:
+        make = getattr(problem, "client_cache", None)
+        cache = make(X) if make is not None else None
+        if cache is not None:  # the rows it belongs to, checked in continued fits
+            cache = {**cache, "_rows": _checksum(X)}
+    rows = _draw_rows(X.shape[0], batch_size, rng)
+    if cache is None:
+        stat, loss = problem.local_statistic(X if rows is None else X[rows], theta)
+        return stat, loss, None
+    stat, loss, new = problem.cached_statistic(X, theta, cache, rows)
+    if new is not None and "_rows" not in new:
+        new = {**new, "_rows": cache["_rows"]}
+    return stat, loss, new
 
 
 def _client_init(problem, X, pin, init=None):
@@ -204,13 +220,12 @@ def _client_surrogate(problem, X, state, theta, s_hat, log_scale, cfg):
         X, s_hat, cv = (_aligned(a) for a in (X, s_hat, state.cv))
         theta = _map_param(_aligned, theta)
         cv = _current_cv(cv, state.log_scale, log_scale)
-        batch = _draw_batch(X, cfg.batch_size, rng)
-        stat, loss, memory = _local_statistic(problem, X, batch, theta, state.memory)
+        stat, loss, cache = _batch_statistic(problem, X, theta, state.cache, cfg.batch_size, rng)
         s_i = cfg.layout.flatten(stat, s_hat.dtype)
         delta = s_i - s_hat - cv
         payload, bits = cfg.compressor.compress(delta, rng)
         new_state = ClientState(
-            cv=_next_cv(cv, payload, cfg.cv_rate), rng=rng, log_scale=log_scale, memory=memory,
+            cv=_next_cv(cv, payload, cfg.cv_rate), rng=rng, log_scale=log_scale, cache=cache,
         )
         return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
 
@@ -223,15 +238,17 @@ def _client_parameter(problem, X, state, theta, cfg):
         param_layout = cfg.param_layout
         local = theta
         loss = np.nan
+        cache = state.cache
         for k in range(cfg.local_steps):
-            batch = _draw_batch(X, cfg.batch_size, rng)
-            stat, batch_loss = problem.local_statistic(batch, local)
+            stat, batch_loss, cache = _batch_statistic(
+                problem, X, local, cache, cfg.batch_size, rng
+            )
             if k == 0:
                 loss = batch_loss
             local = param_layout.cast(problem.minimize(stat, local, rng), cfg.dtype)
         delta = param_layout.flatten(local, cfg.dtype) - param_layout.flatten(theta, cfg.dtype)
         payload, bits = cfg.compressor.compress(delta, rng)
-        new_state = ClientState(cv=None, rng=rng)
+        new_state = ClientState(cv=None, rng=rng, cache=cache)
         return ClientMessage(payload=payload, bits=int(bits), loss=float(loss)), new_state
 
 

@@ -22,7 +22,7 @@ import dataclasses
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
-from ..federation.client import CLIENT_TASKS, Unverified
+from ..federation.client import CLIENT_TASKS
 from .records import (
     RecordingCompressor,
     WireError,
@@ -162,9 +162,6 @@ def handle(content, store, rows, client_init=None):
         # checked against the fit, then the task runs; the store changes only at the end
         trial = RecordDict(dict(store.items()))
         state = _base_state(trial, request, cfg.layout.size, cfg.dtype)
-        if state.memory is not None and not isinstance(state.memory, Unverified):
-            # the rows are loaded for every request: the memory is checked against them
-            state = dataclasses.replace(state, memory=Unverified(state.memory))
         message, new_state = fn(problem, rows, state, *args)
         version = request["version"] + 1
         _save_state(trial, "tentative", version, new_state)

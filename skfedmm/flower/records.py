@@ -405,9 +405,9 @@ def encode_state(state):
         arrays["cv"] = Array(np.ascontiguousarray(state.cv))
     if state.log_scale is not None:
         arrays["log_scale"] = Array(np.ascontiguousarray(state.log_scale))
-    memory = state.memory.memory if isinstance(state.memory, Unverified) else state.memory
-    for key, value in (memory or {}).items():  # (kept on the node only)
-        arrays[f"memory.{key}"] = Array(np.ascontiguousarray(value))
+    cache = state.cache.cache if isinstance(state.cache, Unverified) else state.cache
+    for name, value in (cache or {}).items():  # (kept on the node only)
+        arrays[f"cache.{name}"] = Array(np.ascontiguousarray(value))
     return cfg, arrays
 
 
@@ -428,7 +428,11 @@ def decode_state(cfg, arrays, size=None, dtype=None):
         "bit_generator": "PCG64", "state": {"state": state_int, "inc": inc},
         "has_uint32": has_uint32, "uinteger": uinteger,
     }
-    unknown = {k for k in arrays.keys() if not k.startswith("memory.")} - {"cv", "log_scale"}
+    cache = {
+        name[len("cache."):]: _array(arrays, name) for name in arrays.keys()
+        if name.startswith("cache.")
+    } or None
+    unknown = {name for name in arrays.keys() if not name.startswith("cache.")} - {"cv", "log_scale"}
     if unknown:
         raise WireError(f"unexpected arrays in the client state: {sorted(unknown)}")
     cv = _array(arrays, "cv") if "cv" in arrays else None
@@ -438,12 +442,9 @@ def decode_state(cfg, arrays, size=None, dtype=None):
             raise WireError(f"the client state's {name} has shape {value.shape}, expected ({size},)")
     if cv is not None and dtype is not None and cv.dtype != dtype:
         raise WireError(f"the client state's cv has dtype {cv.dtype}, expected {dtype}")
-    memory = {
-        k[len("memory."):]: _array(arrays, k) for k in arrays.keys() if k.startswith("memory.")
-    }
-    # a memory is checked against the node's rows before use
+    # a cache is checked against the node's rows before use
     return ClientState(cv=cv, rng=rng, log_scale=log_scale,
-                       memory=Unverified(memory) if memory else None)
+                       cache=None if cache is None else Unverified(cache))
 
 
 # --------------------------------------------------------------------------

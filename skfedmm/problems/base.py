@@ -35,9 +35,8 @@ class MMProblem(ABC):
 
     - :meth:`init_statistic` (optional) once per client, to build
       :math:`\\theta_0` without raw rows on the server;
-    - :meth:`local_statistic` on a batch of rows every round (or
-      :meth:`local_statistic_with_memory`, optional, when a client uses all
-      its rows and the problem can reuse work from its previous round);
+    - :meth:`local_statistic` on a batch of rows every round (or, for a
+      problem with a :meth:`client_cache`, :meth:`cached_statistic`);
 
     and, on the server:
 
@@ -182,36 +181,59 @@ class MMProblem(ABC):
             :math:`\\frac{1}{n} \\sum_{x} \\ell(x, \\theta)` over the batch.
         """
 
-    def local_statistic_with_memory(self, X, theta, memory):
-        """:meth:`local_statistic` on all of a client's rows, with its memory.
+    def client_cache(self, X):
+        """A client's cache, kept on the client between rounds (optional).
 
-        Optional. A client that computes its statistic on all its rows (no
-        minibatch) keeps what this method returns as ``memory`` and passes
-        it back in its next round, for problems that can reuse work from
-        one round to the next (for example k-means' distance bounds). The
-        memory never leaves the client and is part of its committed state:
-        a failed round leaves it as it was.
+        Some problems can reuse per-row work from one round to the next
+        (for example each row's last sparse code, a warm start for the
+        next one). A client asks for a cache once, with all its rows, when
+        it has none; while it holds one it calls :meth:`cached_statistic`
+        instead of :meth:`local_statistic`, and keeps the cache that call
+        returns (in its ``ClientState``, across rounds and continued fits;
+        it never leaves the client). The cache must not make a row's
+        result depend on another row, and the returned cache must be a new
+        object (the given one is not modified), so that a failed round
+        leaves the client as it was.
 
         Parameters
         ----------
         X : ndarray of shape (n_rows, n_features)
-            All of one client's rows (the same rows in every round of a fit).
+            All rows of one client.
+
+        Returns
+        -------
+        cache : dict of ndarray or None
+            A (possibly empty) dictionary of named arrays, which a
+            deployment can store with the client's state; ``None`` (the
+            default) for no cache.
+        """
+        return None
+
+    def cached_statistic(self, X, theta, cache, rows):
+        """:meth:`local_statistic` on a batch, with the client's cache.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_rows, n_features)
+            All rows of one client.
         theta : ndarray or dict of ndarray
-        memory : dict of ndarray or None
-            What the previous call returned on these rows, or None (first
-            round, after a minibatch round, or when the rows changed).
-            Never modify it in place.
+        cache : dict of ndarray
+            The client's cache (from :meth:`client_cache` or the previous
+            call); not modified.
+        rows : ndarray of int or None
+            The batch's sorted row indices, None for all rows.
 
         Returns
         -------
         stat : dict of ndarray
         loss : float
-            As :meth:`local_statistic`, to rounding.
-        memory : dict of ndarray or None
-            What to pass to the next call. The default keeps nothing.
+            As :meth:`local_statistic` on ``X[rows]``.
+        cache : dict of ndarray
+            The client's next cache (the default: ``cache`` unchanged).
         """
-        stat, loss = self.local_statistic(X, theta)
-        return stat, loss, None
+        batch = X if rows is None else X[rows]
+        stat, loss = self.local_statistic(batch, theta)
+        return stat, loss, cache
 
     @abstractmethod
     def minimize(self, stat, theta_prev, rng=None):

@@ -70,7 +70,7 @@ def lasso_objective(X, code, dictionary, alpha):
 
 def batch_lasso_cd(
     X, dictionary, alpha, *, positive=False, tol=1e-4, max_iter=1000, gram=None, cov=None,
-    block_size=32, gap_every=5,
+    block_size=8, gap_every=5, code_init=None,
 ):
     r"""Lasso codes of all rows at once by block coordinate descent.
 
@@ -82,13 +82,18 @@ def batch_lasso_cd(
         \quad (h \ge 0 \text{ if positive}),
 
     by cyclic coordinate descent on the Gram matrix :math:`G = D D^\top`,
-    every coordinate update applied to all rows at once. Coordinates are
-    visited in blocks whose residuals come from one matrix-matrix product
-    (BLAS 3), corrected within the block. A row stops when the largest
-    change of its code in a sweep is at most ``tol`` times its largest
-    entry, or (checked every ``gap_every`` sweeps) when its duality gap is
-    at most ``tol`` times its objective; the result of a row never
-    depends on the other rows.
+    every coordinate update applied to all rows at once (the codes are
+    held transposed, atoms x rows, so that one atom's entries are
+    contiguous). Coordinates are visited in blocks of ``block_size`` whose
+    residuals come from one matrix-matrix product (BLAS 3), corrected
+    within the block.
+
+    Stopping rules (``tol`` semantics), per row: the largest change of the
+    row's code in a sweep is at most ``tol`` times its largest entry; or
+    (checked every ``gap_every`` sweeps, from the residual correlations of
+    the sweep's start, which bound the gap at its end) its duality gap is at
+    most ``tol`` times its objective; or ``max_iter`` sweeps. The result of
+    a row never depends on the other rows.
 
     Parameters
     ----------
@@ -103,9 +108,14 @@ def batch_lasso_cd(
         Precomputed :math:`D D^\top`.
     cov : ndarray of shape (n_samples, n_components), default=None
         Precomputed :math:`X D^\top`.
-    block_size : int, default=32
+    block_size : int, default=8
     gap_every : int, default=5
         Sweeps between duality-gap checks.
+    code_init : ndarray of shape (n_samples, n_components), default=None
+        Starting codes (a warm start, e.g. each row's code at the previous
+        dictionary; projected onto the nonnegative orthant when
+        ``positive``); zeros when None. Not modified. The codes are still
+        computed to ``tol``, so the start changes them only within it.
 
     Returns
     -------
@@ -115,47 +125,99 @@ def batch_lasso_cd(
     G = dictionary @ dictionary.T if gram is None else gram
     C = X @ dictionary.T if cov is None else cov
     n, k = C.shape
-    H = np.zeros((n, k), dtype=dtype)
+    if code_init is None:
+        H = np.zeros((n, k), dtype=dtype)
+    else:
+        H = np.array(code_init, dtype=dtype, copy=True)
+        if H.shape != (n, k):
+            raise ValueError(f"code_init has shape {H.shape}; expected {(n, k)}.")
+        if positive:
+            np.maximum(H, 0, out=H)
     diag = np.diag(G).copy()
     usable = diag > 0
+    H[:, ~usable] = 0
     inv_diag = np.where(usable, 1.0 / np.where(usable, diag, 1.0), 0.0).astype(dtype)
     alpha = dtype.type(alpha)
     blocks = [np.arange(s, min(s + block_size, k)) for s in range(0, k, block_size)]
+    sq_norms = np.einsum("ij,ij->i", X, X)
     rows = np.arange(n)
     sweep = 0
-    for _ in range(max_iter):
-        if rows.size == 0:
-            break
-        Hs = np.asfortranarray(H[rows])
-        Cs = C[rows]
-        max_change = np.zeros(rows.size, dtype=dtype)
+    # codes and correlations of the running rows, transposed (atoms x rows)
+    Ht = np.ascontiguousarray(H.T)
+    Ct = np.ascontiguousarray(C.T)
+    lo, hi = -alpha, alpha
+    while rows.size and sweep < max_iter:
+        check = (sweep + 1) % gap_every == 0
+        # the residual correlations C - HG at the sweep's start give the
+        # duality gap there, which bounds the gap at its end
+        corr = Ct - G @ Ht if check and len(blocks) > 1 else None
+        start = Ht.copy() if check else None
+        max_change = None
         for blk in blocks:
             # residual correlations r_j = C_j - sum_l H_l G_lj for the block,
             # from one product; then corrected for changes made in the block.
-            R = Cs[:, blk] - Hs @ G[:, blk]
-            changes = np.zeros((rows.size, blk.size), dtype=dtype, order="F")
+            R = Ct[blk] - G[blk] @ Ht
+            if check and corr is None:
+                corr = R.copy()
+            R += diag[blk, None] * Ht[blk]
+            changes = np.empty((blk.size, rows.size), dtype=dtype)
             for jj, j in enumerate(blk):
-                if not usable[j]:
-                    continue
-                old = Hs[:, j]
-                r = R[:, jj] + diag[j] * old
+                r = R[jj]
                 if jj:
-                    r -= changes[:, :jj] @ G[blk[:jj], j]
+                    r = r - G[j, blk[:jj]] @ changes[:jj]
                 if positive:
-                    new = np.maximum(r - alpha, 0) * inv_diag[j]
-                else:
-                    new = np.sign(r) * np.maximum(np.abs(r) - alpha, 0) * inv_diag[j]
-                delta = new - old
-                changes[:, jj] = delta
-                Hs[:, j] = new
-                np.maximum(max_change, np.abs(delta), out=max_change)
-        H[rows] = Hs
+                    new = np.maximum(r - alpha, 0)
+                else:  # soft thresholding: r - clip(r, -alpha, alpha)
+                    new = np.maximum(r, lo)
+                    np.minimum(new, hi, out=new)
+                    np.subtract(r, new, out=new)
+                if inv_diag[j] != 1:
+                    new *= inv_diag[j]
+                np.subtract(new, Ht[j], out=changes[jj])
+                Ht[j] = new
+            change = np.abs(changes).max(axis=0)
+            max_change = change if max_change is None else np.maximum(max_change, change)
         sweep += 1
-        done = max_change <= tol * np.abs(Hs).max(axis=1)
-        if sweep % gap_every == 0:
-            done |= _lasso_gap_small(X[rows], Hs, dictionary, alpha, positive, tol)
-        rows = rows[~done]
+        done = max_change <= tol * np.abs(Ht).max(axis=0)
+        if check:
+            done |= _gap_from_corr(sq_norms[rows], Ct, start, corr, alpha, positive, tol)
+        if done.any():
+            H[rows[done]] = Ht[:, done].T
+            keep = ~done
+            rows, Ht, Ct = rows[keep], Ht[:, keep], Ct[:, keep]
+    H[rows] = Ht.T
     return H
+
+
+def _gap_from_corr(sq_norms, C, H, corr, alpha, positive, tol):
+    r"""Rows whose duality gap, from the residual correlations, is small.
+
+    ``C``, ``H`` and ``corr`` are transposed, atoms x rows.
+
+    With :math:`c = x D^\top`, the residual correlations :math:`\rho = c -
+    hG = (x - hD) D^\top` and the dual point :math:`\theta = s (x - hD)`,
+    :math:`s = \min(1, \alpha / \|\rho\|_\infty)` (the positive part of
+    :math:`\rho` for positive codes), the gap is
+
+    .. math::
+
+        \tfrac12 (1 - s)^2 \|r\|^2 + \alpha \|h\|_1 - s \langle h, \rho\rangle,
+        \qquad \|r\|^2 = \|x\|^2 - \langle h, c\rangle - \langle h, \rho\rangle,
+
+    with no product with the rows. A row passes when its gap is at most
+    ``tol * (1 - tol)`` times its objective: then a coordinate-descent
+    sweep from this point, which lowers the objective and keeps the dual
+    point, ends within ``tol`` of optimal.
+    """
+    hc = np.einsum("ij,ij->j", H, C)
+    hr = np.einsum("ij,ij->j", H, corr)
+    bound = corr.max(axis=0) if positive else np.abs(corr).max(axis=0)
+    s = np.minimum(1.0, alpha / np.maximum(bound, np.finfo(C.dtype).tiny))
+    sq_res = np.maximum(sq_norms - hc - hr, 0)
+    l1 = np.abs(H).sum(axis=0)
+    primal = 0.5 * sq_res + alpha * l1
+    gap = 0.5 * (1 - s) ** 2 * sq_res + alpha * l1 - s * hr
+    return gap <= tol * (1 - tol) * primal
 
 
 def _lasso_gap_small(X, H, D, alpha, positive, rtol):
@@ -393,7 +455,7 @@ def update_dict(
             D[j] += (B[:, j] - A[j] @ D) / A[j, j]
             if positive:
                 np.maximum(D[j], 0, out=D[j])
-            D[j] /= max(np.linalg.norm(D[j]), 1.0)
+            D[j] /= max(np.sqrt(D[j] @ D[j]), 1.0)
         change = np.linalg.norm(D - previous)
         if change <= tol * max(np.linalg.norm(previous), np.finfo(D.dtype).tiny):
             break
@@ -406,6 +468,21 @@ def update_dict(
             if u is not None:
                 D[j] = u
     return D
+
+
+#: ``code_cache="auto"`` keeps a client's codes up to this size.
+_AUTO_CACHE_BYTES = 64 * 2**20
+#: ... and with minibatches, when a batch is at least this fraction (1/n) of the rows.
+_AUTO_MIN_DRAWN = 16
+#: Size of the coder's row chunks (see ``DictionaryLearningProblem._chunk_rows``).
+_CHUNK_BYTES = 4 * 2**20
+
+
+def _fingerprint(X):
+    r"""One number per row, :math:`\langle x, v\rangle` for a fixed vector
+    :math:`v`: a changed row gets a different one (almost surely)."""
+    v = np.cos(np.arange(1, X.shape[1] + 1) * 0.7390851332151607) + 1.4142135623730951
+    return X @ v.astype(X.dtype)
 
 
 def _project_atoms(D, positive):
@@ -447,6 +524,21 @@ class DictionaryLearningProblem(MMProblem):
     dict_max_sweeps : int, default=10
         Sweep cap of the dictionary M-step.
     dict_tol : float, default=1e-6
+    code_cache : {"auto", True, False}, default="auto"
+        Warm-start each row's code from its code at the previous round
+        (``"batch_cd"`` only): the client keeps its rows' last codes
+        (:meth:`client_cache`, ``n_rows x n_components`` plus one
+        fingerprint per row, never sent). A row is warm-started only from
+        its own last code, and only while its fingerprint
+        (:math:`\\langle x, v\\rangle` for a fixed vector :math:`v`) is
+        unchanged, so its code never depends on other rows; each code is
+        still computed to the coder's tolerance, so warm starts change
+        codes only within it. With minibatches a row starts from its code
+        at the last round it was drawn, and the client copies its codes
+        every round. ``"auto"``: when the client's codes take at most 64
+        MiB, and, with minibatches, a batch is at least a sixteenth of the
+        client's rows (rows come back often enough, and the copy costs at
+        most 16 batches' codes); ``True``: always; ``False``: never.
     atom_restart : {"auto", "residual", "random"}, default="auto"
         Where the server re-places dead atoms (unused, or duplicating
         another atom; see :func:`update_dict`). ``"residual"``: clients add
@@ -479,6 +571,7 @@ class DictionaryLearningProblem(MMProblem):
         dict_max_sweeps=10,
         dict_tol=1e-6,
         atom_restart="auto",
+        code_cache="auto",
     ):
         self.n_components = n_components
         self.alpha = alpha
@@ -493,6 +586,7 @@ class DictionaryLearningProblem(MMProblem):
         self.dict_max_sweeps = dict_max_sweeps
         self.dict_tol = dict_tol
         self.atom_restart = atom_restart
+        self.code_cache = code_cache
 
     def _pca_init(self):
         return self.dict_init is None and self.init == "pca"
@@ -509,12 +603,13 @@ class DictionaryLearningProblem(MMProblem):
         )
 
     # ----------------------------------------------------------- clients
-    def encode(self, X, dictionary):
-        """Sparse codes of the rows of ``X`` with the fit-time coder."""
+    def encode(self, X, dictionary, code_init=None):
+        """Sparse codes of the rows of ``X`` with the fit-time coder
+        (``"batch_cd"`` starts from ``code_init`` when given)."""
         if self.fit_algorithm == "batch_cd":
             return batch_lasso_cd(
                 X, dictionary, self.alpha, positive=self.positive_code,
-                tol=self.coder_tol, max_iter=self.coder_max_iter,
+                tol=self.coder_tol, max_iter=self.coder_max_iter, code_init=code_init,
             )
         algorithm = {"cd": "lasso_cd", "lars": "lasso_lars"}[self.fit_algorithm]
         code = sparse_encode(
@@ -522,6 +617,49 @@ class DictionaryLearningProblem(MMProblem):
             positive=self.positive_code, max_iter=self.coder_max_iter, n_jobs=1,
         )
         return code.astype(X.dtype, copy=False)
+
+    def client_cache(self, X):
+        """An empty code cache when ``code_cache`` is on for ``X``, else None."""
+        if self.fit_algorithm != "batch_cd" or self.code_cache is False:
+            return None
+        if self.code_cache == "auto":
+            size = X.shape[0] * self.n_components * X.dtype.itemsize
+            return {} if size <= _AUTO_CACHE_BYTES else None
+        if self.code_cache is True:
+            return {}
+        raise ValueError(f"code_cache must be 'auto', True or False, got {self.code_cache!r}.")
+
+    def cached_statistic(self, X, theta, cache, rows):
+        """:meth:`local_statistic` on ``X[rows]``, each row warm-started at
+        its last code in ``cache`` (see ``code_cache``); the next cache."""
+        n, k = X.shape[0], self.n_components
+        if self.client_cache(X) is None:  # the cache was switched off: drop it
+            stat, loss = self.local_statistic(X if rows is None else X[rows], theta)
+            return stat, loss, None
+        if rows is not None and self.code_cache == "auto" and rows.size * _AUTO_MIN_DRAWN < n:
+            stat, loss = self.local_statistic(X[rows], theta)
+            return stat, loss, cache
+        codes, marks = cache.get("codes"), cache.get("fingerprint")
+        if codes is None or codes.shape != (n, k) or marks.shape != (n,):
+            codes = marks = None
+        batch = X if rows is None else X[rows]
+        mark = _fingerprint(batch)
+        init = None
+        if codes is not None:
+            same = marks if rows is None else marks[rows]
+            same = same == mark
+            if same.any():
+                init = codes if rows is None else codes[rows]
+                init = np.where(same[:, None], init, 0).astype(X.dtype, copy=False)
+        stat, loss, code = self._coded_statistic(batch, theta, init, keep_codes=True)
+        if rows is None:
+            return stat, loss, {"codes": code, "fingerprint": mark}
+        codes = np.zeros((n, k), dtype=X.dtype) if codes is None else codes.copy()
+        # unseen rows: zero codes, so a matching zero mark is a cold start
+        marks = np.zeros(n, dtype=X.dtype) if marks is None else marks.copy()
+        codes[rows] = code
+        marks[rows] = mark
+        return stat, loss, {"codes": codes, "fingerprint": marks}
 
     def init_statistic(self, X, code=None):
         """The client's second moment ``M`` (PCA init, residual rule) and,
@@ -576,15 +714,41 @@ class DictionaryLearningProblem(MMProblem):
         return None
 
     def local_statistic(self, X, theta):
-        code = self.encode(X, theta)
-        n = X.shape[0]
-        stat = {"A": (code.T @ code) / n, "B": (X.T @ code) / n}
-        loss = float(np.mean(lasso_objective(X, code, theta, self.alpha)))
+        stat, loss, _ = self._coded_statistic(X, theta)
         return stat, loss
 
+    def _coded_statistic(self, X, theta, code_init=None, keep_codes=False):
+        """Statistic and mean loss of ``X``'s codes, coded in chunks of rows.
+
+        Rows are coded ``_chunk_rows`` at a time (a row's code does not
+        depend on the others), so that the coder's temporaries stay small
+        however many rows a client has; the codes are kept only when
+        ``keep_codes``.
+        """
+        n, k = X.shape[0], self.n_components
+        step = self._chunk_rows(X)
+        A = np.zeros((k, k), dtype=X.dtype)
+        B = np.zeros((X.shape[1], k), dtype=X.dtype)
+        total = 0.0
+        codes = np.empty((n, k), dtype=X.dtype) if keep_codes else None
+        for start in range(0, n, step):
+            part = slice(start, min(start + step, n))
+            Xc = X[part]
+            code = self.encode(Xc, theta, code_init=None if code_init is None else code_init[part])
+            A += code.T @ code
+            B += Xc.T @ code
+            total += float(np.sum(lasso_objective(Xc, code, theta, self.alpha)))
+            if keep_codes:
+                codes[part] = code
+        return {"A": A / n, "B": B / n}, total / n, codes
+
+    def _chunk_rows(self, X):
+        """Rows coded at a time: about 4 MiB per ``rows x max(k, d)`` array."""
+        width = max(self.n_components, X.shape[1]) * X.dtype.itemsize
+        return max(1024, _CHUNK_BYTES // width)
+
     def loss(self, X, theta):
-        code = self.encode(X, theta)
-        return float(np.mean(lasso_objective(X, code, theta, self.alpha)))
+        return self._coded_statistic(X, theta)[1]
 
     # ------------------------------------------------------------ server
     def init_parameter(self, init_stat, rng):

@@ -401,7 +401,23 @@ class KMeansProblem(MMProblem):
         sq = np.bincount(labels, weights=x_sq, minlength=theta.shape[0]).astype(X.dtype)
         return self._statistic(X.shape[0], theta, count, sums, sq)
 
-    def local_statistic_with_memory(self, X, theta, memory):
+    def client_cache(self, X):
+        """An empty cache: :meth:`cached_statistic` fills it on full passes."""
+        return {}
+
+    def cached_statistic(self, X, theta, cache, rows):
+        """:meth:`local_statistic`, with the client's labels and bounds on full passes.
+
+        Minibatches (``rows`` not None) use :meth:`local_statistic` and keep
+        the cache as it is; a pass over all rows uses and renews it (see
+        :meth:`_remembered_statistic`).
+        """
+        if rows is not None:
+            stat, loss = self.local_statistic(X[rows], theta)
+            return stat, loss, cache
+        return self._remembered_statistic(X, theta, cache if "labels" in cache else None)
+
+    def _remembered_statistic(self, X, theta, memory):
         """The statistic from distance bounds kept since the client's last round.
 
         Once the assignments settle (at most one row in twenty changed

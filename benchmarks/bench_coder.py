@@ -1,0 +1,131 @@
+"""Per-round time of dictionary learning's client coder, against a baseline revision.
+
+One client, 5000 x 40 rows (sparse combinations of 30 atoms plus noise),
+30 atoms, alpha 0.1, full batches, 30 rounds: the time per round and the
+final objective of FedMM with this tree's coder (active-set finish, and
+each row's code warm-started from the previous round, ``code_cache``),
+with ``code_cache=False``, and with the coder of a baseline revision
+(default: the commit before this work, extracted with ``git archive``).
+Each configuration runs in its own subprocess (one BLAS thread), the
+configurations interleaved and repeated; the table shows the median
+seconds per round (wall and CPU) and the final objective (mean over rows
+of 1/2||x - hD||^2 + alpha||h||_1 with the codes of the last round, and
+re-evaluated with cold codes at the final dictionary).
+
+Usage::
+
+    python benchmarks/bench_coder.py            # 5 repeats
+    python benchmarks/bench_coder.py --quick    # 1 repeat, 10 rounds
+
+Target: at least 3x fewer seconds per round than the baseline at the same
+objective (relative difference at most 1e-4).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BASELINE = "f8c8249"
+
+CHILD = r"""
+import json, sys, time
+import numpy as np
+from threadpoolctl import threadpool_limits
+threadpool_limits(1)
+from skfedmm import FederatedDictionaryLearning
+from skfedmm.datasets import make_sparse_coded_clients
+from skfedmm.problems.dictionary import DictionaryLearningProblem
+cfg = json.loads(sys.argv[1])
+(X,), _ = make_sparse_coded_clients(1, cfg["n"], 40, 30, n_nonzero=3, heterogeneous=False,
+                                    random_state=cfg["seed"])
+wall, cpu = [], []
+def callback(info):
+    wall.append(time.perf_counter()); cpu.append(time.process_time())
+kwargs = dict(n_components=30, alpha=0.1, max_iter=cfg["rounds"], tol=0, random_state=0,
+              callback=callback)
+if cfg["cache"] is not None:
+    kwargs["code_cache"] = cfg["cache"]
+est = FederatedDictionaryLearning(**kwargs).fit(X)
+cold = DictionaryLearningProblem(30, 0.1, 40).loss(X, est.components_)
+print(json.dumps(dict(wall=float(np.median(np.diff(wall))), cpu=float(np.median(np.diff(cpu))),
+                      objective=float(est.error_[-1]), cold=float(cold))))
+"""
+
+
+def run(tree, cache, cfg):
+    env = dict(os.environ, PYTHONPATH=tree, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(dict(cfg, cache=cache))],
+        capture_output=True, text=True, env=env, check=True, cwd=tree,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--baseline", default=BASELINE, help="git revision of the baseline coder")
+    args = parser.parse_args()
+    repeat, rounds = (1, 10) if args.quick else (5, 30)
+    cfg = dict(n=5000, rounds=rounds, seed=0)
+    lines = []
+
+    def say(text=""):
+        print(text, flush=True)
+        lines.append(text)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(
+            ["git", "archive", args.baseline, "skfedmm"], cwd=ROOT, capture_output=True, check=True,
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        configs = [
+            (f"baseline {args.baseline}", tmp, None),
+            ("this tree, code_cache=False", ROOT, False),
+            ("this tree, code_cache='auto' (default)", ROOT, "auto"),
+        ]
+        say(f"Coder benchmark: one client, 5000 x 40 rows, 30 atoms, alpha 0.1, {rounds} rounds, "
+            f"1 BLAS thread; {repeat} interleaved repeats, median per round")
+        say(f"load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        results = {name: [] for name, _, _ in configs}
+        for _ in range(repeat):
+            for name, tree, cache in configs:
+                results[name].append(run(tree, cache, cfg))
+        say(f"load average at end:   {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        say()
+        base = configs[0][0]
+        bwall = min(r["wall"] for r in results[base])
+        bcpu = min(r["cpu"] for r in results[base])
+        bobj = results[base][0]["objective"]
+        say(f"{'configuration':42s} {'s/round wall':>12s} {'s/round CPU':>12s} {'speedup (CPU)':>13s} "
+            f"{'objective':>12s} {'rel. diff':>10s} {'cold-code obj.':>14s}")
+        for name, _, _ in configs:
+            wall = min(r["wall"] for r in results[name])
+            cpu = min(r["cpu"] for r in results[name])
+            obj = results[name][0]["objective"]
+            say(f"{name:42s} {wall:12.4f} {cpu:12.4f} {bcpu / cpu:12.2f}x {obj:12.8f} "
+                f"{(obj - bobj) / bobj:+10.1e} {results[name][0]['cold']:14.8f}")
+        say()
+        say("(best of the repeats' medians; wall time is sensitive to other processes, CPU time "
+            "less so)")
+        new = configs[-1][0]
+        speed = bcpu / min(r["cpu"] for r in results[new])
+        rel = abs(results[new][0]["objective"] - bobj) / bobj
+        say(f"Target >= 3x per round at the same objective (rel. diff <= 1e-4): "
+            f"{'MET' if speed >= 3 and rel <= 1e-4 else 'NOT MET'} ({speed:.2f}x, {rel:.1e})")
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    name = "bench_coder_quick.txt" if args.quick else "bench_coder.txt"
+    with open(os.path.join(HERE, "results", name), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -335,10 +335,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="1 run, small sizes")
     parser.add_argument("--runs", type=int, default=None)
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only (b), the speed comparison; writes mixture_speed[_quick].txt")
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     runs = args.runs or (1 if args.quick else 10)
     mode = "quick" if args.quick else f"{runs}runs"
+    if args.speed_only:
+        mode = "speed_quick" if args.quick else "speed"
     os.makedirs(args.out, exist_ok=True)
     warnings.simplefilter("ignore", ConvergenceWarning)
     info = machine()
@@ -348,15 +352,18 @@ def main(argv=None):
     print("\n".join(text), flush=True)
 
     t0 = time.perf_counter()
+    if args.speed_only:
+        runs = 0  # (no quality or ablation runs)
     quality = [run_quality(cfg, seed) for seed in range(runs)]
     section = (f"(a) Heterogeneous clients: {cfg['n_clients']} clients x {cfg['rows']} rows, each "
                f"holding 2 of {cfg['n_components']} components (d={cfg['n_features']}); held-out "
                f"rows drawn the same way. {runs} seeds, mean +- std; max_iter={cfg['max_iter']}, "
                "default tol; recovered: true means matched (Hungarian) within distance 1.0 "
                f"(component std ~1). [{time.perf_counter() - t0:.0f} s]")
-    out = "\n".join([section, "", report_quality(quality), ""])
-    print(out, flush=True)
-    text.append(out)
+    if quality:
+        out = "\n".join([section, "", report_quality(quality), ""])
+        print(out, flush=True)
+        text.append(out)
 
     t0 = time.perf_counter()
     speed = run_speed(cfg)
@@ -373,18 +380,19 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     abl = [run_ablation(cfg, seed) for seed in range(runs)]
-    fig_path = os.path.join(args.out, f"mixture_ablation_{mode}.png")
-    try:
-        figure_ablation(abl, fig_path)
-    except ImportError:
-        fig_path = "(matplotlib missing: no figure)"
-    section = (f"(c) Ablation, heterogeneous Gaussian mixture (diag covariances, "
-               f"{cfg['ablation_rounds']} rounds, exact objective every round), {runs} seeds. "
-               f"Figure: {os.path.relpath(fig_path, os.path.dirname(HERE))}. "
-               f"[{time.perf_counter() - t0:.0f} s]")
-    out = "\n".join([section, "", report_ablation(abl), ""])
-    print(out, flush=True)
-    text.append(out)
+    if abl:
+        fig_path = os.path.join(args.out, f"mixture_ablation_{mode}.png")
+        try:
+            figure_ablation(abl, fig_path)
+        except ImportError:
+            fig_path = "(matplotlib missing: no figure)"
+        section = (f"(c) Ablation, heterogeneous Gaussian mixture (diag covariances, "
+                   f"{cfg['ablation_rounds']} rounds, exact objective every round), {runs} seeds. "
+                   f"Figure: {os.path.relpath(fig_path, os.path.dirname(HERE))}. "
+                   f"[{time.perf_counter() - t0:.0f} s]")
+        out = "\n".join([section, "", report_ablation(abl), ""])
+        print(out, flush=True)
+        text.append(out)
 
     with open(os.path.join(args.out, f"mixture_{mode}.txt"), "w") as f:
         f.write("\n".join(text) + "\n")

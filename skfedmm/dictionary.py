@@ -127,7 +127,7 @@ class FederatedDictionaryLearning(
         aggregation when the second moment is sent anyway or costs at most
         one round's statistic (``n_features**2 <= n_components**2 +
         n_features * n_components``), else ``"random"``.
-    code_cache : {"auto", True, False}, default="auto"
+    code_cache : {"auto", True, False}, default=False
         Warm-start each training row's code (``fit_algorithm="batch_cd"``)
         from its code at the previous round: each client keeps its rows'
         last codes (never sent) and the coder starts from them. A row starts
@@ -137,7 +137,12 @@ class FederatedDictionaryLearning(
         code at the last round it was drawn. ``"auto"``: when a client's
         codes take at most 64 MiB and, with minibatches, ``batch_size`` is
         at least a sixteenth of the client's rows; ``True``: always;
-        ``False``: every code starts at zero.
+        ``False`` (the default): every code starts at zero. The codes are
+        part of the client's state: in-process (``n_jobs=1`` or threads)
+        they stay in memory, but with process or Dask workers the state
+        travels with every round's task (``n_rows x n_components`` values
+        per client and round), and a problem's ``local_statistic`` is then
+        not what runs after the initial round; hence opt-in.
     """ + FEDERATED_PARAMS_DOC + r"""
     Attributes
     ----------
@@ -249,7 +254,7 @@ class FederatedDictionaryLearning(
         transform_max_iter=1000,
         init="pca",
         atom_restart="auto",
-        code_cache="auto",
+        code_cache=False,
         aggregation="surrogate",
         participation=1.0,
         participation_scheme="bernoulli",

@@ -103,7 +103,7 @@ def test_cache_warm_starts_only_unchanged_rows():
     rng = np.random.default_rng(5)
     D = unit_rows(rng, 12, 8)
     X = sparse_rows(rng, 60, D)
-    problem = DictionaryLearningProblem(12, 0.1, 8)
+    problem = DictionaryLearningProblem(12, 0.1, 8, code_cache="auto")
     cache = problem.client_cache(X)
     assert cache == {}
     stat, loss, cache = problem.cached_statistic(X, D, cache, None)
@@ -139,18 +139,19 @@ def test_minibatch_cache_updates_the_drawn_rows_only():
     others = np.setdiff1d(np.arange(40), rows)
     assert np.all(codes[others] == 0)
     # "auto" leaves small minibatches (below a sixteenth of the rows) uncached
-    auto = DictionaryLearningProblem(10, 0.1, 8)
+    auto = DictionaryLearningProblem(10, 0.1, 8, code_cache="auto")
     assert auto.cached_statistic(X, D, {}, rows[:2])[2] == {}
     assert auto.cached_statistic(X, D, {}, rows)[2]["codes"].shape == (40, 10)
 
 
 def test_cache_size_rule():
     X = np.zeros((10, 4))
-    assert DictionaryLearningProblem(3, 0.1, 4).client_cache(X) == {}
+    assert DictionaryLearningProblem(3, 0.1, 4, code_cache="auto").client_cache(X) == {}
+    assert DictionaryLearningProblem(3, 0.1, 4).client_cache(X) is None  # off by default
     assert DictionaryLearningProblem(3, 0.1, 4, code_cache=False).client_cache(X) is None
     assert DictionaryLearningProblem(3, 0.1, 4, fit_algorithm="lars").client_cache(X) is None
     big = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(10**7, 4), strides=(0, 0))
-    assert DictionaryLearningProblem(8, 0.1, 4).client_cache(big) is None  # 640 MB of codes
+    assert DictionaryLearningProblem(8, 0.1, 4, code_cache="auto").client_cache(big) is None  # 640 MB of codes
     assert DictionaryLearningProblem(8, 0.1, 4, code_cache=True).client_cache(big) == {}
 
 
@@ -159,8 +160,8 @@ def test_cached_fit_is_within_the_coder_tolerance_of_the_cold_fit():
     D = unit_rows(rng, 10, 12)
     clients = [sparse_rows(rng, 80, D) for _ in range(3)]
     kwargs = dict(n_components=10, alpha=0.1, max_iter=8, tol=0, random_state=0)
-    warm = FederatedDictionaryLearning(**kwargs).fit(clients)
-    cold = FederatedDictionaryLearning(code_cache=False, **kwargs).fit(clients)
+    warm = FederatedDictionaryLearning(code_cache="auto", **kwargs).fit(clients)
+    cold = FederatedDictionaryLearning(**kwargs).fit(clients)  # (off by default)
     np.testing.assert_allclose(warm.error_, cold.error_, rtol=1e-4)
     assert all(c.cache and c.cache["codes"].shape == (80, 10) for c in warm.fedmm_state_.clients)
     assert all(c.cache is None for c in cold.fedmm_state_.clients)
@@ -200,7 +201,7 @@ def test_chunked_coding_equals_one_chunk(monkeypatch):
     rng = np.random.default_rng(10)
     D = unit_rows(rng, 12, 8)
     X = sparse_rows(rng, 3000, D)
-    problem = DictionaryLearningProblem(12, 0.1, 8)
+    problem = DictionaryLearningProblem(12, 0.1, 8, code_cache="auto")
     whole, loss = problem.local_statistic(X, D)
     monkeypatch.setattr(dictionary_module, "_CHUNK_BYTES", 1)  # 1024-row chunks
     assert problem._chunk_rows(X) == 1024
@@ -259,7 +260,8 @@ def test_switching_the_cache_off_in_a_continued_fit_drops_it():
     D = unit_rows(rng, 5, 6)
     clients = [sparse_rows(rng, 30, D) for _ in range(2)]
     est = FederatedDictionaryLearning(n_components=5, alpha=0.1, max_iter=2, tol=0,
-                                      random_state=0, warm_start=True).fit(clients)
+                                      random_state=0, warm_start=True,
+                                      code_cache="auto").fit(clients)
     assert all(c.cache for c in est.fedmm_state_.clients)
     est.set_params(code_cache=False).fit(clients)
     assert est.n_iter_ == 4 and all(c.cache is None for c in est.fedmm_state_.clients)

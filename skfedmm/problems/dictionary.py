@@ -524,7 +524,7 @@ class DictionaryLearningProblem(MMProblem):
     dict_max_sweeps : int, default=10
         Sweep cap of the dictionary M-step.
     dict_tol : float, default=1e-6
-    code_cache : {"auto", True, False}, default="auto"
+    code_cache : {"auto", True, False}, default=False
         Warm-start each row's code from its code at the previous round
         (``"batch_cd"`` only): the client keeps its rows' last codes
         (:meth:`client_cache`, ``n_rows x n_components`` plus one
@@ -571,7 +571,7 @@ class DictionaryLearningProblem(MMProblem):
         dict_max_sweeps=10,
         dict_tol=1e-6,
         atom_restart="auto",
-        code_cache="auto",
+        code_cache=False,
     ):
         self.n_components = n_components
         self.alpha = alpha

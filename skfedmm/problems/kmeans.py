@@ -163,8 +163,8 @@ def _bounded_pass(X, centres, memory):
     matrix product, so that a kept label is the exact nearest centre. The
     sums are updated by the rows that changed cluster.
 
-    Returns None when more than a quarter of the rows would need all their
-    distances (a full pass is then cheaper).
+    Returns None when more than an eighth of the rows would need all their
+    distances (the compiled full pass is then cheaper).
     """
     labels, x_sq = memory["labels"], memory["x_sq"]
     step = centres - memory["centres"]
@@ -177,12 +177,14 @@ def _bounded_pass(X, centres, memory):
     # and of the bounds carried over rounds
     margin = 4 * np.sqrt(8 * eps * big) + 64 * eps * np.sqrt(big)
     todo = np.flatnonzero(upper + margin >= lower)
+    if todo.size > X.shape[0] // 3:
+        return None
     if todo.size:
         # tighten: the exact distance to the own centre (subtraction: no cancellation)
         diff = X[todo] - centres[labels[todo]]
         upper[todo] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
         todo = todo[upper[todo] + margin >= lower[todo]]
-    if todo.size > X.shape[0] // 4:
+    if todo.size > X.shape[0] // 8:
         return None
     count, sums, sq = memory["count"], memory["sums"], memory["sq"]
     if todo.size:
@@ -430,10 +432,14 @@ class KMeansProblem(MMProblem):
         distances are computed; the statistic is updated by the rows that changed
         cluster. The labels are those of a full pass (Lloyd's assignments),
         so the statistic is the same to rounding, and the work per round
-        falls with the number of rows near a boundary. The memory stays on
-        the client.
+        falls with the number of rows near a boundary. When too many rows
+        sit near a boundary for the bounds to pay (more than an eighth need
+        all their distances), the client returns to full passes (scikit-
+        learn's compiled Lloyd step) and waits 1, 2, 4, ... rounds before
+        trying the bounds again. The memory stays on the client.
         """
         n, k = X.shape[0], theta.shape[0]
+        memory_in = memory if memory is not None else {}
         valid = (memory is not None and memory["labels"].shape == (n,)
                  and memory["centres"].shape == theta.shape and memory["sums"].dtype == X.dtype)
         found = None
@@ -448,13 +454,24 @@ class KMeansProblem(MMProblem):
             x_sq = memory["x_sq"] if valid else np.einsum("ij,ij->i", X, X)
             sq = np.bincount(labels, weights=x_sq, minlength=k).astype(X.dtype)
             upper = None
-            if valid and np.count_nonzero(labels != memory["labels"]) <= n // 20:
-                # settled: the bounds pay from the next round on
+            # rounds to wait before trying the bounds again, and the next wait
+            # (doubled each time the bounds did not pay)
+            wait, backoff = memory["wait"] if valid and "wait" in memory else (0, 1)
+            if valid and "upper" in memory:  # the bounds did not pay this round
+                wait, backoff = backoff, 2 * backoff
+            elif wait > 0:
+                wait -= 1
+            elif valid and np.count_nonzero(labels != memory["labels"]) <= n // 20:
+                # settled: the bounds may pay from the next round on
                 new, upper, lower = _nearest_two(X, x_sq, theta)
                 # (a near tie labelled otherwise by the pass: checked next round)
                 lower[new != labels] = -1.0
         memory = dict(labels=labels, centres=np.array(theta, copy=True), x_sq=x_sq,
                       count=count, sums=sums, sq=sq)
+        if found is None:
+            memory["wait"] = np.array([wait, backoff])
+        elif "wait" in memory_in:
+            memory["wait"] = memory_in["wait"]
         if upper is not None:
             memory.update(upper=upper, lower=lower)
         return (*self._statistic(n, theta, count, sums, sq), memory)

@@ -90,7 +90,7 @@ def main():
         configs = [
             (f"baseline {args.baseline}", tmp, None),
             ("this tree, code_cache=False", ROOT, False),
-            ("this tree, code_cache='auto' (default)", ROOT, "auto"),
+            ("this tree, code_cache='auto' (opt-in)", ROOT, "auto"),
         ]
         say(f"Coder benchmark: one client, 5000 x 40 rows, 30 atoms, alpha 0.1, {rounds} rounds, "
             f"1 BLAS thread; {repeat} interleaved repeats, median per round")

@@ -46,6 +46,7 @@ from joblib import Parallel, delayed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from bench_aggregation import Tee  # noqa: E402
 RESULTS = os.path.join(HERE, "results")
 
 COMPRESSORS = {
@@ -164,19 +165,6 @@ def figure(results, path):
     fig.suptitle("Exact objective against uplink bits (step_size='auto')")
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-class Tee:
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text):
-        for s in self.streams:
-            s.write(text)
-
-    def flush(self):
-        for s in self.streams:
-            s.flush()
 
 
 def main(argv=None):

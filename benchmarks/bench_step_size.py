@@ -32,6 +32,9 @@ import numpy as np
 from skfedmm import FederatedDictionaryLearning
 from skfedmm.datasets import make_sparse_coded_clients
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_aggregation import Tee  # noqa: E402
+
 STEPS = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0]
 SETTINGS = {
     "p=0.5": dict(participation=0.5),
@@ -43,21 +46,6 @@ SETTINGS = {
     "p=0.5 + qsgd s=16": dict(participation=0.5, compression=("qsgd", {"s": 16})),
     "batch 100": dict(batch_size=100),
 }
-
-
-class Tee:
-    """Print to the terminal and to the results file at once."""
-
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text):
-        for stream in self.streams:
-            stream.write(text)
-
-    def flush(self):
-        for stream in self.streams:
-            stream.flush()
 
 
 def main(argv=None):

@@ -6,7 +6,7 @@ location estimator, runs on the engine like the built-in ones.
 
 import numpy as np
 
-from skfedmm import MMProblem
+from skfedmm import Compressor, MMProblem
 
 
 class CauchyLocation(MMProblem):
@@ -58,3 +58,15 @@ def make_clients(n_clients=5, n=40, dim=3, seed=0):
         rng.standard_normal((n + 7 * i, dim)) + 3 * rng.standard_normal(dim)
         for i in range(n_clients)
     ]
+
+
+class Halve(Compressor):
+    """A user's compressor: every entry kept with probability 1/2, doubled
+    (unbiased, omega = 1); it defines only the two abstract methods."""
+
+    def omega(self, d):
+        return 1.0
+
+    def compress(self, x, rng):
+        keep = rng.random(x.shape) < 0.5
+        return np.where(keep, 2 * x, 0), int(keep.sum()) * 96 + 64

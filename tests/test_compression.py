@@ -172,13 +172,7 @@ def test_variance_estimate_of_qsgd_is_conservative():
 
 
 def test_user_compressor_without_variance_gets_the_default():
-    class Halve(Compressor):
-        def omega(self, d):
-            return 1.0
-
-        def compress(self, x, rng):
-            keep = rng.random(x.shape) < 0.5
-            return np.where(keep, 2 * x, 0), int(keep.sum()) * 96 + 64
+    from tests._helpers import Halve
 
     c = np.array([2.0, 0.0, -2.0])
     assert Halve().variance(c) == 0.5 * 8.0

@@ -9,7 +9,7 @@ from joblib import parallel_config
 from skfedmm import QSGD, FedMM, PolynomialDecay, RandK
 from skfedmm.engine import aggregate, auto_step_size, client_weights
 
-from ._helpers import CauchyLocation, make_clients
+from ._helpers import CauchyLocation, Halve, make_clients
 
 
 def batch_mm(problem, X, theta0, n_steps):
@@ -249,16 +249,6 @@ def test_callback_can_stop_and_tolerance_stops():
 
 
 def test_user_compressor_plugs_in():
-    from skfedmm import Compressor
-
-    class Halve(Compressor):
-        def omega(self, d):
-            return 1.0
-
-        def compress(self, x, rng):
-            keep = rng.random(x.shape) < 0.5
-            return np.where(keep, 2 * x, 0), int(keep.sum()) * 96 + 64
-
     state = FedMM(CauchyLocation(), max_iter=200, compression=Halve(), random_state=0).fit(
         make_clients()
     )

@@ -63,6 +63,15 @@ def test_sklearn_compatible(estimator, check):
 
 
 # ------------------------------------------------------------- exactness
+def fit_split(est, X, Y, split, rng):
+    """Fit on X split as one client, three clients, or by random client ids."""
+    if split == "one":
+        return est.fit(X, target=Y)
+    if split == "three":
+        return est.fit([X[:30], X[30:200], X[200:]], target=Y)
+    return est.fit(X, target=Y, client_ids=rng.integers(0, 5, size=X.shape[0]))
+
+
 @pytest.mark.parametrize("split", ["one", "three", "ids"])
 def test_batch_fedmm_is_semidiscrete_sinkhorn(split):
     rng = np.random.default_rng(1)
@@ -70,12 +79,7 @@ def test_batch_fedmm_is_semidiscrete_sinkhorn(split):
     Y = rng.standard_normal((40, 3)) * 0.8 + 0.5
     n_iter = 15
     est = FederatedOTMap(0.2, normalize_cost=None, max_iter=n_iter, tol=0.0, random_state=0)
-    if split == "one":
-        est.fit(X, target=Y)
-    elif split == "three":
-        est.fit([X[:30], X[30:200], X[200:]], target=Y)
-    else:
-        est.fit(X, target=Y, client_ids=rng.integers(0, 5, size=X.shape[0]))
+    fit_split(est, X, Y, split, rng)
     g = sinkhorn_semidiscrete(X, Y, 0.2, n_iter)
     assert est.n_iter_ == n_iter
     assert_allclose(est.potential_, g, rtol=0, atol=1e-10)
@@ -615,12 +619,7 @@ def test_batch_fedmm_with_epsilon_scaling_is_pooled_sinkhorn_with_the_schedule(s
     est = FederatedOTMap(eps, normalize_cost=None, epsilon_scaling=q, max_iter=n_iter, tol=0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the schedule ends within the rounds: no warning
-        if split == "one":
-            est.fit(X, target=Y)
-        elif split == "three":
-            est.fit([X[:30], X[30:200], X[200:]], target=Y)
-        else:
-            est.fit(X, target=Y, client_ids=rng.integers(0, 5, size=X.shape[0]))
+        fit_split(est, X, Y, split, rng)
     g, factors = sinkhorn_scaled(X, Y, eps, q, n_iter)
     assert factors[0] > 10 and factors[-1] == 1.0  # the schedule did run, and ended
     assert est.n_iter_ == n_iter and est.epsilon_ == eps

@@ -186,7 +186,7 @@ def test_memory_statistic_equals_a_full_pass(data, k, dtype):
         if before:
             for name, a in before.items():
                 np.testing.assert_array_equal(memory[name], a)
-            bounded += "upper" in before
+            bounded += "keys" in before
         ref, ref_loss = problem.local_statistic(X, c)
         tol = 1e-9 if dtype == np.float64 else 1e-4
         for name in ref:
@@ -211,7 +211,7 @@ def test_memory_does_not_outlive_changed_rows(data):
     others = [c[::-1] * 1.5 + 2.0 for c in clients]
     engine = FedMM(KMeansProblem(K, init=X[:K]), max_iter=6, tol=0, random_state=0)
     state = engine.fit(clients)
-    assert all("upper" in c.cache for c in state.clients)
+    assert all("keys" in c.cache for c in state.clients)
     forgot = engine.fit(others, state=replace(
         state, clients=[replace(c, cache=None) for c in state.clients]))
     continued = engine.fit(others, state=state)

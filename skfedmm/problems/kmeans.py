@@ -124,85 +124,130 @@ def _lloyd_pass(X, centres):
     return labels, np.bincount(labels, minlength=k).astype(X.dtype), _cluster_sums(X, labels, k)
 
 
-def _nearest_two(X, x_sq, centres):
+def _labels(X, centres):
+    """Nearest centre of every row: scikit-learn's compiled Lloyd step without
+    the update (one thread) when it is available, NumPy otherwise."""
+    if _LLOYD is not None and X.dtype in (np.float32, np.float64) and X.flags.c_contiguous:
+        labels = np.full(X.shape[0], -1, dtype=np.int32)
+        _LLOYD(X, np.ones(X.shape[0], dtype=X.dtype), np.ascontiguousarray(centres, dtype=X.dtype),
+               None, None, labels, np.zeros(centres.shape[0], dtype=X.dtype), 1, update_centers=False)
+        return labels.astype(np.intp)
+    return _nearest(X, centres)[0]
+
+
+def _nearest_two(X, x_sq, centres, labels=None):
     r"""Nearest centre of every row, the distance to it and to the next nearest.
 
-    Distances from one matrix product,
-    :math:`\|x - c\|^2 = \|x\|^2 - 2 x \cdot c + \|c\|^2` (clipped at 0),
-    laid out ``(k, n)`` so that the reductions run over contiguous rows.
+    Labels from :func:`_labels` unless given; distances from one matrix
+    product, :math:`\|x - c\|^2 = \|x\|^2 - 2 x \cdot c + \|c\|^2` (clipped at
+    0), laid out ``(k, n)`` so that the reduction runs over contiguous rows.
+    With given labels, a row whose computed distances put another centre
+    nearer (a near tie) gets a second distance below the first.
     """
-    k = centres.shape[0]
+    k, n = centres.shape[0], X.shape[0]
+    if labels is None:
+        labels = _labels(X, centres)
     d2 = (-2.0 * centres) @ X.T
     d2 += np.einsum("ij,ij->i", centres, centres)[:, None]
-    d2 += x_sq[None, :]
-    np.maximum(d2, 0, out=d2)
-    first = d2.min(axis=0)
-    labels = np.full(X.shape[0], k - 1, dtype=np.intp)
-    for j in range(k - 2, -1, -1):  # the first index of the minimum, as argmin
-        labels[d2[j] == first] = j
-    second = np.full(X.shape[0], np.inf, dtype=d2.dtype)
-    for j in range(k):
-        np.minimum(second, np.where(labels == j, np.inf, d2[j]), out=second)
-    # (one cluster: no other centre; a finite bound keeps the memory finite)
-    np.minimum(second, np.finfo(d2.dtype).max, out=second)
-    return labels, np.sqrt(first), np.sqrt(second)
+    flat = labels * n
+    flat += np.arange(n)
+    first = np.take(d2, flat)
+    if k > 1:
+        np.put(d2, flat, np.inf)
+        second = d2.min(axis=0)
+        second += x_sq
+        np.maximum(second, 0, out=second)
+        # (one cluster: no other centre; a finite bound keeps the memory finite)
+        np.sqrt(second, out=second)
+    else:
+        second = np.full(n, np.finfo(d2.dtype).max, dtype=d2.dtype)
+    first += x_sq
+    np.maximum(first, 0, out=first)
+    return labels, np.sqrt(first, out=first), second
+
+
+def _bounds_memory(X, x_sq, centres, labels):
+    r"""The bounds of every row at ``centres`` (after a full pass gave ``labels``).
+
+    A row's key is :math:`\ell_i - u_i`, its lower bound on the distance to
+    the other centres minus its distance to its own (the cumulative moves
+    start at 0). A near tie that the full pass labelled otherwise gets a
+    negative key (its distances are computed next round).
+    """
+    _, upper, lower = _nearest_two(X, x_sq, centres, labels)
+    lower = lower.astype(np.float64)
+    return dict(lower=lower, keys=lower - upper, drift=np.zeros(centres.shape[0]),
+                total=np.zeros(1))
 
 
 def _bounded_pass(X, centres, memory):
     r"""Labels and per-cluster sums at ``centres`` from the remembered ones.
 
-    Hamerly's bounds: each row remembers an upper bound on its distance to
-    its own centre and a lower bound on its distance to every other centre.
-    When centre :math:`j` moves by :math:`m_j`, the upper bound of a row of
-    cluster :math:`j` grows by :math:`m_j` and every lower bound falls by
-    :math:`\max_l m_l` (triangle inequality). A row whose upper bound stays
-    below its lower bound by more than ``margin`` keeps its label;
-    otherwise its distance to its own centre is recomputed (the upper bound
-    tightened), and only if the test still fails are all its distances
-    computed. ``margin`` covers the rounding of distances computed from one
-    matrix product, so that a kept label is the exact nearest centre. The
-    sums are updated by the rows that changed cluster.
+    Hamerly's bounds: each row remembers an upper bound :math:`u_i` on its
+    distance to its own centre and a lower bound :math:`\ell_i` on its
+    distance to every other centre. When centre :math:`j` moves by
+    :math:`m_j`, the upper bound of a row of cluster :math:`j` grows by
+    :math:`m_j` and every lower bound falls by :math:`\max_l m_l` (triangle
+    inequality). With the cumulative moves :math:`D_j = \sum m_j` and
+    :math:`M = \sum \max_l m_l`, a row keeps its label while
 
-    Returns None when more than an eighth of the rows would need all their
-    distances (the compiled full pass is then cheaper).
+    .. math::
+
+        \kappa_i > D_{j(i)} + M + \text{margin}, \qquad
+        \kappa_i = (\ell_i^0 + M^0) + D_{j(i)}^0 - u_i^0,
+
+    with a key :math:`\kappa_i` fixed since the row's bounds were last
+    computed (superscript 0; ``lower`` holds :math:`\ell_i^0 + M^0`): one
+    comparison per row and round. The other rows (near a boundary) get
+    their nearest centre and all their distances computed, which renews
+    both their bounds. ``margin`` covers the rounding of distances computed
+    from one matrix product and of the cumulative moves, so that a kept
+    label is the exact nearest centre. The sums are updated by the rows
+    that changed cluster.
+
+    Returns None when more than a third of the rows are near a boundary
+    (the compiled full pass is then cheaper).
     """
+    n, k = X.shape[0], centres.shape[0]
     labels, x_sq = memory["labels"], memory["x_sq"]
     step = centres - memory["centres"]
-    moves = np.sqrt(np.einsum("ij,ij->i", step, step))
-    upper = memory["upper"] + np.take(moves, labels)
-    lower = memory["lower"] - moves.max()
+    moves = np.sqrt(np.einsum("ij,ij->i", step, step)).astype(np.float64)
+    drift = memory["drift"] + moves
+    total = memory["total"] + moves.max()
+    c_sq = np.einsum("ij,ij->i", centres, centres)
     eps = np.finfo(X.dtype).eps
-    big = x_sq.max() + np.einsum("ij,ij->i", centres, centres).max()
-    # rounding of each distance (sqrt of the error of a squared distance),
-    # and of the bounds carried over rounds
-    margin = 4 * np.sqrt(8 * eps * big) + 64 * eps * np.sqrt(big)
-    todo = np.flatnonzero(upper + margin >= lower)
-    if todo.size > X.shape[0] // 3:
+    big = float(memory["x_sq_max"][0] + c_sq.max())
+    # rounding of each distance (sqrt of the error of a squared distance from
+    # a product), of the bounds carried over rounds and of the cumulative moves
+    margin = (4 * np.sqrt(8 * eps * big) + 64 * eps * np.sqrt(big)
+              + 64 * np.finfo(np.float64).eps * (float(total[0]) + float(drift.max())))
+    keys = memory["keys"]
+    todo = np.flatnonzero(keys <= np.take(drift + (total[0] + margin), labels))
+    if todo.size > n // 3:
         return None
-    if todo.size:
-        # tighten: the exact distance to the own centre (subtraction: no cancellation)
-        diff = X[todo] - centres[labels[todo]]
-        upper[todo] = np.sqrt(np.einsum("ij,ij->i", diff, diff))
-        todo = todo[upper[todo] + margin >= lower[todo]]
-    if todo.size > X.shape[0] // 8:
-        return None
+    own = np.take(labels, todo)
+    Xt = np.take(X, todo, axis=0)
+    xt_sq = np.take(x_sq, todo)
+    new, upper, lower_t = _nearest_two(Xt, xt_sq, centres)
+    lower = memory["lower"].copy()
+    lower[todo] = lower_t
+    lower[todo] += total[0]
+    new_keys = lower[todo] + np.take(drift, new) - upper
     count, sums, sq = memory["count"], memory["sums"], memory["sq"]
-    if todo.size:
-        Xt = X[todo]
-        new, upper[todo], lower[todo] = _nearest_two(Xt, x_sq[todo], centres)
-        old = labels[todo]
-        moved = np.flatnonzero(new != old)
-        if moved.size:
-            labels = labels.copy()
-            labels[todo[moved]] = new[moved]
-            k = centres.shape[0]
-            onehot = np.zeros((moved.size, k), dtype=X.dtype)
-            onehot[np.arange(moved.size), new[moved]] += 1
-            onehot[np.arange(moved.size), old[moved]] -= 1
-            count = count + onehot.sum(axis=0)
-            sums = sums + onehot.T @ Xt[moved]
-            sq = sq + onehot.T @ x_sq[todo[moved]]
-    return labels, upper, lower, count, sums, sq
+    moved = np.flatnonzero(new != own)
+    if moved.size:
+        labels = labels.copy()
+        labels[todo[moved]] = new[moved]
+        old = own[moved]
+        onehot = np.zeros((moved.size, k), dtype=X.dtype)
+        onehot[np.arange(moved.size), new[moved]] += 1
+        onehot[np.arange(moved.size), old] -= 1
+        count = count + onehot.sum(axis=0)
+        sums = sums + onehot.T @ Xt[moved]
+        sq = sq + onehot.T @ xt_sq[moved]
+    keys = keys.copy()
+    keys[todo] = new_keys
+    return labels, count, sums, sq, dict(lower=lower, keys=keys, drift=drift, total=total)
 
 
 try:  # scikit-learn's private compiled Lloyd step (optional, for speed)
@@ -429,51 +474,50 @@ class KMeansProblem(MMProblem):
         counts, sums and squared norms. When the centres move, a row whose
         bounds still separate its centre from the others (with a margin
         covering rounding) keeps its label, and only the other rows'
-        distances are computed; the statistic is updated by the rows that changed
-        cluster. The labels are those of a full pass (Lloyd's assignments),
-        so the statistic is the same to rounding, and the work per round
-        falls with the number of rows near a boundary. When too many rows
-        sit near a boundary for the bounds to pay (more than an eighth need
-        all their distances), the client returns to full passes (scikit-
+        distances are computed (and their bounds renewed); the statistic is
+        updated by the rows that changed cluster. The labels are those of a
+        full pass (Lloyd's assignments), so the statistic is the same to
+        rounding, and the work per round falls with the number of rows near a
+        boundary. When too many rows sit near a boundary for the bounds to
+        pay (more than a third), the client returns to full passes (scikit-
         learn's compiled Lloyd step) and waits 1, 2, 4, ... rounds before
         trying the bounds again. The memory stays on the client.
         """
         n, k = X.shape[0], theta.shape[0]
         memory_in = memory if memory is not None else {}
-        valid = (memory is not None and memory["labels"].shape == (n,)
+        valid = (memory is not None and "x_sq_max" in memory and memory["labels"].shape == (n,)
                  and memory["centres"].shape == theta.shape and memory["sums"].dtype == X.dtype)
         found = None
-        if valid and "upper" in memory:
+        if valid and "keys" in memory:
             found = _bounded_pass(X, theta, memory)
+        bounds = None
         if found is not None:
-            labels, upper, lower, count, sums, sq = found
+            labels, count, sums, sq, bounds = found
             x_sq = memory["x_sq"]
         else:
             labels, count, sums = _lloyd_pass(X, theta)
             labels = labels.astype(np.intp)
             x_sq = memory["x_sq"] if valid else np.einsum("ij,ij->i", X, X)
             sq = np.bincount(labels, weights=x_sq, minlength=k).astype(X.dtype)
-            upper = None
             # rounds to wait before trying the bounds again, and the next wait
             # (doubled each time the bounds did not pay)
             wait, backoff = memory["wait"] if valid and "wait" in memory else (0, 1)
-            if valid and "upper" in memory:  # the bounds did not pay this round
+            if valid and "keys" in memory:  # the bounds did not pay this round
                 wait, backoff = backoff, 2 * backoff
             elif wait > 0:
                 wait -= 1
             elif valid and np.count_nonzero(labels != memory["labels"]) <= n // 20:
                 # settled: the bounds may pay from the next round on
-                new, upper, lower = _nearest_two(X, x_sq, theta)
-                # (a near tie labelled otherwise by the pass: checked next round)
-                lower[new != labels] = -1.0
+                bounds = _bounds_memory(X, x_sq, theta, labels)
         memory = dict(labels=labels, centres=np.array(theta, copy=True), x_sq=x_sq,
+                      x_sq_max=memory["x_sq_max"] if valid else np.array([x_sq.max()]),
                       count=count, sums=sums, sq=sq)
         if found is None:
             memory["wait"] = np.array([wait, backoff])
         elif "wait" in memory_in:
             memory["wait"] = memory_in["wait"]
-        if upper is not None:
-            memory.update(upper=upper, lower=lower)
+        if bounds is not None:
+            memory.update(bounds)
         return (*self._statistic(n, theta, count, sums, sq), memory)
 
     def _statistic(self, n, theta, count, sums, sq):

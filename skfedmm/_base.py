@@ -63,6 +63,7 @@ class FederatedMixin:
             n_jobs=self.n_jobs,
             random_state=self.random_state,
             verbose=self.verbose,
+            verbose_interval=getattr(self, "verbose_interval", 1),
             callback=self.callback,
         )
 
@@ -79,7 +80,8 @@ class FederatedMixin:
                 )
 
     def _run_engine(
-        self, clients, problem, *, max_iter, tol, convergence, resume, record, client_init=None
+        self, clients, problem, *, max_iter, tol, convergence, resume, record, client_init=None,
+        first_step=True,
     ):
         """Run (or continue) FedMM and record the fitted state.
 
@@ -104,7 +106,7 @@ class FederatedMixin:
         self._resume_params = {name: getattr(self, name) for name in self._fixed_when_resuming}
         return engine.fit(
             clients, state=self.fedmm_state_ if resume else None, on_commit=on_commit,
-            client_init=None if resume else client_init,
+            client_init=None if resume else client_init, first_step=first_step,
         )
 
     def fit_transport(self, transport, **fit_params):

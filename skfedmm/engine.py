@@ -431,6 +431,11 @@ class FedMM:
         :func:`joblib.parallel_config` selects.
     random_state : int, RandomState, Generator or None, default=None
     verbose : int, default=0
+        Report progress: a tqdm bar when tqdm is installed, else a line per
+        reported round.
+    verbose_interval : int, default=1
+        Rounds between two progress reports (the bar still advances every
+        round).
     callback : callable or None, default=None
         Called after each round with a dict (``round``, ``theta``,
         ``history``); returning True stops the fit.
@@ -445,6 +450,7 @@ class FedMM:
         "n_jobs": [Integral, None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
+        "verbose_interval": [Interval(Integral, 1, None, closed="left")],
         "callback": [callable, None],
     }
 
@@ -472,6 +478,7 @@ class FedMM:
         n_jobs=None,
         random_state=None,
         verbose=0,
+        verbose_interval=1,
         callback=None,
     ):
         self.problem = problem
@@ -495,6 +502,7 @@ class FedMM:
         self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
+        self.verbose_interval = verbose_interval
         self.callback = callback
 
     def get_params(self, deep=False):
@@ -547,7 +555,8 @@ class FedMM:
         return np.random.SeedSequence(entropy)
 
     # ------------------------------------------------------------ main API
-    def fit(self, clients, state=None, max_iter=None, *, on_commit=None, client_init=None):
+    def fit(self, clients, state=None, max_iter=None, *, on_commit=None, client_init=None,
+            first_step=True):
         """Run FedMM on the clients.
 
         Parameters
@@ -570,6 +579,12 @@ class FedMM:
             Per-client initialization data (for example initial codes),
             passed to each client's :meth:`MMProblem.init_statistic` as its
             second argument in a new run; it stays with its client.
+        first_step : bool, default=True
+            False: a new run stops after its initialization, whose full
+            round computes the statistic at the initial parameter without
+            minimizing it; ``state.theta`` is the initial parameter (as
+            scikit-learn's mixtures with ``max_iter=0``). A continued run
+            ignores it.
 
         Returns
         -------
@@ -596,8 +611,10 @@ class FedMM:
             t0 = time.perf_counter()
             if state is None:
                 state = self._initialize(
-                    transport, weights, dtype, pin, t0, failures, client_init
+                    transport, weights, dtype, pin, t0, failures, client_init, first_step
                 )
+                if not first_step:
+                    max_iter = 0
                 state = replace(state, run_id=run_id)
                 if on_commit is not None:
                     on_commit(state)
@@ -628,7 +645,7 @@ class FedMM:
                 pin=pin if self.batch_size is None else _single_blas_thread(
                     n, np.minimum(transport.n_rows, self.batch_size), n_features),
             )
-            progress = _Progress(self.verbose, max_iter)
+            progress = _Progress(self.verbose, max_iter, self.verbose_interval)
             for _ in range(max_iter):
                 t = state.round
                 # drawn from a copy: the stream advances only with the commit
@@ -747,7 +764,8 @@ class FedMM:
         return bool(change < self.tol * abs(full[-1]))
 
     # -------------------------------------------------------------- rounds
-    def _initialize(self, transport, weights, dtype, pin, t0, failures, client_init):
+    def _initialize(self, transport, weights, dtype, pin, t0, failures, client_init,
+                    first_step=True):
         n = transport.n_clients
         seeds = self._streams().spawn(n + 2)
         server_rng = np.random.default_rng(seeds[0])
@@ -841,7 +859,8 @@ class FedMM:
             # against the unprojected aggregate, so that sum_i w_i V_i = 0 = V
             for i, stat in zip(idx, stats):
                 cvs[i] = stat - s_agg
-        theta1 = param_layout.cast(problem.minimize(layout.unflatten(s_hat), theta0, init_rng), dtype)
+        theta1 = theta0 if not first_step else param_layout.cast(
+            problem.minimize(layout.unflatten(s_hat), theta0, init_rng), dtype)
         _check_finite_param(param_layout, theta1, 0)
         factor = problem.rescale(layout.unflatten(s_hat), theta0, theta1)
         log_scale = None

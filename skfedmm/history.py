@@ -100,10 +100,15 @@ class History:
 
 
 class _Progress:
-    """Per-round progress report: a tqdm bar when available, else lines."""
+    """Progress report: a tqdm bar when available, else lines.
 
-    def __init__(self, verbose, total):
+    The bar advances every round; its figures, or a line, are renewed every
+    ``interval`` rounds.
+    """
+
+    def __init__(self, verbose, total, interval=1):
         self.verbose = verbose
+        self.interval = interval
         self.bar = None
         if verbose:
             try:
@@ -115,6 +120,10 @@ class _Progress:
 
     def update(self, state):
         if not self.verbose:
+            return
+        if state.round % self.interval:
+            if self.bar is not None:
+                self.bar.update(1)
             return
         h = state.history
         bits = sum(h.bits_up) + sum(h.bits_down)

@@ -1,5 +1,6 @@
 """FederatedGaussianMixture: a federated drop-in for sklearn's GaussianMixture (EM)."""
 
+import itertools
 import math
 import warnings
 from numbers import Integral, Real
@@ -70,7 +71,8 @@ class FederatedGaussianMixture(_MultiInitMixin, DensityMixin, BaseEstimator):
         Added to the diagonal of the covariances (positive definiteness).
     max_iter : int, default=100
         Maximum number of EM iterations (M-steps), the initial round
-        included, as scikit-learn counts them.
+        included, as scikit-learn counts them. 0: the initial parameters
+        (``n_iter_ = 0``, ``lower_bound_ = -inf``, no convergence warning).
     n_init : int, default=1
         Number of complete federated fits from different seeded
         initializations; the one with the largest lower bound is kept.
@@ -101,7 +103,7 @@ class FederatedGaussianMixture(_MultiInitMixin, DensityMixin, BaseEstimator):
     verbose : int, default=0
         Report progress per round (a tqdm bar when tqdm is installed).
     verbose_interval : int, default=10
-        Accepted for compatibility; the engine reports every round.
+        Rounds between two progress reports when ``verbose`` is set.
     n_jobs : int, default=None
         Clients run in parallel with joblib (any backend chosen with
         :func:`joblib.parallel_config`).
@@ -175,7 +177,7 @@ class FederatedGaussianMixture(_MultiInitMixin, DensityMixin, BaseEstimator):
         "covariance_type": [StrOptions({"full", "tied", "diag", "spherical"})],
         "tol": [Interval(Real, 0.0, None, closed="left")],
         "reg_covar": [Interval(Real, 0.0, None, closed="left")],
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
         "n_init": [Interval(Integral, 1, None, closed="left")],
         "init_params": [StrOptions({"kmeans", "k-means++", "random", "random_from_data"})],
         "weights_init": ["array-like", None],
@@ -350,13 +352,21 @@ class FederatedGaussianMixture(_MultiInitMixin, DensityMixin, BaseEstimator):
         def run(seed):
             self._run_engine(
                 clients, self._make_problem(self.n_features_in_, dtype, seed),
-                max_iter=self.max_iter if resume else self.max_iter - 1,
+                max_iter=self.max_iter if resume else max(self.max_iter - 1, 0),
                 tol=self.tol, convergence="absolute", resume=resume, record=record,
+                first_step=self.max_iter > 0,
             )
+            if self.max_iter == 0:
+                # as scikit-learn: the initial parameters, no EM iteration
+                self.n_iter_, self.converged_ = 0, False
+                self.lower_bound_, self.lower_bounds_ = -np.inf, np.array([])
+                return next(runs)  # scikit-learn keeps the last initialization
             return self.lower_bound_
 
+        runs = itertools.count()
+
         self._best_of(self._seeds(1 if resume else self.n_init), run, lambda a, b: a > b)
-        if not self.converged_:
+        if not self.converged_ and self.max_iter > 0:
             warnings.warn(
                 "Best performing initialization did not converge. Try different init "
                 "parameters, or increase max_iter, tol, or check for degenerate data.",

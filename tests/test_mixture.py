@@ -286,3 +286,55 @@ def test_results_do_not_depend_on_n_jobs(data):
     a = quiet(FederatedGaussianMixture(n_jobs=1, **kw).fit, clients)
     b = quiet(FederatedGaussianMixture(n_jobs=2, **kw).fit, clients)
     np.testing.assert_array_equal(a.means_, b.means_)
+
+
+def test_verbose_interval_spaces_the_reports(capsys, monkeypatch):
+    """verbose_interval, as in scikit-learn: a report every that many rounds."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *args, **kwargs):
+        if name.startswith("tqdm"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    X = np.random.default_rng(0).normal(size=(60, 2))
+    lines = {}
+    for interval in (1, 3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            FederatedGaussianMixture(2, max_iter=7, tol=0, verbose=1, verbose_interval=interval,
+                                     random_state=0).fit([X[:30], X[30:]])
+        out = capsys.readouterr().out
+        lines[interval] = [ln for ln in out.splitlines() if ln.startswith("[FedMM] round")]
+    assert len(lines[1]) == 6  # rounds 1..6 after the initial round
+    assert [ln.split()[2] for ln in lines[3]] == ["3", "6"]
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_max_iter_zero_gives_the_initial_parameters(covariance_type):
+    """max_iter=0, as scikit-learn: the initialization, no EM iteration, no warning."""
+    X, _ = make_blobs(200, centers=3, n_features=2, random_state=0)
+    # (scikit-learn cannot be given precisions_init too with max_iter=0: it
+    # then has no covariances_)
+    kw = dict(covariance_type=covariance_type, means_init=X[[0, 70, 140]], max_iter=0, tol=0,
+              weights_init=np.array([0.2, 0.3, 0.5]))
+    ref = GaussianMixture(3, **kw).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        est = FederatedGaussianMixture(3, random_state=0, **kw).fit([X[:50], X[50:]])
+    assert est.n_iter_ == ref.n_iter_ == 0 and not est.converged_
+    assert est.lower_bound_ == ref.lower_bound_ == -np.inf and len(est.lower_bounds_) == 0
+    np.testing.assert_allclose(est.means_, ref.means_, rtol=1e-8)
+    np.testing.assert_allclose(est.weights_, ref.weights_, rtol=1e-8)
+    np.testing.assert_allclose(est.means_, kw["means_init"], rtol=1e-12)
+    # one EM iteration moves them
+    one = FederatedGaussianMixture(3, random_state=0, **{**kw, "max_iter": 1}).fit(X)
+    assert not np.allclose(one.means_, est.means_)
+    # and a continued fit goes on from there
+    est.set_params(warm_start=True, max_iter=1)
+    est.fit([X[:50], X[50:]])
+    np.testing.assert_allclose(est.means_, one.means_, rtol=1e-8)

@@ -79,12 +79,16 @@ def assign_clusters(X, centres):
     labels : ndarray of int of shape (n_samples,)
     sq_dist : ndarray of shape (n_samples,)
         :math:`\|x - c_{j(x)}\|^2 = \|x\|^2 - 2 x \cdot c_{j(x)} +
-        \|c_{j(x)}\|^2` from the one matrix product that gives the
-        assignments (clipped at 0).
+        \|c_{j(x)}\|^2` from one matrix product (clipped at 0).
     """
-    labels, scores = _nearest(X, centres)
+    centres = np.asarray(centres, dtype=X.dtype)
+    labels = _labels(X, centres)
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2 at the row's own centre
     n = X.shape[0]
-    sq = np.einsum("ij,ij->i", X, X) + scores[np.arange(n), labels]
+    scores = X @ (-2.0 * centres).T
+    sq = np.take(scores, labels + np.arange(n) * centres.shape[0])
+    sq += np.einsum("ij,ij->i", X, X)
+    sq += np.take(np.einsum("ij,ij->i", centres, centres), labels)
     return labels, np.maximum(sq, 0, out=sq)
 
 

@@ -7,6 +7,7 @@ from sklearn.datasets import make_blobs
 
 from skfedmm import FederatedKMeans
 from skfedmm.problems import KMeansProblem
+from skfedmm.problems.kmeans import assign_clusters
 
 K, D = 5, 4
 
@@ -222,3 +223,27 @@ def test_memory_does_not_outlive_changed_rows(data):
     straight = FedMM(KMeansProblem(K, init=X[:K]), max_iter=12, tol=0, random_state=0).fit(clients)
     resumed = engine.fit(clients, state=state)
     np.testing.assert_array_equal(resumed.theta, straight.theta)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_memory_follows_rows_changing_cluster(dtype):
+    """Drifting centres: rounds that use the bounds while rows change cluster
+    give the labels and statistic of a full pass."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(3000, 5)).astype(dtype)
+    problem = KMeansProblem(6).prepare({"mean": X.mean(0), "sq": (X * X).mean(0)})
+    c, memory, previous, moved = X[:6].copy(), {}, None, 0
+    tol = 1e-9 if dtype == np.float64 else 1e-4
+    for _ in range(40):
+        c = (c + rng.normal(scale=0.02, size=c.shape)).astype(dtype)
+        bounded = "keys" in memory
+        stat, _, memory = problem.cached_statistic(X, c, memory, None)
+        ref, _ = problem.local_statistic(X, c)
+        labels, _ = assign_clusters(X, c)
+        np.testing.assert_array_equal(memory["labels"], labels)
+        for name in ref:
+            np.testing.assert_allclose(stat[name], ref[name], rtol=tol, atol=1e-12)
+        if bounded:
+            moved += int(np.count_nonzero(previous != labels))
+        previous = labels
+    assert moved > 100  # the bounds were used while rows moved

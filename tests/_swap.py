@@ -38,7 +38,19 @@ import fnmatch
 import json
 from pathlib import Path
 
-from sklearn.conftest import global_dtype, pytest_generate_tests  # noqa: F401
+try:
+    from sklearn.conftest import global_dtype, pytest_generate_tests  # noqa: F401
+except ImportError:  # scikit-learn's conftest needs optional packages: its defaults
+    import numpy as np
+    import pytest
+
+    @pytest.fixture(params=[np.float32, np.float64])
+    def global_dtype(request):
+        return request.param
+
+    @pytest.fixture
+    def global_random_seed():
+        return 42
 
 PATTERNS = json.loads((Path(__file__).parent / "deselected.json").read_text())
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
+from sklearn.exceptions import ConvergenceWarning
 
 from skfedmm import FederatedKMeans
 from skfedmm.problems import KMeansProblem
@@ -242,5 +243,5 @@ def test_sklearn_conveniences(data, capsys):
     with pytest.raises(ValueError, match="number of features of the data 4"):
         FederatedKMeans(K, init=init[:, :2]).fit(X)
     # fewer distinct rows than clusters: scikit-learn's warning
-    with pytest.warns(Warning, match=r"distinct clusters \(3\) found smaller than n_clusters \(4\)"):
+    with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(3\) found smaller than n_clusters"):
         FederatedKMeans(4, random_state=0).fit(np.array([[0, 0], [0, 1], [1, 0], [1, 0.0]]))

@@ -64,7 +64,9 @@ def test_swap_touches_only_gaussian_mixture():
 
 def test_deselection_patterns_select_what_they_say():
     assert matching(DESELECTED, "test_gaussian_mixture_precisions_init[float32-42-full]")
-    assert matching(DESELECTED, "test_gaussian_mixture_array_api_compliance[numpy-None-None-False-full-random]")
+    assert matching(
+        DESELECTED, "test_gaussian_mixture_array_api_compliance[numpy-None-None-False-full-random]"
+    )
     assert not matching(DESELECTED, "test_gaussian_mixture_fit[float32]")
 
 

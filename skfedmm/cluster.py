@@ -353,9 +353,9 @@ class FederatedKMeans(
                       f"{self._tol_scaled}.")
         return bool(strict or within)
 
-    def _report(self, state, n_samples):
+    def _report(self, state, n_samples, resume):
         """scikit-learn's progress lines, printed when ``verbose`` is set."""
-        if self.n_iter_ == 1:
+        if self.n_iter_ == 1 and not resume:
             print("Initialization complete")
         objective = state.history.objective[-1]
         if self.client_weights == "proportional":
@@ -406,7 +406,7 @@ class FederatedKMeans(
             self.n_iter_ = state.round - start
             self._tol_scaled = self.tol * state.problem.feature_variance_
             if self.verbose:
-                self._report(state, n_samples)
+                self._report(state, n_samples, resume)
 
         def run(seed):
             problem = KMeansProblem(

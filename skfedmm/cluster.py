@@ -10,6 +10,7 @@ from sklearn.base import (
     ClusterMixin,
     TransformerMixin,
 )
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics.pairwise import euclidean_distances
 from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_array, check_is_fitted
@@ -146,8 +147,11 @@ class FederatedKMeans(
         ``n_jobs``.
     copy_x : bool, default=True
         Accepted for compatibility: the clients' rows are never modified.
-    algorithm : {"lloyd"}, default="lloyd"
-        Lloyd's algorithm (the MM algorithm FedMM federates).
+    algorithm : {"lloyd", "elkan"}, default="lloyd"
+        Lloyd's algorithm (the MM algorithm FedMM federates). ``"elkan"``
+        is accepted for compatibility and runs the same iterations (Elkan's
+        algorithm gives Lloyd's centres; each client already skips the rows
+        whose distance bounds settle their cluster).
     n_jobs : int, default=None
         Clients run in parallel with joblib (any backend chosen with
         :func:`joblib.parallel_config`).
@@ -228,7 +232,7 @@ class FederatedKMeans(
         "verbose": ["verbose"],
         "random_state": ["random_state"],
         "copy_x": ["boolean"],
-        "algorithm": [StrOptions({"lloyd"})],
+        "algorithm": [StrOptions({"lloyd", "elkan"})],
         "n_jobs": [Integral, None],
     }
 
@@ -301,15 +305,20 @@ class FederatedKMeans(
             init = check_array(self.init, dtype=dtype, input_name="init")
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"init: {exc}") from exc
-        if init.shape != (self.n_clusters, n_features):
+        # scikit-learn's messages
+        if init.shape[0] != self.n_clusters:
             raise ValueError(
                 f"The shape of the initial centers {init.shape} does not match the number "
-                f"of clusters {self.n_clusters} and features {n_features}: expected "
-                f"{(self.n_clusters, n_features)}."
+                f"of clusters {self.n_clusters}."
+            )
+        if init.shape[1] != n_features:
+            raise ValueError(
+                f"The shape of the initial centers {init.shape} does not match the number "
+                f"of features of the data {n_features}."
             )
         return init
 
-    def _n_init(self):
+    def _n_init_resolved(self):
         if self.n_init == "auto":
             return 10 if isinstance(self.init, str) and self.init == "random" else 1
         if not isinstance(self.init, str) and self.n_init != 1:
@@ -331,7 +340,29 @@ class FederatedKMeans(
         history = info["history"]
         change = history.param_change[-1]
         floor = 1e-13 * float(np.linalg.norm(info["theta"]))
-        return bool(history.n_active[-1] > 0 and (change**2 <= self._tol_scaled or change <= floor))
+        if history.n_active[-1] == 0:
+            return False
+        strict, within = change <= floor, change**2 <= self._tol_scaled
+        if self.verbose and (strict or within):
+            # scikit-learn's messages (iterations counted from 0)
+            i = self.n_iter_ - 1
+            if strict:
+                print(f"Converged at iteration {i}: strict convergence.")
+            else:
+                print(f"Converged at iteration {i}: center shift {change**2} within tolerance "
+                      f"{self._tol_scaled}.")
+        return bool(strict or within)
+
+    def _report(self, state, n_samples, resume):
+        """scikit-learn's progress lines, printed when ``verbose`` is set."""
+        if self.n_iter_ == 1 and not resume:
+            print("Initialization complete")
+        objective = state.history.objective[-1]
+        if self.client_weights == "proportional":
+            # the objective is inertia / n_samples at the centres the round started from
+            print(f"Iteration {self.n_iter_ - 1}, inertia {objective * n_samples}.")
+        else:
+            print(f"Iteration {self.n_iter_ - 1}, objective {objective}.")
 
     def fit(self, X, y=None, *, client_ids=None):
         """Compute the k-means clustering of the clients' rows.
@@ -360,12 +391,22 @@ class FederatedKMeans(
         if n_samples < self.n_clusters:
             raise ValueError(f"n_samples={n_samples} should be >= n_clusters={self.n_clusters}.")
         init = self._check_init(self.n_features_in_, clients[0].dtype)
+        if self.algorithm == "elkan" and self.n_clusters == 1:
+            warnings.warn(
+                "algorithm='elkan' doesn't make sense for a single cluster. Using 'lloyd' instead.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         start = self.fedmm_state_.round if resume else -1
+        # the number of initializations run (scikit-learn's ``_n_init``)
+        self._n_init = 1 if resume else self._n_init_resolved()
 
         def record(state):
             self.cluster_centers_ = state.theta
             self.n_iter_ = state.round - start
             self._tol_scaled = self.tol * state.problem.feature_variance_
+            if self.verbose:
+                self._report(state, n_samples, resume)
 
         def run(seed):
             problem = KMeansProblem(
@@ -389,7 +430,16 @@ class FederatedKMeans(
             self.inertia_ = float(sum(sq.sum() for _, sq in final))
             return self.inertia_
 
-        self._best_of(self._seeds(1 if resume else self._n_init()), run, lambda a, b: a < b)
+        self._best_of(self._seeds(self._n_init), run, lambda a, b: a < b)
+        if self.labels_ is not None:
+            distinct = np.unique(self.labels_).size
+            if distinct < self.n_clusters:
+                warnings.warn(
+                    f"Number of distinct clusters ({distinct}) found smaller than "
+                    f"n_clusters ({self.n_clusters}). Possibly due to duplicate points in X.",
+                    ConvergenceWarning,
+                    stacklevel=2,
+                )
         return self
 
     def _labels(self, X):

@@ -426,7 +426,8 @@ class FederatedGaussianMixture(_MultiInitMixin, DensityMixin, BaseEstimator):
             "means": self.means_.astype(X.dtype, copy=False),
             "precisions_cholesky": self.precisions_cholesky_.astype(X.dtype, copy=False),
         }
-        return weighted_log_prob(X, theta, self.covariance_type)
+        # in the rows' dtype, as scikit-learn (a float64 constant would promote float32)
+        return weighted_log_prob(X, theta, self.covariance_type).astype(X.dtype, copy=False)
 
     def _predict(self, X):
         return np.argmax(self._weighted_log_prob(X), axis=1)
@@ -461,9 +462,11 @@ class FederatedGaussianMixture(_MultiInitMixin, DensityMixin, BaseEstimator):
         Returns
         -------
         log_likelihood : float
+            A NumPy scalar of the rows' dtype (as scikit-learn's).
         """
         parts = X if is_client_list(X) else [X]
-        return float(np.mean(np.concatenate([self.score_samples(Xi) for Xi in parts])))
+        # a scalar of the rows' dtype, as scikit-learn's
+        return np.mean(np.concatenate([self.score_samples(Xi) for Xi in parts]))
 
     def predict(self, X):
         """Most probable component of every row.

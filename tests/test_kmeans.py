@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
+from sklearn.exceptions import ConvergenceWarning
 
 from skfedmm import FederatedKMeans
 from skfedmm.problems import KMeansProblem
@@ -247,3 +248,25 @@ def test_memory_follows_rows_changing_cluster(dtype):
             moved += int(np.count_nonzero(previous != labels))
         previous = labels
     assert moved > 100  # the bounds were used while rows moved
+
+
+def test_sklearn_conveniences(data, capsys):
+    """What a KMeans user relies on besides the centres (also covered, when
+    scikit-learn's test module is installed, by tests/test_sklearn_k_means.py)."""
+    X, _ = data
+    init = X[:K]
+    lloyd = FederatedKMeans(K, init=init, verbose=1).fit(X)
+    out = capsys.readouterr().out
+    assert "Initialization complete" in out and "Iteration 0, inertia" in out
+    assert "Converged at iteration" in out
+    # "elkan" is accepted and runs the same iterations
+    elkan = FederatedKMeans(K, init=init, algorithm="elkan").fit(X)
+    np.testing.assert_array_equal(elkan.cluster_centers_, lloyd.cluster_centers_)
+    assert elkan.n_iter_ == lloyd.n_iter_ and lloyd._n_init == 1
+    with pytest.warns(RuntimeWarning, match="single cluster"):
+        FederatedKMeans(1, algorithm="elkan").fit(X)
+    with pytest.raises(ValueError, match="number of features of the data 4"):
+        FederatedKMeans(K, init=init[:, :2]).fit(X)
+    # fewer distinct rows than clusters: scikit-learn's warning
+    with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(3\) found smaller than n_clusters"):
+        FederatedKMeans(4, random_state=0).fit(np.array([[0, 0], [0, 1], [1, 0], [1, 0.0]]))

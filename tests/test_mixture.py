@@ -338,3 +338,12 @@ def test_max_iter_zero_gives_the_initial_parameters(covariance_type):
     est.set_params(warm_start=True, max_iter=1)
     est.fit([X[:50], X[50:]])
     np.testing.assert_allclose(est.means_, one.means_, rtol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_scores_in_the_rows_dtype(data, dtype):
+    X = data[0].astype(dtype)
+    gm = FederatedGaussianMixture(2, random_state=0).fit(X)
+    assert gm.score_samples(X).dtype == dtype and gm.predict_proba(X).dtype == dtype
+    assert gm.score(X).dtype == dtype
+    np.testing.assert_allclose(gm.score(X), gm.score_samples(X).mean(), rtol=1e-5)

@@ -90,8 +90,8 @@ class FederatedDictionaryLearning(
     dict_init : ndarray of shape (n_components, n_features), default=None
         Initial dictionary (rows projected onto the unit ball).
     callback : callable, default=None
-        Called after every round with a dict (``round``, ``theta``,
-        ``history``); returning True stops the fit.
+        Called after every round, the initial one included, with a dict
+        (``round``, ``theta``, ``history``); returning True stops the fit.
     verbose : int, default=0
         Report progress per round (a tqdm bar when tqdm is installed).
     split_sign : bool, default=False

@@ -437,8 +437,8 @@ class FedMM:
         Rounds between two progress reports (the bar still advances every
         round).
     callback : callable or None, default=None
-        Called after each round with a dict (``round``, ``theta``,
-        ``history``); returning True stops the fit.
+        Called after each round, the initial one included, with a dict
+        (``round``, ``theta``, ``history``); returning True stops the fit.
     """
 
     _parameter_constraints = {
@@ -613,11 +613,11 @@ class FedMM:
                 state = self._initialize(
                     transport, weights, dtype, pin, t0, failures, client_init, first_step
                 )
-                if not first_step:
-                    max_iter = 0
                 state = replace(state, run_id=run_id)
                 if on_commit is not None:
                     on_commit(state)
+                if not first_step or self._stop(state):
+                    max_iter = 0
             else:
                 t0 -= state.history.time[-1]
             d = state.layout.size
@@ -666,12 +666,7 @@ class FedMM:
                 if on_commit is not None:
                     on_commit(state)
                 progress.update(state)
-                stop = False
-                if self.callback is not None:
-                    stop = bool(
-                        self.callback({"round": state.round, "theta": state.theta, "history": state.history})
-                    )
-                if stop or self._converged(state.history):
+                if self._stop(state):
                     break
             progress.close()
         return state
@@ -746,6 +741,15 @@ class FedMM:
                 f"(default_learning_rate gave {rate!r}); give a float learning_rate."
             )
         return float(rate)
+
+    def _stop(self, state):
+        """After a committed round (the initial one included): the user's
+        ``callback`` asks to stop, or the run has converged."""
+        if self.callback is not None and self.callback(
+            {"round": state.round, "theta": state.theta, "history": state.history}
+        ):
+            return True
+        return self._converged(state.history)
 
     def _converged(self, history):
         if self.tol <= 0:

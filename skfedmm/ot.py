@@ -303,8 +303,8 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
     verbose : int, default=0
         Report progress per round (a tqdm bar when tqdm is installed).
     callback : callable, default=None
-        Called after every round with a dict (``round``, ``theta``,
-        ``history``); returning True stops the fit.
+        Called after every round, the initial one included, with a dict
+        (``round``, ``theta``, ``history``); returning True stops the fit.
     """ + FEDERATED_PARAMS_DOC + r"""
     Attributes
     ----------

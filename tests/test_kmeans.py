@@ -270,3 +270,12 @@ def test_sklearn_conveniences(data, capsys):
     # fewer distinct rows than clusters: scikit-learn's warning
     with pytest.warns(ConvergenceWarning, match=r"distinct clusters \(3\) found smaller than n_clusters"):
         FederatedKMeans(4, random_state=0).fit(np.array([[0, 0], [0, 1], [1, 0], [1, 0.0]]))
+
+
+def test_fixed_point_initialization_stops_after_one_iteration(data):
+    """Initial centres that Lloyd leaves in place: one iteration, as scikit-learn."""
+    X, _ = data
+    centres = KMeans(K, n_init=1, random_state=0, tol=0).fit(X).cluster_centers_
+    ref = KMeans(K, init=centres, n_init=1).fit(X)
+    ours = FederatedKMeans(K, init=centres).fit(splits(X)["shuffled"])
+    assert ours.n_iter_ == ref.n_iter_ == 1

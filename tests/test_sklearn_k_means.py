@@ -62,16 +62,11 @@ DESELECTED = {
         "(the inertia, 0.25, is the expected one)"
     ),
     "test_relocating_with_duplicates[[]*-dense]": (
-        "expects n_iter_ == 1 when the first M-step is already a fixed point: the engine "
-        "(engine.py) first applies the stopping rule after the first round that "
-        "follows the initialization, so such a fit reports n_iter_ == 2 (the warning "
-        "about fewer distinct clusters is raised as expected)"
-    ),
-    "test_float_precision[[]*-FederatedKMeans-dense]": (
-        "the clients' k-means++ seeding stream is derived from a checksum of the "
-        "rows' bytes (problems/kmeans.py _client_rng), so float32 and float64 copies "
-        "of the same rows start from different centres and may reach different "
-        "local minima"
+        "expects n_iter_ == 1 with duplicated initial centres: scikit-learn moves the "
+        "empty cluster onto a row, which the server never sees; ours re-seeds it next "
+        "to the most dispersed cluster (here at distance 0, as every cluster is one "
+        "point), and the fit stops one round later, n_iter_ == 2 (the warning about "
+        "fewer distinct clusters is raised as expected)"
     ),
 }
 

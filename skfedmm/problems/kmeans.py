@@ -281,7 +281,9 @@ def _client_rng(seed, X):
     seed and a checksum of the client's rows keeps it deterministic, local
     (the server never learns it) and different from client to client.
     """
-    checksum = zlib.crc32(np.ascontiguousarray(X).view(np.uint8))
+    # (of the rows in float32, so that a float32 and a float64 copy of the
+    # same rows start alike)
+    checksum = zlib.crc32(np.ascontiguousarray(X, dtype=np.float32).view(np.uint8))
     return np.random.default_rng([int(seed), checksum])
 
 
@@ -308,12 +310,14 @@ def local_kmeans_summary(X, n_clusters, rng, *, max_iter=10):
     labels : ndarray of int of shape (n_rows,)
     """
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     n, d = X.shape
     k = min(n_clusters, n)
     centres = np.zeros((n_clusters, d), dtype=X.dtype)
     mass = np.zeros(n_clusters, dtype=X.dtype)
-    with warnings.catch_warnings():
+    # one OpenMP thread: the engine runs the clients in parallel
+    with warnings.catch_warnings(), threadpool_limits(1, user_api="openmp"):
         warnings.simplefilter("ignore")  # fewer distinct rows than clusters
         km = KMeans(
             n_clusters=k, n_init=1, max_iter=max_iter, algorithm="lloyd",
@@ -349,12 +353,13 @@ def pooled_kmeans(points, weights, n_clusters, rng, *, lloyd=True, max_iter=300)
         The group of every point (-1 for points of zero mass).
     """
     from sklearn.cluster import KMeans, kmeans_plusplus
+    from threadpoolctl import threadpool_limits
 
     keep = np.flatnonzero(weights > 0)
     P, w = points[keep], weights[keep]
     k = min(n_clusters, P.shape[0])
     seed = int(rng.integers(np.iinfo(np.int32).max))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), threadpool_limits(1, user_api="openmp"):
         warnings.simplefilter("ignore")  # fewer distinct points than clusters
         if lloyd:
             km = KMeans(

@@ -53,6 +53,7 @@ References
 """
 
 import copy
+import math
 
 import numpy as np
 from scipy import linalg
@@ -180,7 +181,7 @@ def estimate_log_gaussian_prob(X, means, precisions_cholesky, covariance_type):
             - 2 * (X @ means.T * P)
             + np.outer(np.einsum("ij,ij->i", X, X), P)
         )
-    return -0.5 * (d * np.log(2 * np.pi) + sq) + log_det
+    return -0.5 * (d * math.log(2 * math.pi) + sq) + log_det
 
 
 def weighted_log_prob(X, theta, covariance_type):

@@ -495,7 +495,7 @@ def make_compressor(compression):
     compression : None, str, (str, dict) or Compressor
         ``None`` or ``"identity"``: no compression. ``"qsgd"`` or
         ``"randk"``: those compressors with their default parameters
-        (``QSGD(s=16, bucket_size=128)``, ``RandK(ratio=0.1)``). ``(name, params)``: the named
+        (``QSGD(s=16, bucket_size=128, coding="rice")``, ``RandK(ratio=0.1)``). ``(name, params)``: the named
         compressor built with ``params``, e.g. ``("qsgd", {"s": 4})``.
         A :class:`Compressor` instance is used as is.
 

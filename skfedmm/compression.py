@@ -176,8 +176,9 @@ class QSGD(Compressor):
     and the signed levels, in one of two codes (``coding``):
 
     - ``"rice"`` (default): a variable-length code that spends few bits on
-      the small levels, which are the common ones (control variates make
-      the messages small next to their bucket's norm). Per bucket a Rice
+      the small levels, which are the common ones (a typical entry's level
+      is about :math:`s / \sqrt{b}`, 1.4 at the defaults, and entries much
+      smaller than their bucket's largest get level 0). Per bucket a Rice
       parameter :math:`k` (:math:`\lceil \log_2(w + 1) \rceil` bits, with
       :math:`w = \lceil \log_2(s + 1) \rceil`), chosen by the sender to
       make the bucket shortest; per entry :math:`\lfloor \ell_j / 2^k

@@ -167,10 +167,28 @@ class QSGD(Compressor):
       part (which makes :math:`Q` unbiased),
     - :math:`\omega = \min(b / s^2, \sqrt{b} / s)`, with :math:`b` the
       bucket length (``min(bucket_size, d)``): one norm per bucket keeps
-      :math:`\omega` bounded whatever the message length :math:`d`.
+      :math:`\omega` bounded whatever the message length :math:`d`. (The
+      worst-case constant of the QSGD paper, which sets the
+      control-variate rate and the step's floor; :meth:`variance` uses the
+      tighter :math:`\min(b / (4 s^2), \sqrt{b} / s)`.)
 
-    The message is one norm per bucket (a value at the dtype's precision),
-    one sign bit and :math:`\lceil \log_2 (s + 1) \rceil` bits per entry.
+    The message is one norm per bucket (a value at the dtype's precision)
+    and the signed levels, in one of two codes (``coding``):
+
+    - ``"rice"`` (default): a variable-length code that spends few bits on
+      the small levels, which are the common ones (a typical entry's level
+      is about :math:`s / \sqrt{b}`, 1.4 at the defaults, and entries much
+      smaller than their bucket's largest get level 0). Per bucket a Rice
+      parameter :math:`k` (:math:`\lceil \log_2(w + 1) \rceil` bits, with
+      :math:`w = \lceil \log_2(s + 1) \rceil`), chosen by the sender to
+      make the bucket shortest; per entry :math:`\lfloor \ell_j / 2^k
+      \rfloor` in unary (that many ones and a zero), the :math:`k` low bits
+      of :math:`\ell_j`, and a sign bit when :math:`\ell_j > 0`. A level
+      0 costs :math:`k + 1` bits.
+    - ``"fixed"``: one sign bit and :math:`w` level bits per entry.
+
+    The reported bits are the exact length of that encoding
+    (:meth:`encode` writes it, :meth:`decode` reads it back).
 
     Parameters
     ----------
@@ -180,11 +198,15 @@ class QSGD(Compressor):
         Entries per bucket (one norm each). None: one bucket for the whole
         message (the original QSGD, whose :math:`\omega` grows like
         :math:`\sqrt{d} / s`).
+    coding : {"rice", "fixed"}, default="rice"
+        How the levels are written (see above); it changes the bits, not
+        the decoded message.
     """
 
-    def __init__(self, s=16, bucket_size=128):
+    def __init__(self, s=16, bucket_size=128, coding="rice"):
         self.s = s
         self.bucket_size = bucket_size
+        self.coding = coding
 
     def _check(self):
         if not isinstance(self.s, Integral) or isinstance(self.s, bool) or self.s < 1:
@@ -192,6 +214,8 @@ class QSGD(Compressor):
         b = self.bucket_size
         if b is not None and (not isinstance(b, Integral) or isinstance(b, bool) or b < 1):
             raise ValueError(f"QSGD needs an integer bucket_size >= 1 or None, got {b!r}.")
+        if self.coding not in ("rice", "fixed"):
+            raise ValueError(f"QSGD coding must be 'rice' or 'fixed', got {self.coding!r}.")
 
     def _bucket(self, d):
         return max(1, d if self.bucket_size is None else min(int(self.bucket_size), d))
@@ -201,22 +225,73 @@ class QSGD(Compressor):
         b = self._bucket(d)
         return min(b / self.s**2, math.sqrt(b) / self.s)
 
+    def variance(self, x_hat):
+        r"""The receiver's estimate of the compression error of one message.
+
+        :math:`\frac{\omega'}{1 + \omega'} \|\hat x\|^2` with the
+        tighter constant :math:`\omega' = \min(b / (4 s^2), \sqrt b / s)`:
+        the rounding of one entry has variance at most :math:`(\|x_B\|_2 /
+        s)^2 / 4`, so :math:`E\|Q(x) - x\|^2 \le \omega' \|x\|^2` and
+        the estimate is conservative (see :meth:`Compressor.variance`).
+        """
+        self._check()
+        b = self._bucket(x_hat.size)
+        tight = min(b / (4 * self.s**2), math.sqrt(b) / self.s)
+        x_hat = np.asarray(x_hat, dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return tight / (1.0 + tight) * float(np.dot(x_hat, x_hat))
+
+    def _width(self):
+        """Bits of a level in the fixed code, and the largest Rice parameter."""
+        return max(1, math.ceil(math.log2(self.s + 1)))
+
+    def _levels(self, x, norms, rng):
+        """The signed levels of ``x`` (an int64 vector) against its bucket norms."""
+        d = x.size
+        b = self._bucket(d)
+        safe = np.repeat(np.where(norms > 0, norms, 1.0), b)[:d]
+        scaled = np.minimum(np.abs(x) * (self.s / safe), self.s)
+        lower = np.floor(scaled)
+        levels = (lower + (rng.random(d) < (scaled - lower))).astype(np.int64)
+        return np.where(x < 0, -levels, levels)
+
+    def _rice_parameters(self, levels, d):
+        """Per bucket, the Rice parameter with the shortest code, and the code's bits."""
+        b = self._bucket(d)
+        n_buckets = -(-d // b)
+        mags = np.zeros(n_buckets * b, dtype=np.int64)
+        mags[:d] = np.abs(levels)
+        mags = mags.reshape(n_buckets, b)
+        sizes = np.full(n_buckets, b, dtype=np.int64)
+        sizes[-1] = d - (n_buckets - 1) * b
+        ks = np.arange(self._width() + 1)
+        # bits of the unary parts, terminators and low bits for each k
+        cost = np.stack([(mags >> k).sum(axis=1) + sizes * (k + 1) for k in ks])
+        best = np.argmin(cost, axis=0)  # (the smallest k among ties)
+        return best.astype(np.int64), int(cost[best, np.arange(n_buckets)].sum())
+
+    def _level_bits(self, levels, d):
+        """Exact bits of the levels' code (without the norms)."""
+        if self.coding == "fixed":
+            return d * (1 + self._width())
+        _, bits = self._rice_parameters(levels, d)
+        n_buckets = -(-d // self._bucket(d))
+        header = max(1, math.ceil(math.log2(self._width() + 1)))
+        return n_buckets * header + bits + int(np.count_nonzero(levels))
+
     def compress(self, x, rng):
         self._check()
         d = x.size
         b = self._bucket(d)
         n_buckets = -(-d // b)
-        bits = n_buckets * _value_bits(x) + d * (1 + math.ceil(math.log2(self.s + 1)))
         norms = self.bucket_norms(x)
         if not np.all(np.isfinite(norms)):
-            return x.copy(), bits
-        # each entry's bucket norm (a norm 0 has only zeros: any scale does)
-        safe = np.repeat(np.where(norms > 0, norms, 1.0), b)[:d]
-        scaled = np.abs(x) * (self.s / safe)
-        lower = np.floor(scaled)
-        levels = lower + (rng.random(d) < (scaled - lower))
+            # (not a message the server accepts: counted as the fixed code)
+            return x.copy(), n_buckets * _value_bits(x) + d * (1 + self._width())
+        levels = self._levels(x, norms, rng)
+        bits = n_buckets * _value_bits(x) + self._level_bits(levels, d)
         unit = np.repeat(norms / self.s, b)[:d]
-        return (np.sign(x) * levels * unit).astype(x.dtype, copy=False), bits
+        return (levels * unit).astype(x.dtype, copy=False), bits
 
     def bucket_norms(self, x):
         """The norms the message of ``x`` carries, one per bucket.
@@ -240,6 +315,128 @@ class QSGD(Compressor):
             padded = np.zeros(n_buckets * b, dtype=x.dtype)  # zeros add nothing
             padded[:d] = x
             return np.linalg.norm(padded.reshape(n_buckets, b), axis=1).astype(x.dtype, copy=False)
+
+    def encode(self, levels):
+        r"""The code of signed levels, as bits (the norms travel beside it).
+
+        Parameters
+        ----------
+        levels : ndarray of int of shape (d,)
+            Signed levels in :math:`[-s, s]`, as :meth:`compress` draws
+            them (the decoded message divided by its bucket's
+            :math:`\|x_B\|_2 / s`).
+
+        Returns
+        -------
+        code : ndarray of uint8
+            The bits (one per element, 0 or 1); its length is the levels'
+            part of the bits :meth:`compress` reports.
+        """
+        self._check()
+        levels = np.asarray(levels, dtype=np.int64).ravel()
+        d = levels.size
+        mags, neg = np.abs(levels), (levels < 0).astype(np.uint8)
+        if self.coding == "fixed":
+            return np.concatenate([neg[:, None], _bits(mags, self._width())], axis=1).ravel()
+        b = self._bucket(d)
+        ks, _ = self._rice_parameters(levels, d)
+        header = max(1, math.ceil(math.log2(self._width() + 1)))
+        k = np.repeat(ks, b)[:d]
+        # the low bits: entry j's k_j lowest bits, most significant first
+        width = int(ks.max()) if d else 0
+        low = _bits(mags & ((1 << k) - 1), max(width, 1))
+        low = low[np.arange(max(width, 1))[None, :] >= max(width, 1) - k[:, None]]
+        # the unary parts: q ones then a zero, for every entry
+        q = mags >> k
+        unary = np.zeros(int(q.sum()) + d, dtype=np.uint8)
+        ends = np.cumsum(q + 1) - 1  # each terminator's position
+        unary[np.repeat(ends - q, q) + _ramp(q)] = 1
+        signs = neg[mags > 0]
+        return np.concatenate([_bits(ks, header).ravel(), low, unary, signs])
+
+    def decode(self, code, d):
+        """The signed levels of a code written by :meth:`encode`.
+
+        Parameters
+        ----------
+        code : ndarray of uint8
+            The bits, one per element.
+        d : int
+            The message length.
+
+        Returns
+        -------
+        levels : ndarray of int64 of shape (d,)
+
+        Raises
+        ------
+        ValueError
+            A code of the wrong length or with a level above ``s``.
+        """
+        self._check()
+        code = np.asarray(code, dtype=np.uint8).ravel()
+        w = self._width()
+        if self.coding == "fixed":
+            if code.size != d * (1 + w):
+                raise ValueError(f"a fixed QSGD code of {d} entries has {d * (1 + w)} bits")
+            rows = code.reshape(d, 1 + w)
+            mags = _ints(rows[:, 1:])
+            levels = np.where(rows[:, 0] == 1, -mags, mags)
+        else:
+            b = self._bucket(d)
+            n_buckets = -(-d // b)
+            header = max(1, math.ceil(math.log2(w + 1)))
+            pos = n_buckets * header
+            if code.size < pos:
+                raise ValueError("a QSGD code shorter than its header")
+            ks = _ints(code[:pos].reshape(n_buckets, header))
+            if np.any(ks > w):
+                raise ValueError("a Rice parameter out of range")
+            k = np.repeat(ks, b)[:d]
+            n_low = int(k.sum())
+            low_bits = code[pos:pos + n_low]
+            if low_bits.size != n_low:
+                raise ValueError("a QSGD code shorter than its low bits")
+            pos += n_low
+            owner = np.repeat(np.arange(d), k)
+            weight = 1 << (np.repeat(np.cumsum(k), k) - np.arange(n_low) - 1)
+            low = np.bincount(owner, weights=low_bits * weight, minlength=d).astype(np.int64)
+            zeros = np.flatnonzero(code[pos:] == 0)[:d]
+            if zeros.size < d:
+                raise ValueError("a QSGD code shorter than its unary parts")
+            q = np.diff(np.concatenate([[-1], zeros])) - 1
+            pos += int(zeros[-1]) + 1 if d else 0
+            mags = (q << k) + low
+            nnz = int(np.count_nonzero(mags))
+            if code.size != pos + nnz:
+                raise ValueError(f"a QSGD code of {code.size} bits; its levels need {pos + nnz}")
+            neg = np.zeros(d, dtype=bool)
+            neg[mags > 0] = code[pos:] == 1
+            levels = np.where(neg, -mags, mags)
+        if np.any(np.abs(levels) > self.s):
+            raise ValueError("a QSGD level above s")
+        return levels.astype(np.int64)
+
+
+def _bits(values, width):
+    """Nonnegative ints as rows of ``width`` bits (most significant first)."""
+    values = np.asarray(values, dtype=np.int64).reshape(-1)
+    shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
+    return ((values[:, None] >> shifts) & 1).astype(np.uint8)
+
+
+def _ints(rows):
+    """The ints whose bits (most significant first) are the rows."""
+    rows = np.asarray(rows, dtype=np.int64)
+    return rows @ (1 << np.arange(rows.shape[1] - 1, -1, -1, dtype=np.int64))
+
+
+def _ramp(counts):
+    """0, 1, ..., c - 1 for every count c, concatenated."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.arange(total) - starts
 
 
 class RandK(Compressor):
@@ -299,7 +496,7 @@ def make_compressor(compression):
     compression : None, str, (str, dict) or Compressor
         ``None`` or ``"identity"``: no compression. ``"qsgd"`` or
         ``"randk"``: those compressors with their default parameters
-        (``QSGD(s=16, bucket_size=128)``, ``RandK(ratio=0.1)``). ``(name, params)``: the named
+        (``QSGD(s=16, bucket_size=128, coding="rice")``, ``RandK(ratio=0.1)``). ``(name, params)``: the named
         compressor built with ``params``, e.g. ``("qsgd", {"s": 4})``.
         A :class:`Compressor` instance is used as is.
 

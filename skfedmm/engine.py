@@ -82,7 +82,7 @@ from ._messages import (
     check_vector_message,
     majority_layout,
 )
-from .compression import make_compressor
+from .compression import Identity, make_compressor
 from .baselines import GRADIENT_AGGREGATIONS
 from .federation.local import ClientFailure, _single_blas_thread
 
@@ -168,6 +168,13 @@ def _sent_bits(stat):
     """Bits of an uncompressed statistic as a client sends it: each array at its own dtype."""
     arrays = stat.values() if isinstance(stat, dict) else [stat]
     return sum(8 * np.asarray(a).dtype.itemsize * np.asarray(a).size for a in arrays)
+
+
+def _check_bits(bits):
+    """A client's reported size of a compressed message: a nonnegative int."""
+    if isinstance(bits, bool) or not isinstance(bits, (Integral, np.integer)) or bits < 0:
+        raise InvalidMessageError(f"the bits of a message must be a nonnegative int, got {bits!r}")
+    return int(bits)
 
 
 def _check_loss(loss):
@@ -611,7 +618,8 @@ class FedMM:
             t0 = time.perf_counter()
             if state is None:
                 state = self._initialize(
-                    transport, weights, dtype, pin, t0, failures, client_init, first_step
+                    transport, weights, dtype, pin, t0, failures, client_init, compressor,
+                    first_step,
                 )
                 state = replace(state, run_id=run_id)
                 if on_commit is not None:
@@ -769,7 +777,7 @@ class FedMM:
 
     # -------------------------------------------------------------- rounds
     def _initialize(self, transport, weights, dtype, pin, t0, failures, client_init,
-                    first_step=True):
+                    compressor=None, first_step=True):
         n = transport.n_clients
         seeds = self._streams().spawn(n + 2)
         server_rng = np.random.default_rng(seeds[0])
@@ -778,22 +786,56 @@ class FedMM:
         itemsize = np.dtype(dtype).itemsize
         bits_up = 0
         failed = []
-        results = transport.run("init", range(n), self.problem, pin, per_client=client_init)
+        # With compression the initialization messages are compressed too,
+        # each client drawing from streams of its own (two seeds: the init
+        # statistic, the initial full round); the control variates then
+        # carry the compression error of the initial round into the next.
+        squeeze = compressor is not None and type(compressor) is not Identity
+        squeeze_init = squeeze and bool(getattr(self.problem, "compress_init_statistic", False))
+        if squeeze:
+            init_seeds = [
+                [int(v >> np.uint64(1)) for v in s.spawn(1)[0].generate_state(2, np.uint64)]
+                for s in seeds[2:]
+            ]
+            per = [(sd[0], None if client_init is None else client_init[i])
+                   for i, sd in enumerate(init_seeds)]
+        if squeeze_init:
+            results = transport.run(
+                "init_compressed", range(n), self.problem, pin, compressor, per_client=per
+            )
+        else:
+            results = transport.run("init", range(n), self.problem, pin, per_client=client_init)
+
+        def unpack_init(answer):
+            """(statistic or None, reported bits or None) of an init answer."""
+            if not squeeze_init or answer is None:
+                return answer, None
+            if not (isinstance(answer, tuple) and len(answer) == 2):
+                raise InvalidMessageError("expected a (statistic, bits) pair")
+            return answer[0], _check_bits(answer[1])
+
         # the expected layout: what most clients sent (one faulty client
         # cannot impose its own on the honest ones)
-        sent = [r for r in results if not isinstance(r, ClientFailure)]
+        sent = []
+        for r in results:
+            if not isinstance(r, ClientFailure):
+                try:
+                    sent.append(unpack_init(r)[0])
+                except InvalidMessageError:
+                    pass
         init_layout = None
         if any(r is not None for r in sent):
             init_layout = majority_layout([r for r in sent if r is not None])
 
-        def check_init(i, stat):
+        def check_init(i, answer):
+            stat, bits = unpack_init(answer)
             if init_layout is None:
                 if stat is not None:
                     raise InvalidMessageError("sent an initialization statistic nobody else sent")
                 return None
             flat = init_layout.flatten(stat, dtype)
             flat = check_vector_message(flat, init_layout.size, "initialization statistic")
-            return flat, _sent_bits(stat)
+            return flat, _sent_bits(stat) if bits is None else bits
 
         answered, fails = failures.answers(range(n), results, 0, needed=1, validate=check_init)
         failed += fails
@@ -838,10 +880,28 @@ class FedMM:
                 clients=[ClientState(cv=zero(), rng=r) for r in client_rngs],
                 layout=StatLayout.of(param_layout.as_dict(theta0)), **common,
             )
-        results = transport.run("full", range(n), problem, theta0, pin)
-        layout = _expected_layout(problem, theta0, results)
+        if squeeze:
+            results = transport.run(
+                "full_compressed", range(n), problem, theta0, pin, compressor,
+                per_client=[sd[1] for sd in init_seeds],
+            )
+            # (the layout from the (statistic, loss) part of the answers)
+            layout = _expected_layout(problem, theta0, [
+                r[:2] if isinstance(r, tuple) and len(r) == 3 else r for r in results
+            ])
+        else:
+            results = transport.run("full", range(n), problem, theta0, pin)
+            layout = _expected_layout(problem, theta0, results)
 
         def check_full(i, answer):
+            if squeeze:
+                # a compressed statistic may leave the valid set (the
+                # server's projection brings the aggregate back)
+                if not (isinstance(answer, tuple) and len(answer) == 3):
+                    raise InvalidMessageError("expected a (statistic, loss, bits) triple")
+                stat, loss, bits = answer
+                flat = check_vector_message(layout.flatten(stat, dtype), layout.size, "statistic")
+                return flat, _check_loss(loss), _check_bits(bits)
             if not (isinstance(answer, tuple) and len(answer) == 2):
                 raise InvalidMessageError("expected a (statistic, loss) pair")
             stat, loss = answer

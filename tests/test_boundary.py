@@ -50,6 +50,9 @@ def test_dictionary_learning_clients_send_only_statistics(monkeypatch, aggregati
     allowed = {
         "_client_init": {(n_features, n_features)},  # mean x^T x (PCA init)
         "_client_full": {(k, k), (n_features, k)},  # A and B of the initial round
+        # the same, compressed (with compression, the initialization is too)
+        "_client_init_compressed": {(n_features, n_features)},
+        "_client_full_compressed": {(k, k), (n_features, k)},
         "_client_surrogate": {(k * k + n_features * k,)},  # c_i (and the client's own V_i)
         "_client_parameter": {(k * n_features,)},  # compressed parameter change
     }
@@ -104,6 +107,7 @@ def test_ot_clients_send_only_masses(monkeypatch, aggregation):
     allowed = {
         "_client_init": {(3,), (1,)},  # mean of the rows, their spread around it
         "_client_full": {(m,)},  # mean soft assignment (initial round)
+        "_client_full_compressed": {(m,)},  # the same, compressed
         "_client_surrogate": {(m,)},  # compressed mass message (and its own V_i)
         "_client_parameter": {(m,)},  # compressed potential change
         "_client_loss": set(),

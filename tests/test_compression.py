@@ -37,10 +37,15 @@ def test_bits_are_exact():
     x64 = rng.standard_normal(100)
     assert Identity().compress(x64, rng)[1] == 100 * 64
     assert Identity().compress(x64.astype(np.float32), rng)[1] == 100 * 32
-    # norm + per entry: sign bit and ceil(log2(s + 1)) level bits
-    assert QSGD(s=4).compress(x64, rng)[1] == 64 + 100 * (1 + 3)
-    assert QSGD(s=1).compress(x64, rng)[1] == 64 + 100 * (1 + 1)
-    assert QSGD(s=16).compress(x64.astype(np.float32), rng)[1] == 32 + 100 * (1 + 5)
+    # fixed code: norm + per entry a sign bit and ceil(log2(s + 1)) level bits
+    assert QSGD(s=4, coding="fixed").compress(x64, rng)[1] == 64 + 100 * (1 + 3)
+    assert QSGD(s=1, coding="fixed").compress(x64, rng)[1] == 64 + 100 * (1 + 1)
+    assert QSGD(s=16, coding="fixed").compress(x64.astype(np.float32), rng)[1] == 32 + 100 * 6
+    # Rice code: the norm and the length of the levels' code
+    for q in (QSGD(s=1), QSGD(s=4), QSGD(s=16)):
+        out, bits = q.compress(x64, rng)
+        levels = np.rint(out / (np.linalg.norm(x64) / q.s)).astype(int)
+        assert bits == 64 + q.encode(levels).size
     # k values and k indices of ceil(log2(100)) = 7 bits
     assert RandK(k=10).compress(x64, rng)[1] == 10 * (64 + 7)
     assert RandK(ratio=0.05).compress(x64, rng)[1] == 5 * (64 + 7)
@@ -112,10 +117,11 @@ def test_bucketed_qsgd_bits_levels_and_omega():
     rng = np.random.default_rng(0)
     x = rng.standard_normal(100) * np.repeat([1e-3, 1.0, 10.0, 1e3], 25)
     # ceil(100 / 32) = 4 norms at the dtype's precision + sign and level bits
-    out, bits = QSGD(s=4, bucket_size=32).compress(x, rng)
+    out, bits = QSGD(s=4, bucket_size=32, coding="fixed").compress(x, rng)
     assert bits == 4 * 64 + 100 * (1 + 3)
-    assert QSGD(s=4, bucket_size=32).compress(x.astype(np.float32), rng)[1] == 4 * 32 + 400
-    assert QSGD(s=4, bucket_size=None).compress(x, rng)[1] == 64 + 400
+    fixed32 = QSGD(s=4, bucket_size=32, coding="fixed")
+    assert fixed32.compress(x.astype(np.float32), rng)[1] == 4 * 32 + 400
+    assert QSGD(s=4, bucket_size=None, coding="fixed").compress(x, rng)[1] == 64 + 400
     # every bucket on its own grid: |Q(x)_j| = ||x_B|| * level / s
     for start in range(0, 100, 32):
         block = slice(start, start + 32)
@@ -145,6 +151,60 @@ def test_single_bucket_is_the_original_qsgd():
 def test_invalid_bucket_size(bucket_size):
     with pytest.raises(ValueError, match="bucket_size"):
         QSGD(s=2, bucket_size=bucket_size).omega(10)
+    with pytest.raises(ValueError, match="coding"):
+        QSGD(coding="huffman").omega(10)
+
+
+# ------------------------------------------------------------ QSGD codes
+CODES = [QSGD(), QSGD(s=1), QSGD(s=3, bucket_size=7), QSGD(s=100, bucket_size=None),
+         QSGD(s=16, coding="fixed"), QSGD(s=5, bucket_size=4, coding="fixed")]
+
+
+def _levels(q, x, out):
+    """The signed levels of a decoded QSGD message."""
+    norms = q.bucket_norms(x)
+    unit = np.repeat(np.where(norms > 0, norms, 1) / q.s, q._bucket(x.size))[: x.size]
+    levels = np.rint(out / unit)
+    np.testing.assert_array_equal(levels.astype(x.dtype) * unit.astype(x.dtype), out)
+    return levels.astype(np.int64), norms
+
+
+@pytest.mark.parametrize("q", CODES, ids=repr)
+@pytest.mark.parametrize("d", [1, 6, 128, 301])
+def test_qsgd_bits_are_the_length_of_its_code(q, d):
+    """The reported bits are the norms plus an encoding that decodes back."""
+    rng = np.random.default_rng(d)
+    for dtype in (np.float64, np.float32):
+        x = (rng.standard_normal(d) * rng.choice([1e-4, 1.0, 30.0], d)).astype(dtype)
+        x[: d // 3] = 0  # zeros, and a bucket of zeros when the buckets are small
+        out, bits = q.compress(x, rng)
+        levels, norms = _levels(q, x, out)
+        code = q.encode(levels)
+        assert code.dtype == np.uint8 and set(np.unique(code)) <= {0, 1}
+        assert bits == norms.size * 8 * np.dtype(dtype).itemsize + code.size
+        np.testing.assert_array_equal(q.decode(code, d), levels)
+    with pytest.raises(ValueError):
+        q.decode(np.concatenate([code, [1]]), d)  # one bit too many
+
+
+def test_rice_code_spends_little_on_small_levels():
+    """A message of small levels costs about one bit per zero level."""
+    rng = np.random.default_rng(0)
+    x = np.zeros(1024)
+    x[rng.choice(1024, 20, replace=False)] = rng.standard_normal(20)
+    rice, fixed = QSGD().compress(x, rng)[1], QSGD(coding="fixed").compress(x, rng)[1]
+    assert fixed == 8 * 64 + 1024 * 6
+    assert rice < 8 * 64 + 1024 * 1.2 < fixed
+    # a dense Gaussian message: well under the fixed code's 6 bits per entry
+    x = rng.standard_normal(4096)
+    assert QSGD().compress(x, rng)[1] < 0.6 * QSGD(coding="fixed").compress(x, rng)[1]
+
+
+def test_qsgd_decode_refuses_a_level_above_s():
+    q = QSGD(s=2, bucket_size=4)
+    code = QSGD(s=8, bucket_size=4).encode(np.array([0, 7, -1, 2]))
+    with pytest.raises(ValueError):
+        q.decode(code, 4)
 
 
 # ------------------------------------------------------- variance estimate
@@ -164,7 +224,11 @@ def test_variance_estimate_is_unbiased_when_omega_is_attained(compressor):
 def test_variance_estimate_of_qsgd_is_conservative():
     rng = np.random.default_rng(0)
     x = rng.standard_normal(64)
-    for q in (QSGD(s=1, bucket_size=16), QSGD(s=4, bucket_size=16)):
+    # equal entries put every rounding near probability 1/2: the worst case
+    # of the per-entry bound (||x_B|| / s)^2 / 4 behind the estimate
+    flat = np.full(128, 0.3)
+    for q, x in [(QSGD(s=1, bucket_size=16), x), (QSGD(s=4, bucket_size=16), x),
+                 (QSGD(), flat), (QSGD(s=4), x)]:
         draws = [q.compress(x, rng)[0] for _ in range(5000)]
         estimate = np.mean([q.variance(c) for c in draws])
         error = np.mean([np.sum((c - x) ** 2) for c in draws])
@@ -273,3 +337,111 @@ def test_bucketed_qsgd_travels_in_its_encoding_on_flower(dtype):
     assert sum(a.numpy().nbytes for a in arrays.values()) == -(-bits // 8)
     back = records.unpack_payload(cfg, arrays, compressor, 300, dtype)
     assert back.dtype == payload.dtype and np.array_equal(back, payload)
+
+
+# ------------------------------------------------ compressed initialization
+class _Tally(Compressor):
+    """Sends a message as it is, counted 7 bits per entry (exact accounting)."""
+
+    def omega(self, d):
+        return 0.5
+
+    def compress(self, x, rng):
+        return x.copy(), 7 * x.size
+
+
+def test_compressed_fit_compresses_its_initialization():
+    """The initial full round always, the init statistic when the problem allows."""
+    from tests._helpers import CauchyLocation, make_clients
+
+    class Compressible(CauchyLocation):
+        compress_init_statistic = True
+
+    clients = make_clients(n_clients=3)
+    d = 3 + 1  # the statistic; the init statistic has 3 entries
+    exact = _fit(clients, max_iter=2).history["bits_up"][0]
+    assert exact == 3 * (3 * 64) + 3 * (d * 64 + 64)
+    h = _fit(clients, max_iter=2, compression=_Tally()).history
+    assert h["bits_up"][0] == 3 * (3 * 64) + 3 * (7 * d + 64)  # init statistic exact
+    h = _fit(clients, Compressible(), max_iter=2, compression=_Tally()).history
+    assert h["bits_up"][0] == 3 * (7 * 3) + 3 * (7 * d + 64)
+    # a compressed fit is reproducible and does not depend on n_jobs
+    kwargs = dict(max_iter=3, compression=QSGD(s=2, bucket_size=2))
+    a = _fit(clients, Compressible(), **kwargs)
+    b = _fit(clients, Compressible(), n_jobs=2, **kwargs)
+    assert np.array_equal(a.theta, b.theta) and np.array_equal(a.s_hat, b.s_hat)
+    assert np.array_equal(a.history["bits_up"], b.history["bits_up"])
+    assert a.history["bits_up"][0] < exact
+    # control variates against the compressed aggregate: V = sum_i w_i V_i = 0
+    total = sum(w * c.cv for w, c in zip(a.weights, _fit(clients, Compressible(), max_iter=0,
+                                                         compression=QSGD(s=2)).clients))
+    np.testing.assert_allclose(total, 0, atol=1e-12)
+
+
+def test_compressed_initial_statistics_are_unbiased():
+    """Averaged over the clients' seeds, the compressed init and full-round
+    statistics are the exact ones (the aggregate stays unbiased)."""
+    from skfedmm.federation.client import _client_full, _client_full_compressed, _client_init
+    from skfedmm.federation.client import _client_init_compressed
+    from tests._helpers import CauchyLocation, make_clients
+
+    X = make_clients(n_clients=1)[0]
+    problem, theta = CauchyLocation(), np.zeros(3)
+    q = QSGD(s=1, bucket_size=2)
+    exact, loss = _client_full(problem, X, theta, False)
+    draws = [_client_full_compressed(problem, X, theta, False, q, seed) for seed in range(4000)]
+    assert all(dr[1] == loss for dr in draws)
+    for name, value in exact.items():
+        sample = np.array([dr[0][name] for dr in draws])
+        stderr = sample.std(axis=0) / np.sqrt(len(sample)) + 1e-12 * np.abs(value)
+        assert np.all(np.abs(sample.mean(axis=0) - value) <= 5 * stderr)
+        assert sample.std(axis=0).max() > 0  # (really compressed)
+    init = _client_init(problem, X, False)
+    draws = [_client_init_compressed(problem, X, False, q, (seed, None)) for seed in range(4000)]
+    for name, value in init.items():
+        sample = np.array([dr[0][name] for dr in draws])
+        stderr = sample.std(axis=0) / np.sqrt(len(sample)) + 1e-12 * np.abs(value)
+        assert np.all(np.abs(sample.mean(axis=0) - value) <= 5 * stderr)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_problem_constants_from_the_init_statistic_stay_exact():
+    """The OT map's cost scale comes from its init statistic: not compressed."""
+    from skfedmm import FederatedDictionaryLearning, FederatedOTMap
+
+    rng = np.random.default_rng(0)
+    clients = [rng.standard_normal((30, 2)) + i for i in range(3)]
+    target = rng.standard_normal((20, 2))
+    fits = [FederatedOTMap(epsilon=0.5, max_iter=2, compression=c, random_state=0).fit(
+        clients, target=target) for c in (None, "qsgd")]
+    assert fits[0].fedmm_state_.problem.cost_scale_ == fits[1].fedmm_state_.problem.cost_scale_
+    assert fits[1].history_["bits_up"][0] < 0.3 * fits[0].history_["bits_up"][0]
+    # the dictionary's second moment only seeds the dictionary: compressed
+    X = [rng.standard_normal((40, 16)) for _ in range(3)]
+    a, b = (FederatedDictionaryLearning(n_components=4, max_iter=1, compression=c,
+                                        random_state=0).fit(X) for c in (None, "qsgd"))
+    assert b.history_["bits_up"][0] < 0.3 * a.history_["bits_up"][0]
+
+
+def test_compressed_statistic_travels_in_its_encoding_on_flower():
+    pytest.importorskip("flwr")
+    from skfedmm.federation.client import _client_full_compressed
+    from skfedmm.flower import records
+    from tests._helpers import CauchyLocation, make_clients
+
+    X = make_clients(n_clients=1)[0]
+    for compressor in (QSGD(s=3, bucket_size=2), RandK(k=1), Identity()):
+        recorder = records.RecordingCompressor(compressor)
+        answer = _client_full_compressed(CauchyLocation(), X, np.zeros(3), False, recorder, 7)
+        content = records.encode_reply("full_compressed", answer, compressor=recorder)
+        if not isinstance(compressor, Identity):
+            nbytes = sum(a.numpy().nbytes for a in content["arrays"].values())
+            per_array = [compressor.compress(np.asarray(v).ravel(), np.random.default_rng(0))[1]
+                         for v in answer[0].values()]
+            assert nbytes == sum(-(-b // 8) for b in per_array)
+        stat, loss, bits = records.decode_reply(content, "full_compressed", dtype=np.float64,
+                                                compressor=compressor)
+        assert loss == answer[1] and bits == answer[2]
+        for name, value in answer[0].items():
+            assert stat[name].dtype == value.dtype
+            np.testing.assert_array_equal(stat[name], value)

@@ -472,7 +472,8 @@ def test_the_server_refuses_a_malformed_reply(case):
         records.decode_reply(content, task, dtype=np.float64, size=5)
 
 
-@pytest.mark.parametrize("compression", [QSGD(s=4), QSGD(s=100), RandK(k=3), RandK(ratio=1.0),
+@pytest.mark.parametrize("compression", [QSGD(s=4), QSGD(s=100), QSGD(s=4, coding="fixed"),
+                                         QSGD(s=1, bucket_size=5), RandK(k=3), RandK(ratio=1.0),
                                          Identity()])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_payloads_travel_in_their_compressors_encoding(compression, dtype):

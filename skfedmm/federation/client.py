@@ -190,6 +190,47 @@ def _client_full(problem, X, theta, pin):
         return problem.local_statistic(_aligned(X), _map_param(_aligned, theta))
 
 
+def _compress_statistic(stat, compressor, seed):
+    """Each array of a statistic through the compressor, from the stream ``seed``.
+
+    Returns the statistic as the server decodes it (same names, shapes and
+    dtypes) and the exact bits of its messages, one message per array.
+    """
+    rng = np.random.default_rng(seed)
+    out, bits = {}, 0
+    for name, value in stat.items():
+        value = np.asarray(value)
+        if value.dtype.kind != "f":
+            value = value.astype(np.float64)
+        hat, size = compressor.compress(np.ascontiguousarray(value).reshape(-1), rng)
+        out[name] = np.asarray(hat).reshape(value.shape)
+        bits += int(size)
+    return out, bits
+
+
+def _client_init_compressed(problem, X, pin, compressor, seed_init):
+    """Compressed initialization messages: ``(statistic, bits)`` (or None).
+
+    ``seed_init`` is ``(seed, init)``: the seed of the stream the
+    compressor draws from, and the client's own initialization data (or
+    None), which never leaves the client.
+    """
+    seed, init = seed_init
+    stat = _client_init(problem, X, pin, init)
+    if stat is None:
+        return None
+    with _ClientContext(pin):
+        return _compress_statistic(stat, compressor, seed)
+
+
+def _client_full_compressed(problem, X, theta, pin, compressor, seed):
+    """The initial full round, compressed: ``(statistic, loss, bits)``."""
+    stat, loss = _client_full(problem, X, theta, pin)
+    with _ClientContext(pin):
+        stat, bits = _compress_statistic(stat, compressor, seed)
+    return stat, loss, bits
+
+
 def _client_loss(problem, X, theta, pin):
     with _ClientContext(pin):
         return problem.loss(_aligned(X), _map_param(_aligned, theta))
@@ -331,6 +372,8 @@ class ClientConfig:
 CLIENT_TASKS = {
     "init": _client_init,
     "full": _client_full,
+    "init_compressed": _client_init_compressed,
+    "full_compressed": _client_full_compressed,
     "loss": _client_loss,
     "surrogate": _client_surrogate,
     "parameter": _client_parameter,

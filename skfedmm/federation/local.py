@@ -898,7 +898,7 @@ class _Scheduler:
     @staticmethod
     def kind(task):
         """Tasks of like cost share their measurements."""
-        return "init" if task == "init" else "statistic"
+        return "init" if task in ("init", "init_compressed") else "statistic"
 
     def _mix(self, table, key, value):
         old = table.get(key)

@@ -153,6 +153,15 @@ def handle(content, store, rows, client_init=None):
             (pin,) = request["args"]
             answer = fn(problem, rows, pin) if client_init is None else fn(problem, rows, pin, client_init)
             return encode_reply(task, answer)
+        if task in ("init_compressed", "full_compressed"):
+            # the compressor's own encoding travels (QSGD needs its norms)
+            *args, compressor, seed = request["args"]
+            compressor = RecordingCompressor(compressor)
+            if task == "init_compressed":
+                answer = fn(problem, rows, *args, compressor, (seed, client_init))
+            else:
+                answer = fn(problem, rows, *args, compressor, seed)
+            return encode_reply(task, answer, compressor=compressor)
         if task in ("full", "loss"):
             return encode_reply(task, fn(problem, rows, *request["args"]))
         cfg = request["args"][-1]

@@ -52,7 +52,11 @@ MESSAGE_TYPE = "query.skfedmm"
 #: Version of this wire format; both sides refuse another.
 PROTOCOL = "skfedmm/1"
 #: Tasks a node runs: "info" (rows, features, dtype) and the client tasks.
-TASKS = ("info", "init", "full", "loss", "surrogate", "parameter")
+TASKS = ("info", "init", "full", "loss", "surrogate", "parameter", "init_compressed",
+         "full_compressed")
+#: Tasks whose request carries the fit's compressor and a seed (compressed
+#: initialization messages).
+_COMPRESSED_INIT = ("init_compressed", "full_compressed")
 _FLOATS = ("float32", "float64")
 
 
@@ -330,6 +334,22 @@ def _compressor_name(compressor):
     )
 
 
+def _encode_compressor(compressor, cfg):
+    cfg["compressor"] = _compressor_name(compressor)
+    _encode_values(constructor_params(compressor), cfg, ArrayRecord(), "compressor.")
+
+
+def _decode_compressor(cfg):
+    name = cfg.get("compressor")
+    if name not in _COMPRESSORS:
+        raise WireError(f"unknown compressor {name!r}")
+    params = _decode_values(cfg, ArrayRecord(), "compressor.")
+    try:
+        return _COMPRESSORS[name](**params)
+    except Exception as exc:  # noqa: BLE001
+        raise WireError(f"the compressor {name!r} could not be rebuilt: {exc}") from exc
+
+
 def encode_config(cfg_obj):
     """A :class:`ClientConfig` as a ConfigRecord."""
     cfg = ConfigRecord()
@@ -337,8 +357,7 @@ def encode_config(cfg_obj):
     param = cfg_obj.param_layout
     _encode_layout(param, cfg, "param.")
     cfg["param.is_dict"] = bool(param.is_dict)
-    cfg["compressor"] = _compressor_name(cfg_obj.compressor)
-    _encode_values(constructor_params(cfg_obj.compressor), cfg, ArrayRecord(), "compressor.")
+    _encode_compressor(cfg_obj.compressor, cfg)
     cfg["cv_rate"] = float(cfg_obj.cv_rate)
     cfg["batch_size"] = -1 if cfg_obj.batch_size is None else int(cfg_obj.batch_size)
     cfg["local_steps"] = int(cfg_obj.local_steps)
@@ -357,14 +376,7 @@ def decode_config(cfg):
     param_layout = ParamLayout(
         {k: np.empty(s) for k, s in shapes.items()} if is_dict else np.empty(shapes["theta"])
     )
-    name = cfg.get("compressor")
-    if name not in _COMPRESSORS:
-        raise WireError(f"unknown compressor {name!r}")
-    params = _decode_values(cfg, ArrayRecord(), "compressor.")
-    try:
-        compressor = _COMPRESSORS[name](**params)
-    except Exception as exc:  # noqa: BLE001
-        raise WireError(f"the compressor {name!r} could not be rebuilt: {exc}") from exc
+    compressor = _decode_compressor(cfg)
     dtype = cfg.get("dtype")
     if dtype not in _FLOATS:
         raise WireError(f"the dtype {dtype!r} is not float32 or float64")
@@ -492,7 +504,7 @@ def _vector(arrays, key, size, dtype):
 # Requests (server -> node)
 # --------------------------------------------------------------------------
 def encode_request(task, *, fit_id, args=(), problem=None, problem_digest=None,
-                   state=None, version=None):
+                   state=None, version=None, seed=None):
     """A request to a node as a RecordDict.
 
     Parameters
@@ -516,6 +528,9 @@ def encode_request(task, *, fit_id, args=(), problem=None, problem_digest=None,
     version : int, default=None
         The version of the client's state the server resumes from (the
         number of rounds of this client the server has committed).
+    seed : int, default=None
+        The seed of the client's compression stream (``"init_compressed"``,
+        ``"full_compressed"``).
 
     Returns
     -------
@@ -532,6 +547,19 @@ def encode_request(task, *, fit_id, args=(), problem=None, problem_digest=None,
     if task == "init":
         (pin,) = args
         meta["pin"] = bool(pin)
+    elif task in _COMPRESSED_INIT:
+        if task == "init_compressed":
+            pin, compressor = args[:2]
+        else:
+            theta, pin, compressor = args[:3]
+            meta["theta.is_dict"] = _encode_param(theta, arrays, "theta")
+        meta["pin"] = bool(pin)
+        if not isinstance(seed, Integral) or not 0 <= seed < 2**63:
+            raise ValueError(f"a compressed initialization needs a seed in [0, 2**63), got {seed!r}")
+        meta["seed"] = int(seed)
+        config = ConfigRecord()
+        _encode_compressor(compressor, config)
+        out["config"] = config
     elif task in ("full", "loss"):
         theta, pin = args
         meta["pin"] = bool(pin)
@@ -634,6 +662,21 @@ def decode_request(content, dtype):
             raise WireError("the problem does not match its digest")
         out["problem"] = records
     arrays = _arrays(content, "arrays")
+    if task in _COMPRESSED_INIT:
+        pin, seed = meta.get("pin"), meta.get("seed")
+        if not isinstance(pin, bool):
+            raise WireError("pin must be a boolean")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise WireError(f"the seed must be an int in [0, 2**63), got {seed!r}")
+        compressor = _decode_compressor(_config(content, "config"))
+        if task == "init_compressed":
+            out["args"] = (pin, compressor, seed)
+        else:
+            is_dict = meta.get("theta.is_dict")
+            if not isinstance(is_dict, bool):
+                raise WireError("theta.is_dict must be a boolean")
+            out["args"] = (_decode_param(arrays, "theta", is_dict, dtype), pin, compressor, seed)
+        return out
     if task in ("init", "full", "loss"):
         pin = meta.get("pin")
         if not isinstance(pin, bool):
@@ -691,6 +734,7 @@ class RecordingCompressor:
     def __init__(self, compressor):
         self.compressor = compressor
         self.norm = None
+        self.norms = []  # one entry per compressed message, in order
 
     def omega(self, d):
         return self.compressor.omega(d)
@@ -700,6 +744,7 @@ class RecordingCompressor:
 
         if isinstance(self.compressor, QSGD):
             self.norm = self.compressor.bucket_norms(x)  # the very values QSGD uses
+        self.norms.append(self.norm)
         return self.compressor.compress(x, rng)
 
 
@@ -722,8 +767,8 @@ def _unpack_uint(packed, n, width):
 def pack_payload(payload, compressor, norm=None):
     r"""The payload in its compressor's encoding: (config, arrays).
 
-    ``"qsgd"``: one norm per bucket and, per entry, a sign bit and
-    :math:`\lceil \log_2(s + 1) \rceil` level bits; ``"randk"``: the
+    ``"qsgd"``: one norm per bucket and the code of the signed levels
+    (:meth:`~skfedmm.compression.QSGD.encode`); ``"randk"``: the
     ``k`` kept values and their indices (:math:`\lceil \log_2 d \rceil`
     bits each); otherwise (or when the payload does not decode to itself,
     bit for bit) the dense vector. Packed bytes are the compressor's
@@ -742,12 +787,11 @@ def pack_payload(payload, compressor, norm=None):
             scale = np.repeat(np.where(norms > 0, norms, 1) / s, compressor._bucket(d))[:d]
             q = np.rint(payload / scale)
             if np.all(np.abs(q) <= s) and np.array_equal(q.astype(dtype) * scale, payload):
-                width = 1 + max(1, math.ceil(math.log2(s + 1)))
-                signed = (np.abs(q).astype(np.uint64) | (np.uint64(1) << np.uint64(width - 1))
-                          * (q < 0).astype(np.uint64))
+                code = compressor.encode(q.astype(np.int64))
                 cfg["encoding"] = "qsgd"
+                cfg["levels_bits"] = int(code.size)
                 arrays["norm"] = Array(np.ascontiguousarray(norms))
-                arrays["levels"] = Array(_uint_bits(signed, width))
+                arrays["levels"] = Array(np.packbits(code))
                 return cfg, arrays
         if isinstance(compressor, RandK) and d > 1:
             k = compressor._k(d)
@@ -786,17 +830,18 @@ def unpack_payload(cfg, arrays, compressor, size, dtype):
         if packed.dtype != np.uint8 or packed.ndim != 1:
             raise WireError("the packed levels are not bytes")
         s = int(compressor.s)
-        width = 1 + max(1, math.ceil(math.log2(s + 1)))
-        if packed.size != math.ceil(size * width / 8):
-            raise WireError(f"{packed.size} bytes of levels for {size} entries")
-        signed = _unpack_uint(packed, size, width)
-        neg = (signed >> np.uint64(width - 1)).astype(bool)
-        levels = (signed & ((np.uint64(1) << np.uint64(width - 1)) - np.uint64(1))).astype(np.int64)
+        n_bits = cfg.get("levels_bits")
+        if isinstance(n_bits, bool) or not isinstance(n_bits, int) or n_bits < 0 \
+                or packed.size != math.ceil(n_bits / 8):
+            raise WireError(f"{packed.size} bytes of levels for {n_bits!r} bits")
+        try:
+            levels = compressor.decode(np.unpackbits(packed)[:n_bits], size)
+        except ValueError as exc:
+            raise WireError(f"the QSGD code cannot be read: {exc}") from exc
         zero = np.repeat(norms == 0, bucket)[:size]
-        if np.any(norms < 0) or np.any(levels > s) or np.any(levels[zero] != 0):
+        if np.any(norms < 0) or np.any(levels[zero] != 0):
             raise WireError("a QSGD level or norm is out of range")
-        q = np.where(neg, -levels, levels).astype(dtype)
-        return q * np.repeat(norms / s, bucket)[:size]
+        return levels.astype(dtype) * np.repeat(norms / s, bucket)[:size]
     if encoding == "randk" and isinstance(compressor, RandK):
         if set(arrays.keys()) != {"values", "indices"}:
             raise WireError(f"expected the arrays 'values', 'indices', got {sorted(arrays.keys())}")
@@ -856,6 +901,14 @@ def encode_reply(task, answer, *, version=None, compressor=None):
         meta["none"] = answer is None
         if answer is not None:
             _stat_arrays(answer, arrays)
+    elif task in _COMPRESSED_INIT:
+        meta["none"] = answer is None
+        if answer is not None:
+            stat, bits = answer[0], answer[-1]
+            _pack_statistic(stat, compressor, meta, arrays)
+            meta["bits"] = int(bits)
+            if task == "full_compressed":
+                meta["loss"] = float(answer[1])
     elif task == "full":
         stat, loss = answer
         _stat_arrays(stat, arrays)
@@ -874,8 +927,59 @@ def encode_reply(task, answer, *, version=None, compressor=None):
                 answer.payload, getattr(compressor, "compressor", compressor),
                 getattr(compressor, "norm", None),
             )
-            meta["encoding"] = packed_cfg["encoding"]
+            for key, value in packed_cfg.items():
+                meta[key] = value
     return RecordDict({"meta": meta, "arrays": arrays})
+
+
+def _pack_statistic(stat, compressor, meta, arrays):
+    """A compressed statistic, each array in its compressor's encoding.
+
+    ``compressor`` is the :class:`RecordingCompressor` the statistic was
+    compressed with (one message per array, in the statistic's order).
+    """
+    if not isinstance(stat, dict):
+        raise TypeError(f"a statistic must be a dict of arrays, got {type(stat).__name__}")
+    norms = list(getattr(compressor, "norms", [])) or [None] * len(stat)
+    inner = getattr(compressor, "compressor", compressor)
+    meta["stat.names"] = list(stat)
+    for (name, value), norm in zip(stat.items(), norms):
+        value = np.asarray(value)
+        packed_cfg, packed = pack_payload(value.reshape(-1), inner, norm)
+        meta[f"stat.{name}.shape"] = [int(n) for n in value.shape]
+        meta[f"stat.{name}.dtype"] = value.dtype.name
+        for key, item in packed_cfg.items():
+            meta[f"stat.{name}.{key}"] = item
+        for key in packed.keys():
+            arrays[f"stat.{name}.{key}"] = packed[key]
+
+
+def _unpack_statistic(meta, arrays, compressor):
+    """The statistic of :func:`_pack_statistic`, checked."""
+    names = meta.get("stat.names")
+    if not isinstance(names, list) or not names or len(set(names)) != len(names) or not all(
+            isinstance(n, str) for n in names):
+        raise WireError("the statistic's names are missing or repeated")
+    out, used = {}, set()
+    for name in names:
+        prefix = f"stat.{name}."
+        shape, dtype = meta.get(prefix + "shape"), meta.get(prefix + "dtype")
+        if not isinstance(shape, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+            raise WireError(f"the shape of {name!r} is missing")
+        if dtype not in _FLOATS:
+            raise WireError(f"{name!r} has dtype {dtype!r}, expected float32 or float64")
+        cfg = {key[len(prefix):]: value for key, value in meta.items() if key.startswith(prefix)}
+        sub = ArrayRecord()
+        for key in arrays.keys():
+            if key.startswith(prefix):
+                sub[key[len(prefix):]] = arrays[key]
+                used.add(key)
+        size = int(np.prod(shape)) if shape else 1
+        out[name] = unpack_payload(cfg, sub, compressor, size, dtype).reshape(shape)
+    if used != set(arrays.keys()):
+        raise WireError("unexpected arrays in a statistic")
+    return out
 
 
 def encode_error(task, error, message):
@@ -969,6 +1073,27 @@ def decode_reply(content, task, *, dtype=None, size=None, compressor=None):
         return stat(), _loss(meta)
     if task == "loss":
         return _loss(meta)
+    if task in _COMPRESSED_INIT:
+        if not isinstance(meta.get("none"), bool):
+            raise WireError("'none' must be a boolean")
+        if meta["none"]:
+            if task == "full_compressed" or len(arrays.keys()):
+                raise WireError("an empty compressed statistic")
+            return None
+        bits = meta.get("bits")
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits < 0:
+            raise WireError(f"bits must be a nonnegative int, got {bits!r}")
+        if compressor is None:
+            raise ValueError("decoding a compressed statistic needs the fit's compressor")
+        stat = _unpack_statistic(meta, arrays, compressor)
+        for name, value in stat.items():
+            if dtype is not None and value.dtype != dtype:
+                raise WireError(f"'stat.{name}' has dtype {value.dtype}, expected {dtype}")
+        if not all(np.all(np.isfinite(v)) for v in stat.values()):
+            raise WireError("the statistic is not finite")
+        if task == "init_compressed":
+            return stat, bits
+        return stat, _loss(meta), bits
     bits, version = meta.get("bits"), meta.get("version")
     if not isinstance(bits, int) or isinstance(bits, bool) or bits < 0:
         raise WireError(f"bits must be a nonnegative int, got {bits!r}")

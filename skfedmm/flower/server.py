@@ -322,6 +322,12 @@ class FlowerTransport(Transport):
         indices = [int(i) for i in indices]
         if not indices:
             return []
+        seeds = None
+        if task in ("init_compressed", "full_compressed"):
+            # per client: the seed of its compression stream (and, for the
+            # init, its initialization data, which must stay on the node)
+            seeds = [p[0] if task == "init_compressed" else p for p in per_client]
+            per_client = [p[1] for p in per_client] if task == "init_compressed" else None
         if per_client is not None and any(p is not None for p in per_client):
             raise ValueError(
                 "per-client initialization data (e.g. code_init) must stay on the nodes: "
@@ -340,6 +346,8 @@ class FlowerTransport(Transport):
             with_problem = self._node_problem.get(node) != digest
             kwargs = dict(fit_id=self._fit_id, args=args, problem_digest=digest,
                           problem=(cfg_p, arr_p) if with_problem else None)
+            if seeds is not None:
+                kwargs["seed"] = seeds[i]
             if stateful:
                 st = states[i]
                 if isinstance(st.rng, NodeStream):
@@ -355,8 +363,9 @@ class FlowerTransport(Transport):
 
         def decode(i, content):
             node = self.node_ids[i]
+            compressor = cfg.compressor if stateful else (args[-1] if seeds is not None else None)
             answer = decode_reply(content, task, dtype=dtype, size=size if stateful else None,
-                                  compressor=cfg.compressor if stateful else None)
+                                  compressor=compressor)
             self._node_problem[node] = digest
             if not stateful:
                 return answer

@@ -76,6 +76,14 @@ class MMProblem(ABC):
     ...         return stat["mean"].copy()
     """
 
+    #: Whether a fit that compresses its messages (``compression=...``) may
+    #: compress the clients' :meth:`init_statistic` too. False (the
+    #: default) for statistics that set the problem's constants (a scale, a
+    #: standardization), which then travel exactly; True for statistics
+    #: that only seed :math:`\theta_0` (the initial full round of
+    #: statistics is compressed in every compressed fit).
+    compress_init_statistic = False
+
     def init_statistic(self, X):
         """Statistic a client sends once to initialize :math:`\\theta_0`.
 

@@ -555,6 +555,10 @@ class DictionaryLearningProblem(MMProblem):
         n_components``; ``"random"`` otherwise.
     """
 
+    # the second moment M only seeds the dictionary (PCA) and the
+    # residual rule's directions: compressed when the messages are
+    compress_init_statistic = True
+
     def __init__(
         self,
         n_components,

@@ -792,6 +792,7 @@ class FedMM:
         # carry the compression error of the initial round into the next.
         squeeze = compressor is not None and type(compressor) is not Identity
         squeeze_init = squeeze and bool(getattr(self.problem, "compress_init_statistic", False))
+        squeeze_full = squeeze and bool(getattr(self.problem, "compress_first_round", True))
         if squeeze:
             init_seeds = [
                 [int(v >> np.uint64(1)) for v in s.spawn(1)[0].generate_state(2, np.uint64)]
@@ -880,7 +881,7 @@ class FedMM:
                 clients=[ClientState(cv=zero(), rng=r) for r in client_rngs],
                 layout=StatLayout.of(param_layout.as_dict(theta0)), **common,
             )
-        if squeeze:
+        if squeeze_full:
             results = transport.run(
                 "full_compressed", range(n), problem, theta0, pin, compressor,
                 per_client=[sd[1] for sd in init_seeds],
@@ -894,7 +895,7 @@ class FedMM:
             layout = _expected_layout(problem, theta0, results)
 
         def check_full(i, answer):
-            if squeeze:
+            if squeeze_full:
                 # a compressed statistic may leave the valid set (the
                 # server's projection brings the aggregate back)
                 if not (isinstance(answer, tuple) and len(answer) == 3):

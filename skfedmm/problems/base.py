@@ -80,9 +80,14 @@ class MMProblem(ABC):
     #: compress the clients' :meth:`init_statistic` too. False (the
     #: default) for statistics that set the problem's constants (a scale, a
     #: standardization), which then travel exactly; True for statistics
-    #: that only seed :math:`\theta_0` (the initial full round of
-    #: statistics is compressed in every compressed fit).
+    #: that only seed :math:`\theta_0`.
     compress_init_statistic = False
+
+    #: Whether a compressed fit compresses the initial full round of
+    #: statistics (at :math:`\theta_0`) too. True by default; False for
+    #: problems whose first M-step from a noisy statistic can land in a
+    #: worse local optimum that later rounds do not leave (mixtures).
+    compress_first_round = True
 
     def init_statistic(self, X):
         """Statistic a client sends once to initialize :math:`\\theta_0`.

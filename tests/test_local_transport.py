@@ -681,6 +681,27 @@ def test_the_scheduler_keeps_small_clients_here(monkeypatch):
     assert not fresh.parallel("surrogate", 10)
 
 
+def test_tiny_clients_teach_no_slowdown_and_kept_calls_remeasure(monkeypatch):
+    monkeypatch.setattr(local, "_WARM", {("processes", 2)})
+    monkeypatch.setattr(local, "_PER_CLIENT", {})
+    monkeypatch.setattr(local, "_SLOWDOWN", {})
+    tiny = local._Scheduler(2, "processes")
+    tiny.record_here("full", 100, 100 * 20e-6)
+    # 5x slower on the workers: their per-client cost, not contention
+    tiny.record_there("surrogate", [50, 50], [50 * 100e-6] * 2, 0.02)
+    assert local._SLOWDOWN == {}
+    heavy = local._Scheduler(2, "processes")
+    heavy.record_here("full", 20, 20 * 0.01)
+    assert heavy.parallel("surrogate", 20)  # not kept here by the tiny clients' ratio
+    # measured three times slower there: kept here, but measured again after
+    # local._RETRY_AFTER calls, then after twice as many
+    heavy.record_there("surrogate", [10, 10], [0.3, 0.3], 0.31)
+    decisions = [heavy.parallel("surrogate", 20) for _ in range(3 * local._RETRY_AFTER)]
+    assert [i for i, d in enumerate(decisions) if d] == [
+        local._RETRY_AFTER - 1, 3 * local._RETRY_AFTER - 1]
+    assert "statistic" not in heavy.there  # the retry measures afresh
+
+
 def test_tiny_clients_never_start_workers(monkeypatch):
     from skfedmm.federation.transport import LocalTransport
 

@@ -849,8 +849,18 @@ _START_PAYBACK = 0.5
 _FORGONE = {}
 #: How much longer a client computes on the workers than here (contention:
 #: the GIL for threads; for processes, a machine whose other processes get
-#: the cores), learned across fits: a new fit predicts from it.
+#: the cores), learned across fits: a new fit predicts from it. Learned
+#: only from clients that compute at least ``_SLOWDOWN_MIN_WORK`` seconds
+#: each here: a tiny client's time on a worker is mostly the per-client
+#: cost of a task (its state unpickled, its guard), and that ratio, carried
+#: over to heavy clients, would keep them here for good.
 _SLOWDOWN = {}
+_SLOWDOWN_MIN_WORK = 1e-3
+#: Calls kept here on a predicted (not measured in this fit) or measured
+#: slowdown re-measure the workers after this many calls, then after twice
+#: as many, and so on: a machine whose load has gone is noticed at the cost
+#: of a few calls per fit.
+_RETRY_AFTER = 8
 
 
 class _Scheduler:
@@ -884,6 +894,8 @@ class _Scheduler:
         self.decay = decay
         self.here = {}
         self.there = {}
+        self._kept = {}  # per kind: calls kept here that the workers could speed up
+        self._retry = {}  # per kind: calls to keep here before measuring the workers again
 
     @property
     def _key(self):
@@ -919,7 +931,7 @@ class _Scheduler:
             return
         kind = self.kind(task)
         per_client = sum(seconds) / n
-        if self.here.get(kind):
+        if self.here.get(kind, 0.0) >= _SLOWDOWN_MIN_WORK:
             self._mix(_SLOWDOWN, self._key, per_client / self.here[kind])
         self._mix(self.there, kind, per_client)
         if self.here.get(kind, 0.0) > self.there[kind]:
@@ -944,7 +956,18 @@ class _Scheduler:
         groups = min(self.n_workers, n)
         saving = n * here - (self.overhead(n) + n * there / groups)
         if saving <= (1 - self.margin) * n * here:
-            return False
+            # kept here; but when workers computing as fast as here would
+            # save time, measure them again now and then (backing off)
+            hoped = n * here - (self.overhead(n) + n * here / groups)
+            if self._key not in _WARM or hoped <= (1 - self.margin) * n * here:
+                return False
+            kept = self._kept[kind] = self._kept.get(kind, 0) + 1
+            retry = self._retry.get(kind, _RETRY_AFTER)
+            if kept < retry:
+                return False
+            self._kept[kind], self._retry[kind] = 0, 2 * retry
+            self.there.pop(kind, None)  # (measured afresh by this call)
+            return True
         if self._key not in _WARM:  # the workers may have to start first
             forgone = _FORGONE.get(self._key, 0.0) + saving
             if forgone < _START_PAYBACK * _START_COST.get(self.backend, 0.0):

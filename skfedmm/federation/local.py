@@ -654,7 +654,8 @@ class _AlignedRows:
 # --------------------------------------------------------------------------
 # Groups of clients: one task per worker, and where each group runs
 # --------------------------------------------------------------------------
-def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None, guarded=None):
+def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None, guarded=None,
+               caches=None):
     """Run one client task on a group of clients, each guarded on its own.
 
     One joblib task carries a whole group: the problem and the round's
@@ -682,6 +683,11 @@ def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None, gua
         The fit's registry of busy clients (with a ``timeout``).
     guarded : callable, default=None
         The guard of each call; :func:`_guarded` when None.
+    caches : CacheFolder or None, default=None
+        Where the clients' caches are stored (process workers): a client's
+        stored cache is mapped back before its call, and its new cache is
+        written as a new version, of which the answer carries the path
+        (see :mod:`skfedmm.federation.caches`).
 
     Returns
     -------
@@ -701,16 +707,36 @@ def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None, gua
     with _ClientContext(pin):
         for i, head, tail in items:
             guard = None if timeout is None or busy is None else _ClientGuard(busy, i)
+            opened = loaded = None
             try:
                 X = rows[i]
+                if caches is not None and head:
+                    from .caches import open_cache
+
+                    loaded, opened = open_cache(head[0].cache)
+                    if opened is not None:
+                        head = (_with_cache(head[0], loaded), *head[1:])
             except Exception as exc:  # noqa: BLE001 - this client's rows only
                 answers.append(ClientFailure(type(exc).__name__, str(exc), exc))
                 continue
-            answers.append(
-                guarded(fn, problem, X, *head, *args, *tail, timeout=timeout, guard=guard)
-            )
+            answer = guarded(fn, problem, X, *head, *args, *tail, timeout=timeout, guard=guard)
+            if caches is not None:
+                from .caches import store_answer
+
+                try:
+                    answer = store_answer(answer, caches, i, opened, loaded)
+                except Exception as exc:  # noqa: BLE001 - this client is absent
+                    answer = ClientFailure(type(exc).__name__, str(exc), exc)
+            answers.append(answer)
     del rows
     return answers, time.perf_counter() - start
+
+
+def _with_cache(state, cache):
+    """A copy of a client state with another cache."""
+    import dataclasses
+
+    return dataclasses.replace(state, cache=cache)
 
 
 class _RowsFile:

@@ -15,6 +15,8 @@ so the fitted model does not depend on the transport.
 """
 
 import contextlib
+import dataclasses
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -23,8 +25,10 @@ from collections.abc import Sequence
 import numpy as np
 from joblib import Parallel, delayed
 
+from .caches import CacheStore, in_memory, split_cache
 from .client import CLIENT_TASKS
 from .local import (
+    ClientFailure,
     _client_guard,
     _dask_client,
     _guarded,
@@ -235,6 +239,13 @@ class LocalTransport(Transport):
             # record of busy clients is one that they and this process see)
             self._placed = _place_clients(self.clients, n_workers, stack, token=self.run_id)
             self._busy = self._placed.busy
+            # the clients' caches stay where their rows are: files next to
+            # the rows' file, futures on Dask; read back here before the
+            # folder goes (the stack closes in reverse order)
+            rows = self._placed.rows
+            folder = os.path.dirname(rows.path) if isinstance(rows, _RowsFile) else None
+            self._caches = CacheStore(folder)
+            stack.callback(self._caches.close)
         except BaseException:
             stack.close()
             raise
@@ -270,6 +281,8 @@ class LocalTransport(Transport):
         if not indices:
             return []
         if self._dask:
+            if states is not None:
+                return self._run_dask_states(fn, indices, problem, args, states, per_client)
             return self._run_per_client(fn, indices, problem, args, states, per_client)
         items = [
             (i, () if states is None else (states[i],), () if per_client is None else (per_client[i],))
@@ -278,6 +291,9 @@ class LocalTransport(Transport):
         scheduler = self._scheduler
 
         def here(group):
+            if states is not None:  # (caches in memory here)
+                group = [(i, tuple(_state_with(s, in_memory(s.cache)) for s in head), tail)
+                         for i, head, tail in group]
             return _run_group(
                 fn, problem, args, self.clients, group, self.pin, self.timeout, self._busy,
                 _guarded,
@@ -304,6 +320,18 @@ class LocalTransport(Transport):
             scheduler.record_here(task, len(items), seconds)
             return answers + out
         parallel, rows = self._workers()
+        caches = self._caches
+        sent = {}
+        if states is not None:
+            # a client's cache goes as a reference to where it is stored
+            out_items = []
+            for i, head, tail in items:
+                outgoing = []
+                for s in head:
+                    carried, sent[i] = caches.outgoing(i, s.cache)
+                    outgoing.append(_state_with(s, carried))
+                out_items.append((i, tuple(outgoing), tail))
+            items = out_items
         groups = self._groups(items, scheduler.n_workers)
         start = time.perf_counter()
         outs = parallel(
@@ -311,14 +339,15 @@ class LocalTransport(Transport):
                 fn, problem, args,
                 rows.subset([i for i, _, _ in g]) if isinstance(rows, _RowsFile) else rows,
                 g, self.pin, self.timeout, self._busy, _guarded,
+                caches.folder if states is not None else None,
             )
             for g in groups
         )
         scheduler.record_there(
             task, [len(g) for g in groups], [sec for _, sec in outs], time.perf_counter() - start
         )
-        for out, _ in outs:
-            answers += out
+        for (out, _), g in zip(outs, groups):
+            answers += [caches.incoming(a, sent.get(i)) for a, (i, _, _) in zip(out, g)]
         return answers
 
     def _groups(self, items, n_groups):
@@ -328,6 +357,50 @@ class LocalTransport(Transport):
         cuts = [0, *sorted(set(int(b) + 1 for b in bounds)), len(items)]
         cuts = sorted(set(min(c, len(items)) for c in cuts))
         return [items[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+    def _run_dask_states(self, fn, indices, problem, args, states, per_client):
+        """One Dask task per client; each client's cache stays on the workers.
+
+        The task returns the client's answer and, separately, its new cache:
+        only the answer is gathered; the cache stays a future, which the
+        client's next task takes as an argument (Dask gives it to the task
+        where it is, normally the worker holding the client's rows).
+        """
+        from operator import itemgetter
+
+        from .caches import StoredCache
+
+        client = _dask_client()
+        caches = self._caches
+        pending = []
+        for i in indices:
+            state = states[i]
+            inner, unverified = split_cache(state.cache)
+            cache = inner.ref if isinstance(inner, StoredCache) and inner.ref is not None else (
+                inner.data() if isinstance(inner, StoredCache) else inner)
+            tail = () if per_client is None else (per_client[i],)
+            future = client.submit(
+                _dask_task, fn, problem, self._placed[i], _state_with(state, None), cache,
+                unverified, args, tail, self.timeout, _client_guard(self._placed, i), pure=False,
+            )
+            pending.append((client.submit(itemgetter(0), future, pure=False),
+                            client.submit(itemgetter(1), future, pure=False),
+                            inner if isinstance(inner, StoredCache) else None))
+            del future
+        answers = []
+        for answer_f, cache_f, previous in pending:
+            try:
+                answer = answer_f.result()
+            except Exception as exc:  # noqa: BLE001 - the client is unreachable
+                answers.append(ClientFailure(type(exc).__name__, str(exc), exc))
+                continue
+            where = answer[1].cache if isinstance(answer, tuple) and len(answer) == 2 else None
+            if where is _KEPT and previous is not None and previous.ref is not None:
+                answer[1].cache = previous  # the same future: the client kept its cache
+            elif where is _KEPT or where is _ON_WORKER:
+                answer[1].cache = caches.handle(cache_f)
+            answers.append(answer)
+        return answers
 
     def _run_per_client(self, fn, indices, problem, args, states, per_client):
         """One task per client (Dask: each runs where its rows were scattered)."""
@@ -341,3 +414,45 @@ class LocalTransport(Transport):
             )
 
         return self._parallel(call(i) for i in indices)
+
+
+def _state_with(state, cache):
+    """A copy of a client state with another cache (the state itself if the same)."""
+    if state.cache is cache:
+        return state
+    return dataclasses.replace(state, cache=cache)
+
+
+class _Marker:
+    def __init__(self, name):
+        self.name = name
+
+    def __reduce__(self):
+        return _marker, (self.name,)
+
+
+def _marker(name):
+    return _KEPT if name == "kept" else _ON_WORKER
+
+
+#: A Dask task's answer: the client kept the cache it was given, or its new
+#: cache is the task's second result (kept on the worker).
+_KEPT = _Marker("kept")
+_ON_WORKER = _Marker("on worker")
+
+
+def _dask_task(fn, problem, X, state, cache, unverified, args, tail, timeout, guard):
+    """A client's task on a Dask worker: ``(answer, new cache)``."""
+    from .caches import rewrap
+
+    if cache is not None:
+        state = _state_with(state, rewrap(cache, unverified))
+    answer = _guarded(fn, problem, X, state, *args, *tail, timeout=timeout, guard=guard)
+    if not (isinstance(answer, tuple) and len(answer) == 2):
+        return answer, None
+    msg, new_state = answer
+    new = new_state.cache
+    if new is None:
+        return answer, None
+    kept = cache is not None and new is cache
+    return (msg, _state_with(new_state, _KEPT if kept else _ON_WORKER)), new

@@ -166,12 +166,16 @@ def test_a_discarded_round_leaves_the_committed_caches(on_workers, name):
 
 def test_a_cache_version_is_written_whole(tmp_path):
     folder = CacheFolder(str(tmp_path))
-    cache = {"codes": np.arange(6.0).reshape(2, 3), "empty": np.zeros((0, 3)), "wait": (0, 1)}
+    cache = {"codes": np.arange(6.0).reshape(2, 3), "empty": np.zeros((0, 3)), "wait": (0, 1),
+             "labels": np.asfortranarray(np.arange(12).reshape(3, 4)).astype(np.intp, order="F")}
     ref = folder.save(3, cache)
     assert os.listdir(tmp_path) == [os.path.basename(ref.path)]  # (no temporary left)
     back = ref.load()
     np.testing.assert_array_equal(back["codes"], cache["codes"])
     assert back["empty"].shape == (0, 3) and back["wait"] == (0, 1)
+    np.testing.assert_array_equal(back["labels"], cache["labels"])
+    assert back["labels"].flags.f_contiguous and back["labels"].dtype == np.intp
+    assert back["codes"].ctypes.data % 64 == 0  # (aligned as a fresh array)
     back["codes"][0, 0] = 99.0  # copy-on-write: the stored version is unchanged
     assert ref.load()["codes"][0, 0] == 0.0
     # the server's handle reads it once, pickles as the dict, and removes the

@@ -8,7 +8,7 @@ process or a Dask worker would receive its cache with every task and send
 the new one back with its answer. Here:
 
 - **Loky and multiprocessing** (one machine): a worker writes the client's
-  new cache as a new *version* (a folder of ``.npy`` files, written under a
+  new cache as a new *version* (one file, written under a
   temporary name and renamed, so that it appears whole or not at all) in the
   fit's private folder next to the rows' file; the task's answer carries
   only its path (:class:`CacheFile`). The next task of that client, on any
@@ -34,7 +34,7 @@ state continues (``warm_start``, ``resume``) like one from an in-process fit.
 import contextlib
 import os
 import pickle
-import shutil
+import struct
 import threading
 import uuid
 import weakref
@@ -47,8 +47,19 @@ from .client import Unverified
 __all__ = ["CacheFile", "CacheFolder", "StoredCache"]
 
 
+_ALIGN = 64  # (arrays start on 64-byte boundaries, as freshly allocated ones do)
+
+
+def _aligned_offset(n):
+    return -(-n // _ALIGN) * _ALIGN
+
+
 class CacheFile:
-    """One stored version of a client's cache: a folder of ``.npy`` files.
+    """One stored version of a client's cache: one file.
+
+    The file holds a header (the non-array values and each array's offset,
+    shape, dtype and memory order) and then the arrays, each starting on a
+    64-byte boundary.
 
     Parameters
     ----------
@@ -65,15 +76,27 @@ class CacheFile:
 
     def load(self, mmap=True):
         """The cache as a dict; arrays mapped copy-on-write (``mmap``) or read."""
-        with open(os.path.join(self.path, "meta.pkl"), "rb") as f:
-            meta, names = pickle.load(f)
-        out = dict(meta)
-        for key, name in names.items():
-            path = os.path.join(self.path, name)
-            try:
-                out[key] = np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
-            except ValueError:  # (an empty array cannot be mapped)
-                out[key] = np.load(path, allow_pickle=False)
+        import mmap as _mmap
+
+        with open(self.path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            meta, layout = pickle.loads(f.read(size))
+            start = _aligned_offset(8 + size)
+            out = dict(meta)
+            total = sum(int(np.prod(shape)) for _, shape, _, _ in layout.values())
+            if total == 0:
+                buffer = None
+            elif mmap:
+                buffer = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_COPY)
+            else:
+                f.seek(0)
+                buffer = bytearray(f.read())
+        for key, (offset, shape, dtype, order) in layout.items():
+            if int(np.prod(shape)) == 0:
+                out[key] = np.empty(shape, dtype=dtype, order=order)
+            else:
+                out[key] = np.ndarray(shape, dtype=dtype, buffer=buffer, offset=start + offset,
+                                      order=order)
         return out
 
 
@@ -94,29 +117,49 @@ class CacheFolder:
 
     def save(self, client, cache):
         """Write ``cache`` (a dict) as a new version; its :class:`CacheFile`."""
-        name = f"cache{int(client)}-{uuid.uuid4().hex}"
+        name = f"client{int(client)}-{uuid.uuid4().hex}.cache"
         final = os.path.join(self.folder, name)
         tmp = os.path.join(self.folder, "." + name)
-        os.mkdir(tmp)
+        meta, arrays, layout, end = {}, {}, {}, 0
+        for key, value in cache.items():
+            if isinstance(value, np.ndarray) and value.dtype != object:
+                order = "F" if value.flags.f_contiguous and not value.flags.c_contiguous else "C"
+                arrays[key] = np.ravel(value, order=order)
+                at = _aligned_offset(end)
+                layout[key] = (at, value.shape, value.dtype.str, order)
+                end = at + value.nbytes
+            else:
+                meta[key] = value
+        header = pickle.dumps((meta, layout), protocol=pickle.HIGHEST_PROTOCOL)
+        start = _aligned_offset(8 + len(header))
         try:
-            meta, names = {}, {}
-            for j, (key, value) in enumerate(cache.items()):
-                if isinstance(value, np.ndarray) and value.dtype != object:
-                    names[key] = f"{j}.npy"
-                    np.save(os.path.join(tmp, names[key]), value, allow_pickle=False)
-                else:
-                    meta[key] = value
-            with open(os.path.join(tmp, "meta.pkl"), "wb") as f:
-                pickle.dump((meta, names), f, protocol=pickle.HIGHEST_PROTOCOL)
+            with open(tmp, "wb") as f:
+                f.write(struct.pack("<Q", len(header)))
+                f.write(header)
+                for key, flat in arrays.items():
+                    if flat.size:
+                        f.seek(start + layout[key][0])
+                        f.write(memoryview(np.ascontiguousarray(flat)).cast("B"))
+                f.truncate(start + end)
             os.rename(tmp, final)  # whole or not at all
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
             raise
         return CacheFile(final)
 
 
+def _unlink(path):
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def _plain(data):
     return dict(data)
+
+
+def _none():
+    return None
 
 
 class StoredCache(Mapping):
@@ -136,12 +179,12 @@ class StoredCache(Mapping):
         self._data = None
         self._lock = threading.Lock()
         if isinstance(ref, CacheFile):
-            weakref.finalize(self, shutil.rmtree, ref.path, True)
+            weakref.finalize(self, _unlink, ref.path)
 
     def data(self):
-        """The cache as a dict (read from where it is stored, once)."""
+        """The cache as a dict (read from where it is stored, once); None if lost."""
         with self._lock:
-            if self._data is None:
+            if self._data is None and self.ref is not None:
                 ref = self.ref
                 if isinstance(ref, CacheFile):
                     self._data = ref.load(mmap=False)
@@ -150,23 +193,31 @@ class StoredCache(Mapping):
             return self._data
 
     def localize(self):
-        """Keep the data here (before the stored version goes away)."""
-        self.data()
+        """Keep the data here (before the stored version goes away).
+
+        A cache that cannot be read (a Dask worker lost) is dropped: its
+        client starts afresh, as with a cache that does not match its rows.
+        """
+        try:
+            self.data()
+        except Exception:  # noqa: BLE001 - lost: the client rebuilds it
+            self._data = None
         self.ref = None
 
     def __getitem__(self, key):
-        return self.data()[key]
+        return (self.data() or {})[key]
 
     def __iter__(self):
-        return iter(self.data())
+        return iter(self.data() or {})
 
     def __len__(self):
-        return len(self.data())
+        return len(self.data() or {})
 
     __hash__ = object.__hash__
 
     def __reduce__(self):
-        return _plain, (self.data(),)
+        data = self.data()
+        return (_plain, (data,)) if data is not None else (_none, ())
 
     def __repr__(self):
         where = "here" if self.ref is None else type(self.ref).__name__
@@ -188,7 +239,10 @@ def in_memory(cache):
     """A state's cache for a client running in this process (data, not references)."""
     inner, unverified = split_cache(cache)
     if isinstance(inner, StoredCache):
-        inner = inner.data()
+        try:
+            inner = inner.data()
+        except Exception:  # noqa: BLE001 - lost (a Dask worker gone): start afresh
+            inner = None
     return rewrap(inner, unverified)
 
 
@@ -231,6 +285,8 @@ class CacheStore:
         if isinstance(inner, StoredCache) and isinstance(inner.ref, CacheFile):
             return rewrap(inner.ref, unverified), inner
         data = inner.data() if isinstance(inner, StoredCache) else inner
+        if data is None:  # (lost)
+            return None, None
         # (a cache made in this process, or read back at the end of a fit:
         # stored once, then it stays with the workers)
         handle = self.handle(self.folder.save(i, data))
@@ -262,8 +318,7 @@ class CacheStore:
 
                 wait([h.ref for h in futures if isinstance(h.ref, Future)])
         for h in live:
-            with contextlib.suppress(Exception):  # (a lost cache: the client starts afresh)
-                h.localize()
+            h.localize()
 
 
 # --------------------------------------------------------------------------

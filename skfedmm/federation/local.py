@@ -5,7 +5,8 @@ backends (sequential, threads, loky or multiprocessing processes, Dask):
 
 - **Placement of rows** (:func:`_place_clients`): once per fit, the rows go
   where the workers read them; every round then ships only parameters,
-  statistics and client state.
+  statistics and client state (the clients' caches stay next to the rows,
+  see :mod:`skfedmm.federation.caches`).
 - **Groups of clients** (:func:`_run_group`, :class:`_Scheduler`): one
   task carries a group of clients (one group per worker), each client
   guarded on its own; a call's clients run in the fit's process unless

@@ -176,7 +176,9 @@ class LocalTransport(Transport):
     (once per fit: one memory-mapped file for process workers, scattered
     once on Dask) and limits BLAS to one thread when several clients may
     compute at once (results do not depend on ``n_jobs``). Every task then
-    ships only parameters, statistics and client states.
+    ships only parameters, statistics and client states; a client's cache
+    (:meth:`MMProblem.client_cache`) stays where its rows are (see
+    :mod:`skfedmm.federation.caches`).
 
     On one machine a call sends one task per worker, each with a group of
     clients (each client guarded on its own), or runs the clients in this

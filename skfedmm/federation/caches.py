@@ -44,7 +44,7 @@ import numpy as np
 
 from .client import Unverified
 
-__all__ = ["CacheFile", "CacheFolder", "StoredCache"]
+__all__ = ["CacheFile", "CacheFolder", "DaskCache", "StoredCache"]
 
 
 _ALIGN = 64  # (arrays start on 64-byte boundaries, as freshly allocated ones do)
@@ -162,6 +162,21 @@ def _none():
     return None
 
 
+class DaskCache:
+    """A client's cache on a Dask worker: the second item of its last task's result.
+
+    Parameters
+    ----------
+    future : distributed.Future
+    """
+
+    def __init__(self, future):
+        self.future = future
+
+    def result(self):
+        return self.future.result()[1]
+
+
 class StoredCache(Mapping):
     """A client's cache as the server's state holds it: a reference to it.
 
@@ -171,7 +186,7 @@ class StoredCache(Mapping):
 
     Parameters
     ----------
-    ref : CacheFile or distributed.Future
+    ref : CacheFile or DaskCache
     """
 
     def __init__(self, ref):
@@ -311,12 +326,12 @@ class CacheStore:
         """Read every live stored cache into memory (the fit ends)."""
         with self._lock:
             live = list(self._live.values())
-        futures = [h for h in live if h.ref is not None and not isinstance(h.ref, CacheFile)]
+        futures = [h.ref.future for h in live if isinstance(h.ref, DaskCache)]
         if futures:
             with contextlib.suppress(Exception):
-                from distributed import Future, wait
+                from distributed import wait
 
-                wait([h.ref for h in futures if isinstance(h.ref, Future)])
+                wait(futures)
         for h in live:
             h.localize()
 

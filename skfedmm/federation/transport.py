@@ -283,7 +283,7 @@ class LocalTransport(Transport):
         if not indices:
             return []
         if self._dask:
-            if states is not None:
+            if states is not None and self._may_cache(problem, indices, states):
                 return self._run_dask_states(fn, indices, problem, args, states, per_client)
             return self._run_per_client(fn, indices, problem, args, states, per_client)
         items = [
@@ -363,14 +363,15 @@ class LocalTransport(Transport):
     def _run_dask_states(self, fn, indices, problem, args, states, per_client):
         """One Dask task per client; each client's cache stays on the workers.
 
-        The task returns the client's answer and, separately, its new cache:
-        only the answer is gathered; the cache stays a future, which the
-        client's next task takes as an argument (Dask gives it to the task
-        where it is, normally the worker holding the client's rows).
+        The task's result is the client's answer and its new cache: only the
+        answer is gathered (by a second, tiny task); the result stays on the
+        worker as a future, which the client's next task takes as an
+        argument (Dask gives it to the task where it is, normally the
+        worker holding the client's rows).
         """
         from operator import itemgetter
 
-        from .caches import StoredCache
+        from .caches import DaskCache, StoredCache
 
         client = _dask_client()
         caches = self._caches
@@ -378,31 +379,45 @@ class LocalTransport(Transport):
         for i in indices:
             state = states[i]
             inner, unverified = split_cache(state.cache)
-            cache = inner.ref if isinstance(inner, StoredCache) and inner.ref is not None else (
-                inner.data() if isinstance(inner, StoredCache) else inner)
+            previous = inner if isinstance(inner, StoredCache) else None
+            if previous is not None and isinstance(previous.ref, DaskCache):
+                cache, picked = previous.ref.future, True
+            else:
+                cache, picked = (previous.data() if previous is not None else inner), False
             tail = () if per_client is None else (per_client[i],)
             future = client.submit(
                 _dask_task, fn, problem, self._placed[i], _state_with(state, None), cache,
-                unverified, args, tail, self.timeout, _client_guard(self._placed, i), pure=False,
+                picked, unverified, args, tail, self.timeout, _client_guard(self._placed, i),
+                pure=False,
             )
-            pending.append((client.submit(itemgetter(0), future, pure=False),
-                            client.submit(itemgetter(1), future, pure=False),
-                            inner if isinstance(inner, StoredCache) else None))
-            del future
+            pending.append((future, client.submit(itemgetter(0), future, pure=False), previous))
         answers = []
-        for answer_f, cache_f, previous in pending:
+        for future, answer_f, previous in pending:
             try:
                 answer = answer_f.result()
             except Exception as exc:  # noqa: BLE001 - the client is unreachable
                 answers.append(ClientFailure(type(exc).__name__, str(exc), exc))
                 continue
             where = answer[1].cache if isinstance(answer, tuple) and len(answer) == 2 else None
-            if where is _KEPT and previous is not None and previous.ref is not None:
-                answer[1].cache = previous  # the same future: the client kept its cache
+            if where is _KEPT and previous is not None and isinstance(previous.ref, DaskCache):
+                answer[1].cache = previous  # the client kept its cache: the same version
             elif where is _KEPT or where is _ON_WORKER:
-                answer[1].cache = caches.handle(cache_f)
+                answer[1].cache = caches.handle(DaskCache(future))
             answers.append(answer)
         return answers
+
+    def _may_cache(self, problem, indices, states):
+        """Whether clients may hold caches (then Dask keeps them on the workers)."""
+        if any(states[i].cache is not None for i in indices):
+            return True
+        make = getattr(problem, "client_cache", None)
+        if make is None:
+            return False
+        X = self.clients[indices[0]]
+        try:  # (a cache is decided from the rows' shape and dtype)
+            return make(_RemoteRows(X.shape[0], X.shape[1], X.dtype)) is not None
+        except Exception:  # noqa: BLE001 - it needs the rows: assume it may
+            return True
 
     def _run_per_client(self, fn, indices, problem, args, states, per_client):
         """One task per client (Dask: each runs where its rows were scattered)."""
@@ -443,10 +458,16 @@ _KEPT = _Marker("kept")
 _ON_WORKER = _Marker("on worker")
 
 
-def _dask_task(fn, problem, X, state, cache, unverified, args, tail, timeout, guard):
-    """A client's task on a Dask worker: ``(answer, new cache)``."""
+def _dask_task(fn, problem, X, state, cache, picked, unverified, args, tail, timeout, guard):
+    """A client's task on a Dask worker: ``(answer, new cache)``.
+
+    ``cache`` is the client's cache, or (``picked``) the result of its last
+    task, whose second item is its cache.
+    """
     from .caches import rewrap
 
+    if picked:
+        cache = cache[1]
     if cache is not None:
         state = _state_with(state, rewrap(cache, unverified))
     answer = _guarded(fn, problem, X, state, *args, *tail, timeout=timeout, guard=guard)

@@ -295,8 +295,8 @@ class CacheStore:
             The handle of the sent version (to reuse when the client keeps it).
         """
         inner, unverified = split_cache(cache)
-        if inner is None or self.folder is None:
-            return cache, None
+        if inner is None or self.folder is None:  # (threads: in memory)
+            return in_memory(cache), None
         if isinstance(inner, StoredCache) and isinstance(inner.ref, CacheFile):
             return rewrap(inner.ref, unverified), inner
         data = inner.data() if isinstance(inner, StoredCache) else inner

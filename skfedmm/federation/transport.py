@@ -387,7 +387,8 @@ class LocalTransport(Transport):
             tail = () if per_client is None else (per_client[i],)
             future = client.submit(
                 _dask_task, fn, problem, self._placed[i], _state_with(state, None), cache,
-                picked, unverified, args, tail, self.timeout, _client_guard(self._placed, i),
+                picked, unverified, list(args), list(tail), self.timeout,
+                _client_guard(self._placed, i),
                 pure=False,
             )
             pending.append((future, client.submit(itemgetter(0), future, pure=False), previous))

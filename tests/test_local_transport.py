@@ -700,6 +700,21 @@ def test_tiny_clients_teach_no_slowdown_and_kept_calls_remeasure(monkeypatch):
     assert [i for i, d in enumerate(decisions) if d] == [
         local._RETRY_AFTER - 1, 3 * local._RETRY_AFTER - 1]
     assert "statistic" not in heavy.there  # the retry measures afresh
+    # a slowdown is learned per problem class: memory-bound clients that slow
+    # down on two workers at once say nothing of compute-bound ones
+    monkeypatch.setattr(local, "_SLOWDOWN", {})
+    memory_bound = local._Scheduler(2, "processes")
+    memory_bound.family = "RobustLocation"
+    memory_bound.record_here("full", 20, 20 * 0.01)
+    memory_bound.record_there("surrogate", [10, 10], [0.3, 0.3], 0.31)
+    again = local._Scheduler(2, "processes")
+    again.family = "RobustLocation"
+    again.record_here("full", 20, 20 * 0.01)
+    assert not again.parallel("surrogate", 20)
+    other = local._Scheduler(2, "processes")
+    other.family = "DictionaryLearningProblem"
+    other.record_here("full", 20, 20 * 0.01)
+    assert other.parallel("surrogate", 20)
 
 
 def test_tiny_clients_never_start_workers(monkeypatch):

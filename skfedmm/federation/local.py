@@ -876,7 +876,8 @@ _START_PAYBACK = 0.5
 _FORGONE = {}
 #: How much longer a client computes on the workers than here (contention:
 #: the GIL for threads; for processes, a machine whose other processes get
-#: the cores), learned across fits: a new fit predicts from it. Learned
+#: the cores, or memory bandwidth), learned across fits of one problem
+#: class (:attr:`_Scheduler.family`): a new fit predicts from it. Learned
 #: only from clients that compute at least ``_SLOWDOWN_MIN_WORK`` seconds
 #: each here: a tiny client's time on a worker is mostly the per-client
 #: cost of a task (its state unpickled, its guard), and that ratio, carried
@@ -887,7 +888,7 @@ _SLOWDOWN_MIN_WORK = 1e-3
 #: slowdown re-measure the workers after this many calls, then after twice
 #: as many, and so on: a machine whose load has gone is noticed at the cost
 #: of a few calls per fit.
-_RETRY_AFTER = 8
+_RETRY_AFTER = 4
 
 
 class _Scheduler:
@@ -921,12 +922,19 @@ class _Scheduler:
         self.decay = decay
         self.here = {}
         self.there = {}
+        self.family = None  # the problem's class, set by the transport
         self._kept = {}  # per kind: calls kept here that the workers could speed up
         self._retry = {}  # per kind: calls to keep here before measuring the workers again
 
     @property
     def _key(self):
         return (self.backend, self.n_workers)
+
+    @property
+    def _slow_key(self):
+        # (a slowdown depends on the clients' work too: memory-bound work
+        # slows down on two workers at once, compute-bound work does not)
+        return self._key if self.family is None else (*self._key, self.family)
 
     def overhead(self, n):
         """Predicted seconds of a parallel call of ``n`` clients beyond their work."""
@@ -959,7 +967,7 @@ class _Scheduler:
         kind = self.kind(task)
         per_client = sum(seconds) / n
         if self.here.get(kind, 0.0) >= _SLOWDOWN_MIN_WORK:
-            self._mix(_SLOWDOWN, self._key, per_client / self.here[kind])
+            self._mix(_SLOWDOWN, self._slow_key, per_client / self.here[kind])
         self._mix(self.there, kind, per_client)
         if self.here.get(kind, 0.0) > self.there[kind]:
             # clients computing faster there than measured here: the
@@ -979,7 +987,7 @@ class _Scheduler:
         here = self.here.get(kind)
         if here is None:
             return True
-        there = self.there.get(kind, here * _SLOWDOWN.get(self._key, 1.0))
+        there = self.there.get(kind, here * _SLOWDOWN.get(self._slow_key, 1.0))
         groups = min(self.n_workers, n)
         saving = n * here - (self.overhead(n) + n * there / groups)
         if saving <= (1 - self.margin) * n * here:

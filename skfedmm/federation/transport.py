@@ -291,6 +291,7 @@ class LocalTransport(Transport):
             for i in indices
         ]
         scheduler = self._scheduler
+        scheduler.family = type(problem).__qualname__
 
         def here(group):
             if states is not None:  # (caches in memory here)

@@ -312,26 +312,35 @@ def part1_compute(out, repeats, n_clients, n_rows, rounds):
     out("the clients' sparse coder is scikit-learn's single-threaded Cython coordinate descent; "
         "cells: fit time (s), interleaved repeats")
 
-    def fit(n_jobs, backend="loky"):
+    def fit(n_jobs, backend="loky", forced=False):
         est = FederatedDictionaryLearning(n_components=30, alpha=0.1, max_iter=rounds,
                                           random_state=0, n_jobs=n_jobs, fit_algorithm="cd")
-        with counting_parallel_calls() as calls, parallel_config(backend=backend):
+        with contextlib.ExitStack() as stack:
+            calls = stack.enter_context(counting_parallel_calls())
+            if forced:
+                stack.enter_context(always_on_workers())
+            stack.enter_context(parallel_config(backend=backend))
             t0 = time.perf_counter()
             est.fit(clients)
             return time.perf_counter() - t0, est.components_, calls[0]
 
     fit(2)  # warm-up
-    runs = {1: [], 2: []}
+    settings = {"n_jobs=1": (1, False), "n_jobs=2": (2, False),
+                "n_jobs=2, always on workers": (2, True)}
+    runs = {name: [] for name in settings}
     for _ in range(repeats):
-        for n_jobs in (1, 2):
-            runs[n_jobs].append(fit(n_jobs))
+        for name, (n_jobs, forced) in settings.items():
+            runs[name].append(fit(n_jobs, forced=forced))
     threads = fit(2, "threading")[1]
     out(f"{'setting':<28} {'fit (s)':>8} {'calls on workers':>16}")
-    for n_jobs, rs in runs.items():
-        out(f"{f'n_jobs={n_jobs}':<28} {np.median([r[0] for r in rs]):>8.3f} "
+    for name, rs in runs.items():
+        out(f"{name:<28} {np.median([r[0] for r in rs]):>8.3f} "
             f"{np.median([r[2] for r in rs]):>16.0f}")
-    speedups = [a[0] / b[0] for a, b in zip(runs[1], runs[2])]
-    ref = runs[1][0][1]
+    forced = [a[0] / b[0] for a, b in zip(runs["n_jobs=1"], runs["n_jobs=2, always on workers"])]
+    out(f"always on workers over n_jobs=1: median {np.median(forced):.2f}x, best "
+        f"{max(forced):.2f}x")
+    speedups = [a[0] / b[0] for a, b in zip(runs["n_jobs=1"], runs["n_jobs=2"])]
+    ref = runs["n_jobs=1"][0][1]
     same = all(np.array_equal(r[1], ref) for rs in runs.values() for r in rs)
     same = same and np.array_equal(threads, ref)
     out(f"speed-up n_jobs=2 over n_jobs=1: median {np.median(speedups):.2f}x, best "

@@ -19,8 +19,15 @@ median over repeats. "always on workers" sends every call of several
 clients to the workers (what they cost or give, whatever the transport
 would choose). A second table fits heavier clients (whose own work
 dominates) with ``n_jobs=1`` and ``n_jobs=2``, with the workers started by
-the first table. Every fit of a problem gives
-bitwise the same parameter, whatever ``n_jobs`` and backend (checked).
+the first table. Its robust-location statistic streams through memory (a
+few operations per value read), so two workers computing at once slow each
+other down; a third table (1c) fits compute-bound clients, dictionary
+learning with scikit-learn's single-threaded Cython coordinate-descent
+coder (``fit_algorithm="cd"``), and a fourth (1d) measures the clients' own
+work on one loky worker alone and on two at once (CPU time per client),
+which bounds what ``n_jobs=2`` can give whatever the transport does. Every
+fit of a problem gives bitwise the same parameter, whatever ``n_jobs`` and
+backend (checked).
 
 Part 2, loaded machines. One client (BLAS runs on several threads unless
 the client's task is small) and ten clients (BLAS on one thread), quiet

@@ -188,3 +188,18 @@ def test_a_cache_version_is_written_whole(tmp_path):
 
     gc.collect()
     assert not os.path.exists(ref.path)
+
+
+def test_a_continued_fit_on_changed_rows_drops_the_stored_caches(on_workers):
+    clients = _clients(n=800, seed=2)
+    state = FedMM(KMeansProblem(4), n_jobs=2, **ENGINE).fit(clients)
+    changed = [X + 0.25 for X in clients]  # (same shapes, other rows)
+    on = FedMM(KMeansProblem(4), n_jobs=2, **ENGINE).fit(changed, state=state, max_iter=2)
+    here = FedMM(KMeansProblem(4), n_jobs=1, **ENGINE).fit(changed, state=state, max_iter=2)
+    np.testing.assert_array_equal(on.theta, here.theta)
+    _same_caches(on, here)
+    # each client checked its rows and rebuilt its cache for the changed ones
+    from skfedmm.federation.client import _checksum
+
+    for c, X in zip(on.clients, changed):
+        np.testing.assert_array_equal(c.cache["_rows"], _checksum(X))

@@ -682,6 +682,7 @@ def test_the_scheduler_keeps_small_clients_here(monkeypatch):
 
 
 def test_tiny_clients_teach_no_slowdown_and_kept_calls_remeasure(monkeypatch):
+    monkeypatch.setattr(local, "_RETRY", {})
     monkeypatch.setattr(local, "_WARM", {("processes", 2)})
     monkeypatch.setattr(local, "_PER_CLIENT", {})
     monkeypatch.setattr(local, "_SLOWDOWN", {})
@@ -700,6 +701,13 @@ def test_tiny_clients_teach_no_slowdown_and_kept_calls_remeasure(monkeypatch):
     assert [i for i, d in enumerate(decisions) if d] == [
         local._RETRY_AFTER - 1, 3 * local._RETRY_AFTER - 1]
     assert "statistic" not in heavy.there  # the retry measures afresh
+    # the back-off goes on across fits (a machine that stays loaded), up to a cap
+    heavy.record_there("surrogate", [10, 10], [0.3, 0.3], 0.31)
+    fresh = local._Scheduler(2, "processes")
+    fresh.record_here("full", 20, 20 * 0.01)
+    decisions = [fresh.parallel("surrogate", 20) for _ in range(4 * local._RETRY_MAX)]
+    gaps = np.diff([-1] + [i for i, d in enumerate(decisions) if d])
+    assert gaps[0] == 4 * local._RETRY_AFTER and set(gaps[-2:]) == {local._RETRY_MAX}
     # a slowdown is learned per problem class: memory-bound clients that slow
     # down on two workers at once say nothing of compute-bound ones
     monkeypatch.setattr(local, "_SLOWDOWN", {})

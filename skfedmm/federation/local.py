@@ -886,9 +886,13 @@ _SLOWDOWN = {}
 _SLOWDOWN_MIN_WORK = 1e-3
 #: Calls kept here on a predicted (not measured in this fit) or measured
 #: slowdown re-measure the workers after this many calls, then after twice
-#: as many, and so on: a machine whose load has gone is noticed at the cost
-#: of a few calls per fit.
+#: as many, and so on up to ``_RETRY_MAX`` (counted across the fits of this
+#: process, per backend, workers, problem class and kind of task): a machine
+#: whose load has gone is noticed, at the cost of one call in ``_RETRY_MAX``
+#: at most while it stays loaded.
 _RETRY_AFTER = 4
+_RETRY_MAX = 64
+_RETRY = {}
 
 
 class _Scheduler:
@@ -923,8 +927,6 @@ class _Scheduler:
         self.here = {}
         self.there = {}
         self.family = None  # the problem's class, set by the transport
-        self._kept = {}  # per kind: calls kept here that the workers could speed up
-        self._retry = {}  # per kind: calls to keep here before measuring the workers again
 
     @property
     def _key(self):
@@ -996,11 +998,11 @@ class _Scheduler:
             hoped = n * here - (self.overhead(n) + n * here / groups)
             if self._key not in _WARM or hoped <= (1 - self.margin) * n * here:
                 return False
-            kept = self._kept[kind] = self._kept.get(kind, 0) + 1
-            retry = self._retry.get(kind, _RETRY_AFTER)
-            if kept < retry:
+            record = _RETRY.setdefault((self._slow_key, kind), [0, _RETRY_AFTER])
+            record[0] += 1  # calls kept here, and calls to keep before measuring again
+            if record[0] < record[1]:
                 return False
-            self._kept[kind], self._retry[kind] = 0, 2 * retry
+            record[:] = [0, min(2 * record[1], _RETRY_MAX)]
             self.there.pop(kind, None)  # (measured afresh by this call)
             return True
         if self._key not in _WARM:  # the workers may have to start first

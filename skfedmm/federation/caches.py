@@ -8,17 +8,18 @@ process or a Dask worker would receive its cache with every task and send
 the new one back with its answer. Here:
 
 - **Loky and multiprocessing** (one machine): a worker writes the client's
-  new cache as a new *version* (one file, written under a
-  temporary name and renamed, so that it appears whole or not at all) in the
+  new cache as a new *version* (one file, written under a temporary name
+  and renamed, so that it appears whole or not at all) in the
   fit's private folder next to the rows' file; the task's answer carries
   only its path (:class:`CacheFile`). The next task of that client, on any
   worker, maps it back (copy-on-write: the file is never changed).
-- **Dask**: the client's task returns its new cache as a separate result
-  that stays on the worker (a future); the next task of the client takes
-  that future as an argument, so Dask hands the cache to the task where it
+- **Dask**: the client's task returns its answer and its new cache; only
+  the answer is gathered, and the task's result stays on the worker (a
+  future); the next task of the client takes that future as an argument, so Dask hands the cache to the task where it
   is (normally the worker holding the client's rows) without passing it
   through the fit's process.
-- **In this process**: caches stay in memory, as before.
+- **In this process** (threads, or clients the transport runs here):
+  caches stay in memory.
 
 In the server's state a stored cache is a :class:`StoredCache`: a read-only
 mapping that loads its data only when asked (when a client runs in this

@@ -19,8 +19,15 @@ median over repeats. "always on workers" sends every call of several
 clients to the workers (what they cost or give, whatever the transport
 would choose). A second table fits heavier clients (whose own work
 dominates) with ``n_jobs=1`` and ``n_jobs=2``, with the workers started by
-the first table. Every fit of a problem gives
-bitwise the same parameter, whatever ``n_jobs`` and backend (checked).
+the first table. Its robust-location statistic streams through memory (a
+few operations per value read), so two workers computing at once slow each
+other down; a third table (1c) fits compute-bound clients, dictionary
+learning with scikit-learn's single-threaded Cython coordinate-descent
+coder (``fit_algorithm="cd"``), and a fourth (1d) measures the clients' own
+work on one loky worker alone and on two at once (CPU time per client),
+which bounds what ``n_jobs=2`` can give whatever the transport does. Every
+fit of a problem gives bitwise the same parameter, whatever ``n_jobs`` and
+backend (checked).
 
 Part 2, loaded machines. One client (BLAS runs on several threads unless
 the client's task is small) and ten clients (BLAS on one thread), quiet
@@ -261,6 +268,118 @@ def part1_heavy(out, repeats, n_clients, n_rows, rounds):
         f"{'yes' if same else 'NO'} ({load()})")
 
 
+def _own_work_cpu(problem, clients, theta, repeats):
+    """CPU seconds (this thread's) per client of ``local_statistic``, best of repeats."""
+    from threadpoolctl import threadpool_limits
+
+    best = np.inf
+    with threadpool_limits(limits=1, user_api="blas"):
+        for _ in range(repeats):
+            t0 = time.thread_time()
+            for X in clients:
+                problem.local_statistic(X, theta)
+            best = min(best, (time.thread_time() - t0) / len(clients))
+    return best
+
+
+def concurrency(problem, clients, theta, repeats=3):
+    """The clients' own work on one loky worker alone, then on two at once.
+
+    Returns the CPU time per client in both cases: CPU time that grows when
+    a second worker computes at the same time means the two share something
+    other than the cores (memory bandwidth, caches), which caps what a
+    second worker can give whatever the transport does.
+    """
+    from joblib import Parallel, delayed
+
+    half = len(clients) // 2
+    parts = [clients[:half], clients[half:2 * half]]
+    with Parallel(n_jobs=2, backend="loky") as par:
+        par(delayed(_own_work_cpu)(problem, p, theta, 1) for p in parts)  # warm
+        alone = min(par(delayed(_own_work_cpu)(problem, parts[0], theta, repeats) for _ in [0]))
+        both = max(par(delayed(_own_work_cpu)(problem, p, theta, repeats) for p in parts))
+    return alone, both
+
+
+def dictionary_clients(n_clients, n_rows, seed=0):
+    rng = np.random.default_rng(seed)
+    D = rng.standard_normal((30, 40))
+    n = n_clients * n_rows
+    codes = rng.standard_normal((n, 30)) * (rng.random((n, 30)) < 0.2)
+    X = codes @ D + 0.1 * rng.standard_normal((n, 40))
+    return np.array_split(X, n_clients)
+
+
+def part1_compute(out, repeats, n_clients, n_rows, rounds):
+    """Compute-bound clients: the dictionary's coordinate-descent coder (Cython)."""
+    clients = dictionary_clients(n_clients, n_rows)
+    out("")
+    out(f"## 1c. Compute-bound clients: FederatedDictionaryLearning(fit_algorithm='cd'), "
+        f"{n_clients} clients x {n_rows} rows x 40, 30 atoms, alpha 0.1, {rounds} rounds")
+    out("the clients' sparse coder is scikit-learn's single-threaded Cython coordinate descent; "
+        "cells: fit time (s), interleaved repeats")
+
+    def fit(n_jobs, backend="loky", forced=False):
+        est = FederatedDictionaryLearning(n_components=30, alpha=0.1, max_iter=rounds,
+                                          random_state=0, n_jobs=n_jobs, fit_algorithm="cd")
+        with contextlib.ExitStack() as stack:
+            calls = stack.enter_context(counting_parallel_calls())
+            if forced:
+                stack.enter_context(always_on_workers())
+            stack.enter_context(parallel_config(backend=backend))
+            t0 = time.perf_counter()
+            est.fit(clients)
+            return time.perf_counter() - t0, est.components_, calls[0]
+
+    fit(2)  # warm-up
+    settings = {"n_jobs=1": (1, False), "n_jobs=2": (2, False),
+                "n_jobs=2, always on workers": (2, True)}
+    runs = {name: [] for name in settings}
+    for _ in range(repeats):
+        for name, (n_jobs, forced) in settings.items():
+            runs[name].append(fit(n_jobs, forced=forced))
+    threads = fit(2, "threading")[1]
+    out(f"{'setting':<28} {'fit (s)':>8} {'calls on workers':>16}")
+    for name, rs in runs.items():
+        out(f"{name:<28} {np.median([r[0] for r in rs]):>8.3f} "
+            f"{np.median([r[2] for r in rs]):>16.0f}")
+    forced = [a[0] / b[0] for a, b in zip(runs["n_jobs=1"], runs["n_jobs=2, always on workers"])]
+    out(f"always on workers over n_jobs=1: median {np.median(forced):.2f}x, best "
+        f"{max(forced):.2f}x")
+    speedups = [a[0] / b[0] for a, b in zip(runs["n_jobs=1"], runs["n_jobs=2"])]
+    ref = runs["n_jobs=1"][0][1]
+    same = all(np.array_equal(r[1], ref) for rs in runs.values() for r in rs)
+    same = same and np.array_equal(threads, ref)
+    out(f"speed-up n_jobs=2 over n_jobs=1: median {np.median(speedups):.2f}x, best "
+        f"{max(speedups):.2f}x (per repeat: {', '.join(f'{x:.2f}' for x in speedups)}); same "
+        f"model bitwise (n_jobs 1/2, loky, threads): {'yes' if same else 'NO'} ({load()})")
+
+
+def part1_why(out, robust_rows, dict_rows):
+    """Why the robust-location clients gain little from a second worker."""
+    out("")
+    out("## 1d. What a second worker can give: the clients' own work (local_statistic, BLAS "
+        "on one thread) on one loky worker alone, then on two workers at once")
+    out("cells: CPU seconds per client (thread time, best of 3); a ratio above 1 means the "
+        "two workers slow each other down beyond sharing the cores (memory bandwidth, "
+        "caches): the best n_jobs=2 can give is about 2 / ratio")
+    from skfedmm.problems.dictionary import DictionaryLearningProblem
+
+    cases = [
+        (f"robust location, 20 x {robust_rows} rows x 3", RobustLocation(),
+         make_clients(20, robust_rows, seed=1), np.ones(3)),
+    ]
+    problem = DictionaryLearningProblem(30, 0.1, 40, fit_algorithm="cd")
+    clients = dictionary_clients(8, dict_rows)
+    theta = np.linalg.qr(np.random.default_rng(0).standard_normal((40, 30)))[0].T.copy()
+    cases.append((f"dictionary, 'cd' coder, 8 x {dict_rows} rows x 40", problem, clients, theta))
+    out(f"{'clients':<40} {'alone (ms)':>10} {'two at once (ms)':>16} {'ratio':>6}")
+    for name, problem, clients, theta in cases:
+        alone, both = concurrency(problem, clients, theta)
+        out(f"{name:<40} {1e3 * alone:>10.3f} {1e3 * both:>16.3f} {both / alone:>6.2f}")
+    out(f"({load()})")
+
+
 @contextlib.contextmanager
 def busy_cores(n):
     procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
@@ -358,10 +477,14 @@ def main(argv=None):
     if args.quick:
         part1(out, sizes=[1000, 10000], repeats=1, rounds=20)
         part1_heavy(out, repeats=1, n_clients=20, n_rows=100_000, rounds=4)
+        part1_compute(out, repeats=2, n_clients=8, n_rows=500, rounds=3)
+        part1_why(out, robust_rows=100_000, dict_rows=500)
         part2(out, repeats=1, rounds=3)
     else:
         part1(out, sizes=[1000, 10000], repeats=3, rounds=20)
         part1_heavy(out, repeats=3, n_clients=40, n_rows=100_000, rounds=6)
+        part1_compute(out, repeats=5, n_clients=8, n_rows=1000, rounds=4)
+        part1_why(out, robust_rows=100_000, dict_rows=1000)
         part2(out, repeats=3, rounds=5)
     out("")
     out(load())

@@ -88,3 +88,38 @@ def test_missing_dask_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", no_distributed)
     with pytest.raises(ImportError, match=r'pip install "skfedmm\[dask\]"'):
         dask_backend()
+
+
+def test_client_caches_stay_on_the_dask_workers(dask_client, monkeypatch):
+    """Warm-start codes stay on the workers; the model is that of n_jobs=1."""
+    from distributed.comm import tcp
+
+    sent = []
+    real_write = tcp.TCP.write
+
+    async def counting_write(self, msg, serializers=None, on_error="message"):
+        n = await real_write(self, msg, serializers=serializers, on_error=on_error)
+        sent.append(n)
+        return n
+
+    rng = np.random.default_rng(1)
+    clients = [rng.standard_normal((3000, 10)) for _ in range(2)]
+    kwargs = dict(n_components=8, alpha=0.3, max_iter=4, tol=0, random_state=0,
+                  code_cache=True, warm_start=True)
+    local = FederatedDictionaryLearning(n_jobs=1, **kwargs).fit(clients)
+    codes = sum(c.cache["codes"].nbytes for c in local.fedmm_state_.clients)
+    marks = []
+    monkeypatch.setattr(tcp.TCP, "write", counting_write)
+    with parallel_config(backend="dask"):
+        remote = FederatedDictionaryLearning(callback=lambda info: marks.append(sum(sent)),
+                                             **kwargs).fit(clients)
+    per_round = np.diff(marks)
+    assert np.all(per_round < 0.2 * codes), (per_round, codes)
+    np.testing.assert_array_equal(remote.components_, local.components_)
+    for a, b in zip(remote.fedmm_state_.clients, local.fedmm_state_.clients):
+        np.testing.assert_array_equal(a.cache["codes"], b.cache["codes"])
+    # continued fits start from the caches read back at the end of the fit
+    with parallel_config(backend="dask"):
+        remote.fit(clients)
+    local.fit(clients)
+    np.testing.assert_array_equal(remote.components_, local.components_)

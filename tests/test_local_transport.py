@@ -681,6 +681,50 @@ def test_the_scheduler_keeps_small_clients_here(monkeypatch):
     assert not fresh.parallel("surrogate", 10)
 
 
+def test_tiny_clients_teach_no_slowdown_and_kept_calls_remeasure(monkeypatch):
+    monkeypatch.setattr(local, "_RETRY", {})
+    monkeypatch.setattr(local, "_WARM", {("processes", 2)})
+    monkeypatch.setattr(local, "_PER_CLIENT", {})
+    monkeypatch.setattr(local, "_SLOWDOWN", {})
+    tiny = local._Scheduler(2, "processes")
+    tiny.record_here("full", 100, 100 * 20e-6)
+    # 5x slower on the workers: their per-client cost, not contention
+    tiny.record_there("surrogate", [50, 50], [50 * 100e-6] * 2, 0.02)
+    assert local._SLOWDOWN == {}
+    heavy = local._Scheduler(2, "processes")
+    heavy.record_here("full", 20, 20 * 0.01)
+    assert heavy.parallel("surrogate", 20)  # not kept here by the tiny clients' ratio
+    # measured three times slower there: kept here, but measured again after
+    # local._RETRY_AFTER calls, then after twice as many
+    heavy.record_there("surrogate", [10, 10], [0.3, 0.3], 0.31)
+    decisions = [heavy.parallel("surrogate", 20) for _ in range(3 * local._RETRY_AFTER)]
+    assert [i for i, d in enumerate(decisions) if d] == [
+        local._RETRY_AFTER - 1, 3 * local._RETRY_AFTER - 1]
+    assert "statistic" not in heavy.there  # the retry measures afresh
+    # the back-off goes on across fits (a machine that stays loaded), up to a cap
+    heavy.record_there("surrogate", [10, 10], [0.3, 0.3], 0.31)
+    fresh = local._Scheduler(2, "processes")
+    fresh.record_here("full", 20, 20 * 0.01)
+    decisions = [fresh.parallel("surrogate", 20) for _ in range(4 * local._RETRY_MAX)]
+    gaps = np.diff([-1] + [i for i, d in enumerate(decisions) if d])
+    assert gaps[0] == 4 * local._RETRY_AFTER and set(gaps[-2:]) == {local._RETRY_MAX}
+    # a slowdown is learned per problem class: memory-bound clients that slow
+    # down on two workers at once say nothing of compute-bound ones
+    monkeypatch.setattr(local, "_SLOWDOWN", {})
+    memory_bound = local._Scheduler(2, "processes")
+    memory_bound.family = "RobustLocation"
+    memory_bound.record_here("full", 20, 20 * 0.01)
+    memory_bound.record_there("surrogate", [10, 10], [0.3, 0.3], 0.31)
+    again = local._Scheduler(2, "processes")
+    again.family = "RobustLocation"
+    again.record_here("full", 20, 20 * 0.01)
+    assert not again.parallel("surrogate", 20)
+    other = local._Scheduler(2, "processes")
+    other.family = "DictionaryLearningProblem"
+    other.record_here("full", 20, 20 * 0.01)
+    assert other.parallel("surrogate", 20)
+
+
 def test_tiny_clients_never_start_workers(monkeypatch):
     from skfedmm.federation.transport import LocalTransport
 

@@ -47,6 +47,10 @@ class ClientState:
     cache : dict of ndarray or None
         The problem's client cache (:meth:`MMProblem.client_cache`, for
         example each row's last sparse code); it never leaves the client.
+        While a fit runs on process or Dask workers, the fit's process
+        holds a read-only mapping standing for it
+        (:class:`~skfedmm.federation.caches.StoredCache`), the data staying
+        where the client's rows are.
     """
 
     cv: object

@@ -5,7 +5,8 @@ backends (sequential, threads, loky or multiprocessing processes, Dask):
 
 - **Placement of rows** (:func:`_place_clients`): once per fit, the rows go
   where the workers read them; every round then ships only parameters,
-  statistics and client state.
+  statistics and client state (the clients' caches stay next to the rows,
+  see :mod:`skfedmm.federation.caches`).
 - **Groups of clients** (:func:`_run_group`, :class:`_Scheduler`): one
   task carries a group of clients (one group per worker), each client
   guarded on its own; a call's clients run in the fit's process unless
@@ -654,7 +655,8 @@ class _AlignedRows:
 # --------------------------------------------------------------------------
 # Groups of clients: one task per worker, and where each group runs
 # --------------------------------------------------------------------------
-def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None, guarded=None):
+def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None, guarded=None,
+               caches=None):
     """Run one client task on a group of clients, each guarded on its own.
 
     One joblib task carries a whole group: the problem and the round's
@@ -682,6 +684,11 @@ def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None, gua
         The fit's registry of busy clients (with a ``timeout``).
     guarded : callable, default=None
         The guard of each call; :func:`_guarded` when None.
+    caches : CacheFolder or None, default=None
+        Where the clients' caches are stored (process workers): a client's
+        stored cache is mapped back before its call, and its new cache is
+        written as a new version, of which the answer carries the path
+        (see :mod:`skfedmm.federation.caches`).
 
     Returns
     -------
@@ -701,16 +708,36 @@ def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None, gua
     with _ClientContext(pin):
         for i, head, tail in items:
             guard = None if timeout is None or busy is None else _ClientGuard(busy, i)
+            opened = loaded = None
             try:
                 X = rows[i]
+                if caches is not None and head:
+                    from .caches import open_cache
+
+                    loaded, opened = open_cache(head[0].cache)
+                    if opened is not None:
+                        head = (_with_cache(head[0], loaded), *head[1:])
             except Exception as exc:  # noqa: BLE001 - this client's rows only
                 answers.append(ClientFailure(type(exc).__name__, str(exc), exc))
                 continue
-            answers.append(
-                guarded(fn, problem, X, *head, *args, *tail, timeout=timeout, guard=guard)
-            )
+            answer = guarded(fn, problem, X, *head, *args, *tail, timeout=timeout, guard=guard)
+            if caches is not None:
+                from .caches import store_answer
+
+                try:
+                    answer = store_answer(answer, caches, i, opened, loaded)
+                except Exception as exc:  # noqa: BLE001 - this client is absent
+                    answer = ClientFailure(type(exc).__name__, str(exc), exc)
+            answers.append(answer)
     del rows
     return answers, time.perf_counter() - start
+
+
+def _with_cache(state, cache):
+    """A copy of a client state with another cache."""
+    import dataclasses
+
+    return dataclasses.replace(state, cache=cache)
 
 
 class _RowsFile:
@@ -849,8 +876,23 @@ _START_PAYBACK = 0.5
 _FORGONE = {}
 #: How much longer a client computes on the workers than here (contention:
 #: the GIL for threads; for processes, a machine whose other processes get
-#: the cores), learned across fits: a new fit predicts from it.
+#: the cores, or memory bandwidth), learned across fits of one problem
+#: class (:attr:`_Scheduler.family`): a new fit predicts from it. Learned
+#: only from clients that compute at least ``_SLOWDOWN_MIN_WORK`` seconds
+#: each here: a tiny client's time on a worker is mostly the per-client
+#: cost of a task (its state unpickled, its guard), and that ratio, carried
+#: over to heavy clients, would keep them here for good.
 _SLOWDOWN = {}
+_SLOWDOWN_MIN_WORK = 1e-3
+#: Calls kept here on a predicted (not measured in this fit) or measured
+#: slowdown re-measure the workers after this many calls, then after twice
+#: as many, and so on up to ``_RETRY_MAX`` (counted across the fits of this
+#: process, per backend, workers, problem class and kind of task): a machine
+#: whose load has gone is noticed, at the cost of one call in ``_RETRY_MAX``
+#: at most while it stays loaded.
+_RETRY_AFTER = 4
+_RETRY_MAX = 64
+_RETRY = {}
 
 
 class _Scheduler:
@@ -884,10 +926,17 @@ class _Scheduler:
         self.decay = decay
         self.here = {}
         self.there = {}
+        self.family = None  # the problem's class, set by the transport
 
     @property
     def _key(self):
         return (self.backend, self.n_workers)
+
+    @property
+    def _slow_key(self):
+        # (a slowdown depends on the clients' work too: memory-bound work
+        # slows down on two workers at once, compute-bound work does not)
+        return self._key if self.family is None else (*self._key, self.family)
 
     def overhead(self, n):
         """Predicted seconds of a parallel call of ``n`` clients beyond their work."""
@@ -919,8 +968,8 @@ class _Scheduler:
             return
         kind = self.kind(task)
         per_client = sum(seconds) / n
-        if self.here.get(kind):
-            self._mix(_SLOWDOWN, self._key, per_client / self.here[kind])
+        if self.here.get(kind, 0.0) >= _SLOWDOWN_MIN_WORK:
+            self._mix(_SLOWDOWN, self._slow_key, per_client / self.here[kind])
         self._mix(self.there, kind, per_client)
         if self.here.get(kind, 0.0) > self.there[kind]:
             # clients computing faster there than measured here: the
@@ -940,11 +989,22 @@ class _Scheduler:
         here = self.here.get(kind)
         if here is None:
             return True
-        there = self.there.get(kind, here * _SLOWDOWN.get(self._key, 1.0))
+        there = self.there.get(kind, here * _SLOWDOWN.get(self._slow_key, 1.0))
         groups = min(self.n_workers, n)
         saving = n * here - (self.overhead(n) + n * there / groups)
         if saving <= (1 - self.margin) * n * here:
-            return False
+            # kept here; but when workers computing as fast as here would
+            # save time, measure them again now and then (backing off)
+            hoped = n * here - (self.overhead(n) + n * here / groups)
+            if self._key not in _WARM or hoped <= (1 - self.margin) * n * here:
+                return False
+            record = _RETRY.setdefault((self._slow_key, kind), [0, _RETRY_AFTER])
+            record[0] += 1  # calls kept here, and calls to keep before measuring again
+            if record[0] < record[1]:
+                return False
+            record[:] = [0, min(2 * record[1], _RETRY_MAX)]
+            self.there.pop(kind, None)  # (measured afresh by this call)
+            return True
         if self._key not in _WARM:  # the workers may have to start first
             forgone = _FORGONE.get(self._key, 0.0) + saving
             if forgone < _START_PAYBACK * _START_COST.get(self.backend, 0.0):

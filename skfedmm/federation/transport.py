@@ -15,6 +15,8 @@ so the fitted model does not depend on the transport.
 """
 
 import contextlib
+import dataclasses
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -23,8 +25,10 @@ from collections.abc import Sequence
 import numpy as np
 from joblib import Parallel, delayed
 
+from .caches import CacheStore, in_memory, split_cache
 from .client import CLIENT_TASKS
 from .local import (
+    ClientFailure,
     _client_guard,
     _dask_client,
     _guarded,
@@ -172,7 +176,9 @@ class LocalTransport(Transport):
     (once per fit: one memory-mapped file for process workers, scattered
     once on Dask) and limits BLAS to one thread when several clients may
     compute at once (results do not depend on ``n_jobs``). Every task then
-    ships only parameters, statistics and client states.
+    ships only parameters, statistics and client states; a client's cache
+    (:meth:`MMProblem.client_cache`) stays where its rows are (see
+    :mod:`skfedmm.federation.caches`).
 
     On one machine a call sends one task per worker, each with a group of
     clients (each client guarded on its own), or runs the clients in this
@@ -235,6 +241,13 @@ class LocalTransport(Transport):
             # record of busy clients is one that they and this process see)
             self._placed = _place_clients(self.clients, n_workers, stack, token=self.run_id)
             self._busy = self._placed.busy
+            # the clients' caches stay where their rows are: files next to
+            # the rows' file, futures on Dask; read back here before the
+            # folder goes (the stack closes in reverse order)
+            rows = self._placed.rows
+            folder = os.path.dirname(rows.path) if isinstance(rows, _RowsFile) else None
+            self._caches = CacheStore(folder)
+            stack.callback(self._caches.close)
         except BaseException:
             stack.close()
             raise
@@ -270,14 +283,20 @@ class LocalTransport(Transport):
         if not indices:
             return []
         if self._dask:
+            if states is not None and self._may_cache(problem, indices, states):
+                return self._run_dask_states(fn, indices, problem, args, states, per_client)
             return self._run_per_client(fn, indices, problem, args, states, per_client)
         items = [
             (i, () if states is None else (states[i],), () if per_client is None else (per_client[i],))
             for i in indices
         ]
         scheduler = self._scheduler
+        scheduler.family = type(problem).__qualname__
 
         def here(group):
+            if states is not None:  # (caches in memory here)
+                group = [(i, tuple(_state_with(s, in_memory(s.cache)) for s in head), tail)
+                         for i, head, tail in group]
             return _run_group(
                 fn, problem, args, self.clients, group, self.pin, self.timeout, self._busy,
                 _guarded,
@@ -304,6 +323,18 @@ class LocalTransport(Transport):
             scheduler.record_here(task, len(items), seconds)
             return answers + out
         parallel, rows = self._workers()
+        caches = self._caches
+        sent = {}
+        if states is not None:
+            # a client's cache goes as a reference to where it is stored
+            out_items = []
+            for i, head, tail in items:
+                outgoing = []
+                for s in head:
+                    carried, sent[i] = caches.outgoing(i, s.cache)
+                    outgoing.append(_state_with(s, carried))
+                out_items.append((i, tuple(outgoing), tail))
+            items = out_items
         groups = self._groups(items, scheduler.n_workers)
         start = time.perf_counter()
         outs = parallel(
@@ -311,14 +342,15 @@ class LocalTransport(Transport):
                 fn, problem, args,
                 rows.subset([i for i, _, _ in g]) if isinstance(rows, _RowsFile) else rows,
                 g, self.pin, self.timeout, self._busy, _guarded,
+                caches.folder if states is not None else None,
             )
             for g in groups
         )
         scheduler.record_there(
             task, [len(g) for g in groups], [sec for _, sec in outs], time.perf_counter() - start
         )
-        for out, _ in outs:
-            answers += out
+        for (out, _), g in zip(outs, groups):
+            answers += [caches.incoming(a, sent.get(i)) for a, (i, _, _) in zip(out, g)]
         return answers
 
     def _groups(self, items, n_groups):
@@ -328,6 +360,66 @@ class LocalTransport(Transport):
         cuts = [0, *sorted(set(int(b) + 1 for b in bounds)), len(items)]
         cuts = sorted(set(min(c, len(items)) for c in cuts))
         return [items[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+    def _run_dask_states(self, fn, indices, problem, args, states, per_client):
+        """One Dask task per client; each client's cache stays on the workers.
+
+        The task's result is the client's answer and its new cache: only the
+        answer is gathered (by a second, tiny task); the result stays on the
+        worker as a future, which the client's next task takes as an
+        argument (Dask gives it to the task where it is, normally the
+        worker holding the client's rows).
+        """
+        from operator import itemgetter
+
+        from .caches import DaskCache, StoredCache
+
+        client = _dask_client()
+        caches = self._caches
+        pending = []
+        for i in indices:
+            state = states[i]
+            inner, unverified = split_cache(state.cache)
+            previous = inner if isinstance(inner, StoredCache) else None
+            if previous is not None and isinstance(previous.ref, DaskCache):
+                cache, picked = previous.ref.future, True
+            else:
+                cache, picked = (previous.data() if previous is not None else inner), False
+            tail = () if per_client is None else (per_client[i],)
+            future = client.submit(
+                _dask_task, fn, problem, self._placed[i], _state_with(state, None), cache,
+                picked, unverified, list(args), list(tail), self.timeout,
+                _client_guard(self._placed, i),
+                pure=False,
+            )
+            pending.append((future, client.submit(itemgetter(0), future, pure=False), previous))
+        answers = []
+        for future, answer_f, previous in pending:
+            try:
+                answer = answer_f.result()
+            except Exception as exc:  # noqa: BLE001 - the client is unreachable
+                answers.append(ClientFailure(type(exc).__name__, str(exc), exc))
+                continue
+            where = answer[1].cache if isinstance(answer, tuple) and len(answer) == 2 else None
+            if where is _KEPT and previous is not None and isinstance(previous.ref, DaskCache):
+                answer[1].cache = previous  # the client kept its cache: the same version
+            elif where is _KEPT or where is _ON_WORKER:
+                answer[1].cache = caches.handle(DaskCache(future))
+            answers.append(answer)
+        return answers
+
+    def _may_cache(self, problem, indices, states):
+        """Whether clients may hold caches (then Dask keeps them on the workers)."""
+        if any(states[i].cache is not None for i in indices):
+            return True
+        make = getattr(problem, "client_cache", None)
+        if make is None:
+            return False
+        X = self.clients[indices[0]]
+        try:  # (a cache is decided from the rows' shape and dtype)
+            return make(_RemoteRows(X.shape[0], X.shape[1], X.dtype)) is not None
+        except Exception:  # noqa: BLE001 - it needs the rows: assume it may
+            return True
 
     def _run_per_client(self, fn, indices, problem, args, states, per_client):
         """One task per client (Dask: each runs where its rows were scattered)."""
@@ -341,3 +433,51 @@ class LocalTransport(Transport):
             )
 
         return self._parallel(call(i) for i in indices)
+
+
+def _state_with(state, cache):
+    """A copy of a client state with another cache (the state itself if the same)."""
+    if state.cache is cache:
+        return state
+    return dataclasses.replace(state, cache=cache)
+
+
+class _Marker:
+    def __init__(self, name):
+        self.name = name
+
+    def __reduce__(self):
+        return _marker, (self.name,)
+
+
+def _marker(name):
+    return _KEPT if name == "kept" else _ON_WORKER
+
+
+#: A Dask task's answer: the client kept the cache it was given, or its new
+#: cache is the task's second result (kept on the worker).
+_KEPT = _Marker("kept")
+_ON_WORKER = _Marker("on worker")
+
+
+def _dask_task(fn, problem, X, state, cache, picked, unverified, args, tail, timeout, guard):
+    """A client's task on a Dask worker: ``(answer, new cache)``.
+
+    ``cache`` is the client's cache, or (``picked``) the result of its last
+    task, whose second item is its cache.
+    """
+    from .caches import rewrap
+
+    if picked:
+        cache = cache[1]
+    if cache is not None:
+        state = _state_with(state, rewrap(cache, unverified))
+    answer = _guarded(fn, problem, X, state, *args, *tail, timeout=timeout, guard=guard)
+    if not (isinstance(answer, tuple) and len(answer) == 2):
+        return answer, None
+    msg, new_state = answer
+    new = new_state.cache
+    if new is None:
+        return answer, None
+    kept = cache is not None and new is cache
+    return (msg, _state_with(new_state, _KEPT if kept else _ON_WORKER)), new

@@ -959,7 +959,10 @@ class FedMM:
             )
             _check_finite_param(param_layout, theta_new, round_index)
             row["restarted"] = float(bool(problem.restarted(layout.unflatten(s_new), theta, theta_new)))
-            row["mean_field"] = float(np.abs(H).sum())
+            field = getattr(problem, "mean_field_norm", None)  # (optional: a part of H)
+            row["mean_field"] = (
+                float(np.abs(H).sum()) if field is None else float(field(layout.unflatten(H)))
+            )
             row["stat_change"] = _norm(s_new - s_old)
             log_scale = state.log_scale
             factor = problem.rescale(layout.unflatten(s_new), theta, theta_new)

@@ -297,12 +297,12 @@ class FederatedOTMap(FederatedMixin, OneToOneFeatureMixin, TransformerMixin, Bas
         epsilon never increases in exact rounds, and with exact rounds the
         fit is still the same pooled solver however the rows are split.
         Needs exact rounds (``participation=1``, no ``compression``, full
-        batches): with noisy estimates of the Hessian the steps are not
-        safe (measured: no convergence in noisy rounds).
-        Far fewer rounds at small ``epsilon`` (at ``epsilon=1e-3``, a
-        marginal error of 1e-3 in about 40 rounds instead of more than 1000
-        on 4 clients x 300 rows in dimension 4), for larger messages and
-        client work. ``"auto"``: ``"newton"`` when ``epsilon < 0.05``,
+        batches): with estimated gradients and Hessians the bound does not
+        hold and the steps are not safe. Far fewer rounds at small
+        ``epsilon`` (at ``epsilon=1e-3``, a marginal error of 1e-3 in 33
+        rounds instead of more than 1000 on 4 clients x 300 rows in
+        dimension 4, 300 target points), for larger messages and client
+        work. ``"auto"``: ``"newton"`` when ``epsilon < 0.05``,
         ``aggregation="surrogate"``, rounds are exact (``participation=1``,
         no ``compression``, full batches) and there are at most 1000 target
         points; ``"sinkhorn"`` otherwise. A continued fit keeps the dual

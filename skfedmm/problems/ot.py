@@ -262,13 +262,15 @@ class EntropicOTProblem(MMProblem):
         second moment :math:`\mathbb{E}[\chi\chi^\top]` of the soft
         assignments (packed upper triangle, :math:`m(m+1)/2` entries), so
         the server has the semi-dual's exact gradient and Hessian, and
-        :meth:`minimize` takes the majorized Newton step of
-        :meth:`_newton_step` (the objective at the current
-        :math:`\varepsilon` never increases in exact rounds). The second
+        :meth:`minimize` takes a majorized Newton step: among the
+        Levenberg-Marquardt steps and Sinkhorn's, the one with the lowest
+        upper bound on the objective (a bound on the third derivative of
+        the log-sum-exp), so the objective at the current
+        :math:`\varepsilon` never increases in exact rounds. The second
         moments are aggregated like the masses and not rescaled when the
-        potential moves (:meth:`rescale` returns 1 for them). For exact rounds (all clients, no
-        compression, full batches): with noisy or stale Hessians the step
-        is not safe.
+        potential moves (:meth:`rescale` returns 1 for them). For exact
+        rounds (all clients, no compression, full batches): with noisy or
+        stale Hessians the step is not safe.
     scaling_tol : float, default=None
         With ``epsilon_scaling``, an adaptive schedule: the epsilon factor
         shrinks only after a round whose marginal error

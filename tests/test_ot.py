@@ -778,6 +778,13 @@ def test_batch_fedmm_with_newton_steps_is_the_pooled_solver(split):
     assert_allclose(est.potential_, g, rtol=0, atol=1e-8 * np.ptp(g))
     assert_array_equal(est.history_["restarted"][1:], np.array(factors[1:]) != 1.0)
     assert est.marginal_error_ < 1e-6
+    # the control variates (masses and second moments): V = sum_i w_i V_i
+    from skfedmm.federation.client import _current_cv
+
+    state = est.fedmm_state_
+    cvs = [_current_cv(c.cv, c.log_scale, state.log_scale) for c in state.clients]
+    assert state.cv.shape == (40 + 40 * 41 // 2,)
+    assert_allclose(state.cv, sum(w * c for w, c in zip(state.weights, cvs)), rtol=0, atol=1e-12)
 
 
 def test_newton_steps_never_increase_the_objective_and_need_fewer_rounds():

@@ -425,7 +425,9 @@ class FedMM:
         either sign). ``"absolute"``: stop when :math:`|W_{t-1} - W_t| <
         \\mathrm{tol}` (as :mod:`sklearn.mixture` does with the lower
         bound). ``"mean_field"``: stop when :math:`\\|H_t\\|_1 \\le`
-        ``tol`` (surrogate aggregation).
+        ``tol`` (surrogate aggregation; a problem with a
+        ``mean_field_norm(H)`` method measures :math:`H_t` its own way, for
+        example on one block of the statistic).
     n_jobs : int or None, default=None
         Clients run in parallel through joblib; the backend is whatever
         :func:`joblib.parallel_config` selects.

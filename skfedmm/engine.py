@@ -432,7 +432,9 @@ class FedMM:
         either sign). ``"absolute"``: stop when :math:`|W_{t-1} - W_t| <
         \\mathrm{tol}` (as :mod:`sklearn.mixture` does with the lower
         bound). ``"mean_field"``: stop when :math:`\\|H_t\\|_1 \\le`
-        ``tol`` (surrogate aggregation).
+        ``tol`` (surrogate aggregation; a problem with a
+        ``mean_field_norm(H)`` method measures :math:`H_t` its own way, for
+        example on one block of the statistic).
     n_jobs : int or None, default=None
         Clients run in parallel through joblib; the backend is whatever
         :func:`joblib.parallel_config` selects.
@@ -1043,7 +1045,10 @@ class FedMM:
             )
             _check_finite_param(param_layout, theta_new, round_index)
             row["restarted"] = float(bool(problem.restarted(layout.unflatten(s_new), theta, theta_new)))
-            row["mean_field"] = float(np.abs(H).sum())
+            field = getattr(problem, "mean_field_norm", None)  # (optional: a part of H)
+            row["mean_field"] = (
+                float(np.abs(H).sum()) if field is None else float(field(layout.unflatten(H)))
+            )
             row["stat_change"] = _norm(s_new - s_old)
             log_scale = state.log_scale
             factor = problem.rescale(layout.unflatten(s_new), theta, theta_new)

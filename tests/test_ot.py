@@ -616,7 +616,9 @@ def test_batch_fedmm_with_epsilon_scaling_is_pooled_sinkhorn_with_the_schedule(s
     X = rng.standard_normal((240, 3))
     Y = rng.standard_normal((40, 3)) * 0.8 + 0.5
     n_iter, eps, q = 25, 0.02, 0.7
-    est = FederatedOTMap(eps, normalize_cost=None, epsilon_scaling=q, max_iter=n_iter, tol=0.0)
+    est = FederatedOTMap(
+        eps, normalize_cost=None, epsilon_scaling=q, dual_step="sinkhorn", max_iter=n_iter, tol=0.0
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the schedule ends within the rounds: no warning
         fit_split(est, X, Y, split, rng)
@@ -645,8 +647,10 @@ def test_epsilon_scaling_never_stops_before_the_requested_epsilon():
 def test_epsilon_scaling_reaches_tol_in_fewer_rounds():
     clients, _, Y, _, _ = gaussian_problem(d=3, n_clients=4, n=100, m=100, seed=0)
     kw = dict(tol=1e-2, max_iter=2000)
-    plain = FederatedOTMap(0.005, epsilon_scaling=None, **kw).fit(clients, target=Y)
-    scaled = FederatedOTMap(0.005, **kw).fit(clients, target=Y)  # "auto": on
+    plain = FederatedOTMap(0.005, epsilon_scaling=None, dual_step="sinkhorn", **kw).fit(
+        clients, target=Y
+    )
+    scaled = FederatedOTMap(0.005, dual_step="sinkhorn", **kw).fit(clients, target=Y)  # "auto": on
     assert plain.marginal_error_ <= 1e-2 and scaled.marginal_error_ <= 1e-2
     assert scaled.n_iter_ < 0.5 * plain.n_iter_
     # the same problem: the two maps agree to the tolerance
@@ -710,6 +714,146 @@ def test_epsilon_scaling_default_and_parameter():
             FederatedOTMap(epsilon_scaling=bad).fit(clients, target=Y)
         with pytest.raises(ValueError, match="epsilon_scaling"):
             EntropicOTProblem(Y, epsilon_scaling=bad)
+
+
+# ------------------------------------------------------------- Newton steps
+def test_newton_statistic_is_the_exact_second_moment():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((230, 3))
+    Y = rng.standard_normal((25, 3))
+    problem = EntropicOTProblem(Y, epsilon=0.3, normalize_cost=None, newton=True, working_memory=0.001)
+    g = rng.standard_normal(25)
+    stat, loss = problem.local_statistic(X, g)  # (several chunks)
+    chi = problem.soft_assignments(X, g)
+    Q = problem._unpack_second(stat["second"])
+    assert stat["second"].shape == (25 * 26 // 2,)
+    assert_allclose(Q, chi.T @ chi / 230, rtol=1e-12, atol=1e-15)
+    assert_allclose(Q.sum(axis=1), stat["mass"], rtol=1e-12)  # rows sum to the masses
+    assert_allclose(stat["mass"], chi.mean(axis=0), rtol=1e-12)
+    assert problem.check_statistic(stat, g) is None
+    bad = {"mass": stat["mass"], "second": -stat["second"]}
+    assert "negative second moment" in problem.check_statistic(bad, g)
+    assert np.all(problem.project(bad)["second"] == 0)
+    assert np.all(problem.rescale(stat, g, g)["second"] == 1)
+    # the convergence measure is the marginal error only
+    H = {"mass": stat["mass"] - problem.weights, "second": stat["second"]}
+    assert problem.mean_field_norm(H) == pytest.approx(np.abs(H["mass"]).sum())
+    plain = EntropicOTProblem(Y, epsilon=0.3, normalize_cost=None)
+    assert_allclose(plain.local_statistic(X, g)[0]["mass"], stat["mass"], rtol=1e-13)
+
+
+def pooled_newton(X, problem, n_iter):
+    """The server's M-step on statistics of the pooled rows, written out (normalize_cost=None)."""
+    Y, b = problem.target, problem.weights
+    m = Y.shape[0]
+    C = 0.5 * ((X[:, None, :] - Y[None, :, :]) ** 2).sum(-1)
+    theta = {"potential": np.zeros(m), "epsilon_factor": np.array([problem.start_factor()])}
+    factors = []
+    for _ in range(n_iter + 1):  # the initial full round is one more step
+        factors.append(float(theta["epsilon_factor"][0]))
+        e = problem.epsilon * factors[-1]
+        Z = (theta["potential"] - C) / e + np.log(b)
+        chi = np.exp(Z - logsumexp(Z, axis=1, keepdims=True))
+        stat = {"mass": chi.mean(axis=0), "second": (chi.T @ chi / X.shape[0])[np.triu_indices(m)]}
+        theta = problem.minimize(stat, theta)
+    return theta["potential"], factors
+
+
+@pytest.mark.parametrize("split", ["one", "three", "ids"])
+def test_batch_fedmm_with_newton_steps_is_the_pooled_solver(split):
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((240, 3))
+    Y = rng.standard_normal((40, 3)) * 0.8 + 0.5
+    n_iter, eps = 25, 0.005
+    est = FederatedOTMap(eps, normalize_cost=None, max_iter=n_iter, tol=0.0)  # "auto": Newton
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the schedule ends within the rounds: no warning
+        fit_split(est, X, Y, split, rng)
+    problem = est.problem_
+    assert problem.newton and problem.scaling_tol == 0.03 and problem.epsilon_scaling == 0.2
+    g, factors = pooled_newton(X, problem, n_iter)
+    assert factors[0] > 50 and factors[-1] == 1.0  # the adaptive schedule ran, and ended
+    assert len(set(factors)) > 3 and any(a == b for a, b in zip(factors, factors[1:]))
+    assert est.epsilon_ == eps
+    assert_allclose(est.potential_, g, rtol=0, atol=1e-8 * np.ptp(g))
+    assert_array_equal(est.history_["restarted"][1:], np.array(factors[1:]) != 1.0)
+    assert est.marginal_error_ < 1e-6
+    # the control variates (masses and second moments): V = sum_i w_i V_i
+    from skfedmm.federation.client import _current_cv
+
+    state = est.fedmm_state_
+    cvs = [_current_cv(c.cv, c.log_scale, state.log_scale) for c in state.clients]
+    assert state.cv.shape == (40 + 40 * 41 // 2,)
+    assert_allclose(state.cv, sum(w * c for w, c in zip(state.weights, cvs)), rtol=0, atol=1e-12)
+
+
+def test_newton_steps_never_increase_the_objective_and_need_fewer_rounds():
+    clients, _, Y, _, _ = gaussian_problem(d=3, n_clients=3, n=100, m=60, seed=5)
+    kw = dict(epsilon_scaling=None, tol=1e-5, max_iter=3000)
+    newton = FederatedOTMap(0.03, dual_step="newton", **kw).fit(clients, target=Y)
+    sinkhorn = FederatedOTMap(0.03, dual_step="sinkhorn", **kw).fit(clients, target=Y)
+    obj = np.asarray(newton.history_["objective"])  # the semi-dual at each round's potential
+    assert np.all(np.diff(obj) <= 1e-12 * np.abs(obj[1:]))
+    assert np.diff(obj).min() < 0
+    assert newton.marginal_error_ <= 1e-5 and sinkhorn.marginal_error_ <= 1e-5
+    print(f"rounds to 1e-5 at epsilon 0.03: newton {newton.n_iter_}, sinkhorn {sinkhorn.n_iter_}")
+    assert newton.n_iter_ < 0.2 * sinkhorn.n_iter_
+    X = np.vstack(clients)  # the same problem: the same map, to the tolerance
+    gap = np.max(np.linalg.norm(newton.transform(X) - sinkhorn.transform(X), axis=1))
+    assert gap < 5e-3 * np.sqrt(newton.cost_scale_)
+
+
+def test_small_epsilon_reaches_tol_in_few_rounds():
+    # the problem of benchmarks/bench_ot_epsilon.py
+    clients, X, Y, _, _ = gaussian_problem(d=4, n_clients=4, n=300, m=300, seed=0)
+    est = FederatedOTMap(1e-3, max_iter=60, tol=1e-3).fit(clients, target=Y)
+    assert est.problem_.newton and est.n_iter_ <= 60
+    assert est.epsilon_ == pytest.approx(1e-3 * est.cost_scale_)
+    # the marginal error, recomputed on the pooled rows at the fitted potential
+    error = np.abs(est.soft_assignments(X).mean(axis=0) - est.target_weights_).sum()
+    assert error <= 1e-3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        sinkhorn = FederatedOTMap(1e-3, dual_step="sinkhorn", max_iter=60, tol=1e-3).fit(
+            clients, target=Y
+        )
+    assert not sinkhorn.marginal_error_ <= 1e-2 or sinkhorn._epsilon_factor != 1.0
+
+
+def test_dual_step_auto_and_validation():
+    clients, _, Y, _, _ = gaussian_problem(n=40, m=20, seed=0)
+    kw = dict(max_iter=2, tol=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        assert FederatedOTMap(0.01, **kw).fit(clients, target=Y).problem_.newton
+        for est in (
+            FederatedOTMap(0.05, **kw),  # the default epsilon
+            FederatedOTMap(0.01, dual_step="sinkhorn", **kw),
+            FederatedOTMap(0.01, participation=0.5, **kw),
+            FederatedOTMap(0.01, compression=("qsgd", {"s": 4}), **kw),
+            FederatedOTMap(0.01, batch_size=10, **kw),
+            FederatedOTMap(0.01, aggregation="parameter", **kw),
+            FederatedOTMap(0.01, n_reference=1001, **kw),  # (target=None: m = 1001)
+        ):
+            est.fit(clients, target=None if est.n_reference == 1001 else Y)
+            assert not est.problem_.newton
+            assert "second" not in est.problem_.statistic_shapes(None)
+        # a continued fit keeps the statistics' layout of the fit it continues
+        est = FederatedOTMap(0.01, warm_start=True, **kw).fit(clients, target=Y)
+        est.set_params(epsilon=0.05).fit(clients)
+        assert est.problem_.newton and est.epsilon_ == pytest.approx(0.05 * est.cost_scale_)
+    for bad in (
+        dict(participation=0.5), dict(compression=("qsgd", {"s": 4})), dict(batch_size=10),
+        dict(aggregation="parameter"),
+    ):
+        with pytest.raises(ValueError, match="dual_step='newton' needs"):
+            FederatedOTMap(0.01, dual_step="newton", **bad).fit(clients, target=Y)
+    with pytest.raises(ValueError, match="dual_step"):
+        FederatedOTMap(dual_step="lbfgs").fit(clients, target=Y)
+    with pytest.raises(ValueError, match="newton"):
+        EntropicOTProblem(Y, newton="yes")
+    with pytest.raises(ValueError, match="scaling_tol"):
+        EntropicOTProblem(Y, scaling_tol=0.0)
 
 
 # ----------------------------------------------------------- float32 kernel

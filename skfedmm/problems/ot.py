@@ -257,6 +257,26 @@ class EntropicOTProblem(MMProblem):
         any move of the parameter, and :math:`V = \sum_i w_i V_i` still
         holds. None: the parameter is the potential, every round at
         :math:`\varepsilon`.
+    newton : bool, default=False
+        Newton steps: the statistic also holds ``"second"``, the mean
+        second moment :math:`\mathbb{E}[\chi\chi^\top]` of the soft
+        assignments (packed upper triangle, :math:`m(m+1)/2` entries), so
+        the server has the semi-dual's exact gradient and Hessian, and
+        :meth:`minimize` takes a majorized Newton step: among the
+        Levenberg-Marquardt steps and Sinkhorn's, the one with the lowest
+        upper bound on the objective (a bound on the third derivative of
+        the log-sum-exp), so the objective at the current
+        :math:`\varepsilon` never increases in exact rounds. The second
+        moments are aggregated like the masses and not rescaled when the
+        potential moves (:meth:`rescale` returns 1 for them). For exact
+        rounds (all clients, no compression, full batches): with noisy or
+        stale Hessians the step is not safe.
+    scaling_tol : float, default=None
+        With ``epsilon_scaling``, an adaptive schedule: the epsilon factor
+        shrinks only after a round whose marginal error
+        :math:`\|r - b\|_1` at the current :math:`\varepsilon_t` is at
+        most ``scaling_tol`` (:meth:`minimize` reads it from the aggregated
+        masses). None: the factor shrinks every round.
     kernel_dtype : {None, "float32", "float64"}, default=None
         Precision of the ``chunk x m`` soft-assignment block (the logits'
         matrix product, the max, the exponentials); None: the data's dtype.
@@ -314,6 +334,7 @@ class EntropicOTProblem(MMProblem):
     def __init__(
         self, target, target_weights=None, *, epsilon=0.05, normalize_cost="spread",
         working_memory=None, min_mass=None, epsilon_scaling=None, kernel_dtype=None,
+        newton=False, scaling_tol=None,
     ):
         target = np.asarray(target)
         if target.ndim != 2 or target.shape[0] == 0:
@@ -354,6 +375,15 @@ class EntropicOTProblem(MMProblem):
         self.normalize_cost = normalize_cost
         self.working_memory = working_memory
         self.epsilon_scaling = None if epsilon_scaling is None else float(epsilon_scaling)
+        if not isinstance(newton, (bool, np.bool_)):
+            raise ValueError(f"newton must be True or False, got {newton!r}.")
+        self.newton = bool(newton)
+        if scaling_tol is not None and (
+            not isinstance(scaling_tol, Real) or isinstance(scaling_tol, bool)
+            or not 0 < scaling_tol < np.inf
+        ):
+            raise ValueError(f"scaling_tol must be None or a positive float, got {scaling_tol!r}.")
+        self.scaling_tol = None if scaling_tol is None else float(scaling_tol)
         if kernel_dtype is not None and np.dtype(kernel_dtype) not in (np.float32, np.float64):
             raise ValueError(f"kernel_dtype must be None, float32 or float64, got {kernel_dtype!r}.")
         self.kernel_dtype = dtype if kernel_dtype is None else np.dtype(kernel_dtype)
@@ -406,16 +436,90 @@ class EntropicOTProblem(MMProblem):
             return 1.0
         return max(1.0, start / self.reg_)
 
-    def next_factor(self, factor):
+    def next_factor(self, factor, error=None):
         r"""The epsilon factor of the next round: :math:`\max(1, q k)`.
 
         :math:`q` is ``epsilon_scaling``; without scaling the factor is 1
         (a parameter that carries a factor jumps to the requested
-        :math:`\varepsilon`).
+        :math:`\varepsilon`). With ``scaling_tol``, the factor shrinks only
+        when the round's marginal error ``error`` (at the current
+        :math:`\varepsilon_t`) is at most ``scaling_tol``, and stays
+        otherwise (an adaptive schedule).
         """
         if self.epsilon_scaling is None:
             return 1.0
+        if self.scaling_tol is not None and error is not None and not error <= self.scaling_tol:
+            return max(1.0, float(factor))
         return max(1.0, float(factor) * self.epsilon_scaling)
+
+    def _triu(self):
+        """Indices of the packed upper triangle of an ``m x m`` matrix."""
+        return np.triu_indices(self.target.shape[0])
+
+    def _unpack_second(self, packed):
+        """The symmetric ``m x m`` second moment from its packed upper triangle."""
+        m = self.target.shape[0]
+        Q = np.zeros((m, m))
+        Q[self._triu()] = np.asarray(packed, dtype=np.float64).reshape(-1)
+        return Q + np.triu(Q, 1).T
+
+    def _newton_step(self, r, second, reg):
+        r"""The potential's step: a majorized Newton step, or Sinkhorn's.
+
+        The semi-dual's gradient is :math:`r - b` and its Hessian
+        :math:`H = \varepsilon^{-1}(\mathrm{diag}(r) - \mathbb{E}[\chi
+        \chi^\top])`, both exact aggregates of the clients' statistics.
+        Along a direction :math:`d`, the third derivative of each row's
+        log-sum-exp is a third central moment of :math:`d` under the soft
+        assignment, at most :math:`R = \mathrm{ptp}(d) / \varepsilon` times
+        the second, so :math:`\varphi(t) = F(g + t d)` satisfies
+
+        .. math::
+
+            \varphi(t) \le \varphi(0) + t \nabla F^\top d
+            + d^\top H d\, \frac{e^{tR} - tR - 1}{R^2},
+
+        minimized at :math:`t = \log(1 + R a) / R`, :math:`a = -\nabla
+        F^\top d / d^\top H d`. The candidates are the Levenberg-Marquardt
+        directions :math:`(H + \lambda \varepsilon^{-1} \mathrm{diag}(b))^{-1}
+        (b - r)` for :math:`\lambda` on a grid (0: Newton's direction), each
+        with its own :math:`t`, and Sinkhorn's step (whose majorizer
+        guarantees a decrease of :math:`\varepsilon\, \mathrm{KL}(b \| r)`);
+        the step with the lowest bound is taken, so the semi-dual objective
+        never increases in exact rounds (an MM step along the chosen line).
+        The bound is gauge-free (:math:`\mathrm{ptp}` ignores constants).
+        """
+        b = self.weights.astype(np.float64)
+        r = np.asarray(r, dtype=np.float64)
+        sinkhorn = reg * (self._log_b - np.log(r))
+        best, step = -reg * float(b @ (self._log_b - np.log(r))), sinkhorn
+        sb = np.sqrt(b)
+        Q = self._unpack_second(second)
+        M = (np.diag(r) - Q) / sb[:, None] / sb[None, :]
+        M = 0.5 * (M + M.T)
+        if not np.all(np.isfinite(M)):
+            return step
+        w, V = np.linalg.eigh(M)
+        w = np.clip(w, 0.0, None)
+        grad = r - b
+        gt = V.T @ (grad / sb)
+        lams = np.r_[0.0, np.logspace(-8, 2, 41)]
+        den = w[:, None] + lams[None, :]
+        keep = den > 1e-12 * max(float(w.max()), 1e-300)
+        Z = np.where(keep, -gt[:, None] / np.where(keep, den, 1.0), 0.0)
+        D = reg * (V @ Z) / sb[:, None]
+        gd = grad @ D
+        dHd = reg * np.einsum("i,il->l", w, Z * Z)
+        R = np.ptp(D, axis=0) / reg
+        ok = (gd < 0) & (dHd > 0) & (R > 0) & np.isfinite(R)
+        if np.any(ok):
+            gd, dHd, R, D = gd[ok], dHd[ok], R[ok], D[:, ok]
+            t = np.log1p(R * (-gd / dHd)) / R
+            bound = t * gd + dHd * (np.expm1(t * R) - t * R) / R**2
+            j = int(np.argmin(bound))
+            if bound[j] < best:
+                step = t[j] * D[:, j]
+        return step
 
     def _kernel(self, g, eps=None):
         """``[(Y - c)^T / eps; (g - |y - c|^2 / 2) / eps + log b]``."""
@@ -547,8 +651,16 @@ class EntropicOTProblem(MMProblem):
         )
 
     def statistic_shapes(self, theta):
-        """``{"mass": (m,)}``, one mass per target point."""
-        return {"mass": (self.target.shape[0],)}
+        r"""``{"mass": (m,)}``, one mass per target point (and ``"second"`` with Newton steps).
+
+        With ``newton=True`` the statistic also holds the mean second
+        moment of the soft assignments, :math:`\mathbb{E}[\chi\chi^\top]`,
+        as its packed upper triangle of :math:`m(m+1)/2` entries.
+        """
+        m = self.target.shape[0]
+        if self.newton:
+            return {"mass": (m,), "second": (m * (m + 1) // 2,)}
+        return {"mass": (m,)}
 
     def check_statistic(self, stat, theta, atol=0.0):
         """Masses are a mean of soft assignments: nonnegative, summing to one."""
@@ -559,21 +671,35 @@ class EntropicOTProblem(MMProblem):
         slack = atol * mass.size + 1e3 * coarse
         if abs(mass.sum() - 1.0) > slack:
             return f"masses summing to {mass.sum():.6g}, not 1"
+        if self.newton:
+            second = np.asarray(stat["second"], dtype=np.float64)
+            if np.any(second < -atol):
+                return f"a negative second moment ({second.min():.3g})"
         return None
 
     def local_statistic(self, X, theta):
         """Mean soft assignment ``{"mass": (m,)}`` and mean semi-dual loss."""
-        mass = np.zeros(self.target.shape[0], dtype=np.float64)
+        m = self.target.shape[0]
+        mass = np.zeros(m, dtype=np.float64)
+        second = np.zeros((m, m), dtype=np.float64) if self.newton else None
         total = 0.0
         reg = self._reg_at(theta)
         for _, E, zmax, rowsum, Xc in self._chunks(X, theta):
-            mass += E.T @ (1.0 / rowsum)
             total += self._rows_lse(zmax, rowsum, Xc, reg)
+            if second is None:
+                mass += E.T @ (1.0 / rowsum)
+            else:
+                E /= rowsum[:, None]  # the soft assignments (E is the chunk's buffer)
+                mass += E.sum(axis=0, dtype=np.float64)
+                second += E.T @ E
         n = X.shape[0]
         loss = reg * total / n - float(
             self.weights.astype(np.float64) @ np.asarray(self._unpack(theta)[0], dtype=np.float64)
         )
-        return {"mass": (mass / n).astype(self.dtype)}, loss
+        stat = {"mass": (mass / n).astype(self.dtype)}
+        if second is not None:
+            stat["second"] = (second[self._triu()] / n).astype(self.dtype)
+        return stat, loss
 
     def _floor(self, r):
         r = np.asarray(r, dtype=self.dtype)
@@ -591,15 +717,25 @@ class EntropicOTProblem(MMProblem):
         """
         g_prev, factor = self._unpack(theta_prev)
         r = self._floor(stat["mass"])
-        g = np.asarray(g_prev, dtype=np.float64) + self.reg_ * factor * (
-            self._log_b - np.log(r.astype(np.float64))
-        )
+        reg = self.reg_ * factor
+        if self.newton:
+            step = self._newton_step(r, stat["second"], reg)
+        else:
+            step = reg * (self._log_b - np.log(r.astype(np.float64)))
+        g = np.asarray(g_prev, dtype=np.float64) + step
         g = (g - g.mean()).astype(self.dtype)
-        return self._pack(g, self.next_factor(factor), theta_prev)
+        error = None
+        if self.scaling_tol is not None:
+            error = float(np.abs(np.asarray(stat["mass"], dtype=np.float64) - self.weights).sum())
+        return self._pack(g, self.next_factor(factor, error), theta_prev)
 
     def project(self, stat):
         """Keep the masses :math:`r \\ge` ``min_mass`` :math:`\\cdot b > 0`."""
-        return {"mass": self._floor(stat["mass"])}
+        out = {"mass": self._floor(stat["mass"])}
+        if self.newton:
+            second = np.asarray(stat["second"])
+            out["second"] = np.where(second > 0, second, 0).astype(second.dtype)
+        return out
 
     def project_parameter(self, theta):
         """The gauge: :math:`\\mathrm{mean}(g) = 0` (and an epsilon factor :math:`\\ge 1`)."""
@@ -607,6 +743,18 @@ class EntropicOTProblem(MMProblem):
         g = np.asarray(g)
         g = g - g.mean(dtype=np.float64).astype(g.dtype)
         return self._pack(g, max(1.0, factor), theta)
+
+    def mean_field_norm(self, field):
+        r"""The marginal error read off the round: :math:`\|H_{\mathrm{mass}}\|_1`.
+
+        The engine's convergence measure (``convergence="mean_field"``)
+        for this problem: the L1 norm of the mass block of the round's
+        estimate :math:`H` of :math:`\bar S(\theta_t) - \hat S_t` (in exact
+        rounds the aggregated masses minus :math:`b`, since the server's
+        masses are :math:`b`); the second moments of Newton steps, which
+        change from round to round, do not count.
+        """
+        return float(np.abs(np.asarray(field["mass"], dtype=np.float64)).sum())
 
     def restarted(self, stat, theta_prev, theta_new):
         """True while epsilon is still being scaled: no convergence before the last value.
@@ -620,7 +768,10 @@ class EntropicOTProblem(MMProblem):
     def rescale(self, stat, theta_old, theta_new):
         """Change of mass coordinates :math:`b / r` (gauge-free)."""
         r = self._floor(stat["mass"])
-        return {"mass": (self.weights / r).astype(self.dtype)}
+        out = {"mass": (self.weights / r).astype(self.dtype)}
+        if self.newton:  # (the second moments are kept as they are)
+            out["second"] = np.ones(np.shape(stat["second"]), dtype=self.dtype)
+        return out
 
     def gradient(self, X, theta):
         r"""The stochastic semi-dual gradient (Genevay, Cuturi, Peyré, Bach, 2016).

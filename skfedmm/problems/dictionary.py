@@ -70,9 +70,9 @@ def lasso_objective(X, code, dictionary, alpha):
 
 def batch_lasso_cd(
     X, dictionary, alpha, *, positive=False, tol=1e-4, max_iter=1000, gram=None, cov=None,
-    block_size=8, gap_every=5, code_init=None,
+    block_size=8, gap_every=5, code_init=None, solver="auto",
 ):
-    r"""Lasso codes of all rows at once by block coordinate descent.
+    r"""Lasso codes of all rows at once, by coordinate descent or active sets.
 
     Solves, for every row :math:`x` of ``X`` independently,
 
@@ -95,6 +95,25 @@ def batch_lasso_cd(
     most ``tol`` times its objective; or ``max_iter`` sweeps. The result of
     a row never depends on the other rows.
 
+    With ``solver="active_set"`` most rows are solved exactly instead, on
+    their active set (support and signs): with no starting code, every row
+    whose solution has one atom is found at once (the atom of largest
+    correlation, accepted when the lasso's optimality conditions hold),
+    and the other rows are finished by feature-sign search
+    (:func:`_feature_sign`: exact solves on the support, vectorized over
+    rows of equal support size, adding the most violating atom or dropping
+    one whose sign flips, until the optimality conditions hold to
+    ``tol``). From a starting code, coordinate descent runs and each row
+    moves to feature-sign search once its signs hold for a sweep, or after
+    two sweeps. Rows are only accepted at the lasso's optimality
+    conditions (violations at most ``tol`` times ``alpha``), so the codes
+    are more accurate than coordinate descent's; any row the search cannot
+    finish (a singular system) returns to coordinate descent. ``"auto"``
+    picks ``"active_set"`` for overcomplete dictionaries (more atoms than
+    features: a singular Gram matrix, coherent atoms, on which coordinate
+    descent crawls while the codes stay sparse) and ``"cd"`` otherwise; the
+    choice depends only on the dictionary's shape, never on the rows.
+
     Parameters
     ----------
     X : ndarray of shape (n_samples, n_features)
@@ -116,6 +135,8 @@ def batch_lasso_cd(
         dictionary; projected onto the nonnegative orthant when
         ``positive``); zeros when None. Not modified. The codes are still
         computed to ``tol``, so the start changes them only within it.
+    solver : {"auto", "cd", "active_set"}, default="auto"
+        See above.
 
     Returns
     -------
@@ -141,11 +162,36 @@ def batch_lasso_cd(
     blocks = [np.arange(s, min(s + block_size, k)) for s in range(0, k, block_size)]
     sq_norms = np.einsum("ij,ij->i", X, X)
     rows = np.arange(n)
+    if solver == "auto":
+        solver = "active_set" if k > X.shape[1] else "cd"
+    if solver not in ("cd", "active_set"):
+        raise ValueError(f"solver must be 'auto', 'cd' or 'active_set', got {solver!r}.")
+    # sweeps after which a row moves to feature-sign search (None: never)
+    exact_after = None
+    if solver == "active_set" and max_iter > 0:
+        exact_after = 2
+        if code_init is None:
+            exact_after = 0
+            rows = rows[~_greedy_active_set(C, G, alpha, positive, tol, 1, usable, H)]
     sweep = 0
     # codes and correlations of the running rows, transposed (atoms x rows)
-    Ht = np.ascontiguousarray(H.T)
-    Ct = np.ascontiguousarray(C.T)
+    Ht = np.ascontiguousarray(H[rows].T)
+    Ct = np.ascontiguousarray(C[rows].T)
     lo, hi = -alpha, alpha
+    # each row's signs at the previous sweep: once they hold for a sweep,
+    # the row is finished exactly (feature-sign search from its code)
+    signs = np.sign(Ht)
+    tried = np.zeros(rows.size, dtype=bool)
+    if exact_after == 0 and rows.size and max_iter > 0:
+        Hx, finished = _feature_sign(
+            np.ascontiguousarray(Ct.T), G, np.ascontiguousarray(Ht.T), alpha, positive, tol,
+            max_steps=4 * k + 10,
+        )
+        H[rows[finished]] = Hx[finished]
+        keep = ~finished
+        rows, Ht, Ct = rows[keep], np.ascontiguousarray(Hx[keep].T), Ct[:, keep]
+        signs, tried = np.sign(Ht), tried[keep]
+        exact_after = None  # what is left: coordinate descent
     while rows.size and sweep < max_iter:
         check = (sweep + 1) % gap_every == 0
         # the residual correlations C - HG at the sweep's start give the
@@ -181,12 +227,223 @@ def batch_lasso_cd(
         done = max_change <= tol * np.abs(Ht).max(axis=0)
         if check:
             done |= _gap_from_corr(sq_norms[rows], Ct, start, corr, alpha, positive, tol)
+        if exact_after is None:
+            exact = None
+        else:
+            new_signs = np.sign(Ht)
+            exact = ~done & ((sweep >= exact_after) | np.all(new_signs == signs, axis=0))
+            # once per row, and only on a support that can be independent
+            exact &= ~tried & (np.count_nonzero(new_signs, axis=0) <= X.shape[1])
+            tried |= exact
+            signs = new_signs
+        if exact is not None and exact.any():
+            Hx, finished = _feature_sign(
+                np.ascontiguousarray(Ct[:, exact].T), G, np.ascontiguousarray(Ht[:, exact].T),
+                alpha, positive, tol, max_steps=4 * k + 10,
+            )
+            Ht[:, exact] = Hx.T
+            signs[:, exact] = np.sign(Hx.T)
+            done[np.flatnonzero(exact)[finished]] = True
         if done.any():
             H[rows[done]] = Ht[:, done].T
             keep = ~done
-            rows, Ht, Ct = rows[keep], Ht[:, keep], Ct[:, keep]
+            rows, Ht, Ct, signs = rows[keep], Ht[:, keep], Ct[:, keep], signs[:, keep]
+            tried = tried[keep]
     H[rows] = Ht.T
     return H
+
+
+def _greedy_active_set(C, G, alpha, positive, tol, steps, usable, H):
+    r"""Rows whose lasso solution has at most ``steps`` atoms, found greedily.
+
+    From the zero code, each step adds to every unfinished row's support
+    the atom of largest residual correlation :math:`|\rho_j|` (with the
+    sign of :math:`\rho_j`), solves the lasso restricted to that support
+    and those signs exactly (:math:`h_S = G_{SS}^{-1}(c_S - \alpha
+    \sigma)`), and accepts the row when the signs agree and every other
+    atom has :math:`|\rho_j| \le \alpha (1 + \mathrm{tol})`: the
+    optimality conditions of the lasso, so the code is the row's solution
+    (up to a change of the objective below :math:`(\mathrm{tol}\,
+    \alpha)^2 / 2` per atom). A row whose signs disagree stops here and is
+    left to coordinate descent. Accepted codes are written to ``H``.
+
+    Returns
+    -------
+    done : ndarray of bool of shape (n_samples,)
+    """
+    n, k = C.shape
+    done = np.zeros(n, dtype=bool)
+    live = np.arange(n)
+    corr = C
+    idx = np.empty((n, 0), dtype=np.intp)
+    sign = np.empty((n, 0), dtype=C.dtype)
+    h = sign
+    bound = alpha * (1 + tol)
+    Gflat = G.ravel()
+    for step in range(steps + 1):
+        score = corr if positive else np.abs(corr)
+        if step or not usable.all():
+            score = score.copy()
+            score[:, ~usable] = -np.inf
+            np.put_along_axis(score, idx, -np.inf, axis=1)
+        j = np.argmax(score, axis=1)
+        ok = np.take_along_axis(score, j[:, None], axis=1)[:, 0] <= bound
+        if ok.any():
+            done[live[ok]] = True
+            if step:
+                H[live[ok]] = _scatter(idx[ok], h[ok], k, H.dtype)
+        if step == steps:
+            break
+        keep = ~ok
+        live, idx, sign, corr, j = live[keep], idx[keep], sign[keep], corr[keep], j[keep]
+        if not live.size:
+            break
+        s = np.take_along_axis(corr, j[:, None], axis=1)
+        s = np.ones_like(s) if positive else np.sign(s)
+        idx = np.concatenate([idx, j[:, None]], axis=1)
+        sign = np.concatenate([sign, s], axis=1)
+        m = step + 1
+        rhs = np.take_along_axis(C[live], idx, axis=1) - alpha * sign
+        if m == 1:
+            h = rhs / Gflat.take(idx * (k + 1))
+        else:
+            try:
+                h = np.linalg.solve(Gflat.take(idx[:, :, None] * k + idx[:, None, :]), rhs[..., None])[..., 0]
+            except np.linalg.LinAlgError:
+                break
+        consistent = np.all(h * sign > 0, axis=1)
+        live, idx, sign, h = live[consistent], idx[consistent], sign[consistent], h[consistent]
+        if not live.size:
+            break
+        corr = C[live] - np.einsum("nm,nmk->nk", h, G[idx])
+    return done
+
+
+def _scatter(idx, values, k, dtype):
+    out = np.zeros((idx.shape[0], k), dtype=dtype)
+    np.put_along_axis(out, idx, values, axis=1)
+    return out
+
+
+def _feature_sign(C, G, H, alpha, positive, tol, max_steps):
+    r"""Exact lasso solutions of a few rows by feature-sign search.
+
+    Lee, Battle, Raina, Ng (2007), vectorized over rows: each row keeps
+    a support :math:`S` and signs :math:`\sigma` (from its start code
+    ``H``, row-major, not modified). A step solves the lasso restricted to
+    :math:`(S, \sigma)` exactly; when a sign flips, the row moves from its
+    code towards that solution only until the first coordinate reaches
+    zero, and drops it (the objective decreases along the way, since it is
+    the restricted quadratic there); when the signs agree, the row is
+    optimal on :math:`S`, and either every other atom has :math:`|\rho_j|
+    \le \alpha (1 + \mathrm{tol})` (done: the lasso's optimality
+    conditions) or the most violating atom joins :math:`S`. Rows of equal
+    support size are solved together; a row's steps use only its own data.
+
+    Returns
+    -------
+    H : ndarray of shape (n, k)
+        The codes (each no worse than its start).
+    done : ndarray of bool of shape (n,)
+        Rows that reached the optimality conditions within ``max_steps``.
+    """
+    n, k = C.shape
+    H = H.copy()
+    sign = np.sign(H)
+    if positive:
+        sign = (H > 0).astype(H.dtype)
+    done = np.zeros(n, dtype=bool)
+    live = np.arange(n)
+    bound = alpha * (1 + tol)
+    Gflat = G.ravel()
+    optimal = np.zeros(n, dtype=bool)  # optimal on its support: check the others
+    for _ in range(max_steps):
+        if not live.size:
+            break
+        # 1. rows optimal on their support: the optimality conditions off it
+        chk = live[optimal[live]]
+        if chk.size:
+            corr = C[chk] - H[chk] @ G
+            score = corr if positive else np.abs(corr)
+            score = np.where(sign[chk] != 0, -np.inf, score)
+            j = np.argmax(score, axis=1)
+            ok = score[np.arange(chk.size), j] <= bound
+            done[chk[ok]] = True
+            # the most violating atom joins the support
+            add = chk[~ok]
+            ja = j[~ok]
+            sign[add, ja] = 1.0 if positive else np.sign(corr[~ok, ja])
+            optimal[add] = False
+            live = live[~done[live]]
+            if not live.size:
+                break
+        # 2. the restricted solve of every live row, rows grouped by their
+        # support size (padded with identity rows to a power of two above 4)
+        S = sign[live] != 0
+        counts = S.sum(axis=1)
+        optimal[live[counts == 0]] = True
+        padded = counts
+        failed = []
+        for M in np.unique(padded[counts > 0]):
+            sel = np.flatnonzero((padded == M) & (counts > 0))
+            rows = live[sel]
+            if M == k or M > k:
+                M = k
+            # the support's atoms first (increasing), then padding atoms
+            idx = np.argsort(~S[sel], axis=1, kind="stable")[:, :M]
+            valid = np.arange(M) < counts[sel, None]
+            sg = np.where(valid, np.take_along_axis(sign[rows], idx, axis=1), 0)
+            rhs = np.where(valid, np.take_along_axis(C[rows], idx, axis=1) - alpha * sg, 0)
+            Gs = Gflat.take(idx[:, :, None] * k + idx[:, None, :])
+            pair = valid[:, :, None] & valid[:, None, :]
+            Gs = np.where(pair, Gs, np.eye(M, dtype=Gs.dtype))
+            try:
+                hn = np.linalg.solve(Gs, rhs[..., None])[..., 0]
+            except np.linalg.LinAlgError:
+                failed.append(rows)
+                continue
+            ho = np.take_along_axis(H[rows], idx, axis=1)
+            flip = valid & (hn * sg <= 0)
+            good = ~flip.any(axis=1)
+            # consistent: take the solution
+            if good.any():
+                H[rows[good]] = _scatter(idx[good], np.where(valid[good], hn[good], 0), k, H.dtype)
+                optimal[rows[good]] = True
+            bad = ~good
+            if bad.any():
+                ho, hn, fl, ib, sb = ho[bad], hn[bad], flip[bad], idx[bad], sg[bad]
+                # first zero crossing along ho -> hn (ho has the signs sg or is 0)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    t = np.where(fl & (ho * sb > 0), ho / (ho - hn), np.inf)
+                jt = np.argmin(t, axis=1)
+                tt = t[np.arange(t.shape[0]), jt]
+                tt = np.where(np.isfinite(tt), tt, 0.0)[:, None]
+                hm = ho + tt * (hn - ho)
+                hm[np.arange(hm.shape[0]), jt] = 0
+                # a coordinate that would leave its orthant at once is dropped
+                hm[hm * sb <= 0] = 0
+                rb = rows[bad]
+                Hr = _scatter(ib, hm, k, H.dtype)
+                # the move decreases the objective unless the restricted
+                # system was singular: such rows stop here
+                worse = ~(_code_objective(Hr, C[rb], G, alpha)
+                          <= _code_objective(H[rb], C[rb], G, alpha))
+                if worse.any():
+                    failed.append(rb[worse])
+                    rb, Hr = rb[~worse], Hr[~worse]
+                H[rb] = Hr
+                sign[rb] = np.where(Hr != 0, sign[rb], 0)
+                optimal[rb] = False
+        if failed:
+            live = np.setdiff1d(live, np.concatenate(failed))
+    return H, done
+
+
+def _code_objective(H, C, G, alpha):
+    """The lasso objective of codes ``H`` up to the rows' constant
+    :math:`\\tfrac12\\|x\\|^2`: :math:`\\tfrac12 hGh - hc + \\alpha\\|h\\|_1`."""
+    return (np.einsum("ij,ij->i", H @ G, H) / 2 - np.einsum("ij,ij->i", H, C)
+            + alpha * np.abs(H).sum(axis=1))
 
 
 def _gap_from_corr(sq_norms, C, H, corr, alpha, positive, tol):

@@ -348,10 +348,13 @@ def _feature_sign(C, G, H, alpha, positive, tol, max_steps):
         Rows that reached the optimality conditions within ``max_steps``.
     """
     n, k = C.shape
-    H = H.copy()
+    H = np.array(H, copy=True, order="C")
     sign = np.sign(H)
     if positive:
         sign = (H > 0).astype(H.dtype)
+    # flat views for gathers and scatters by (row * k + atom)
+    C_flat = np.ascontiguousarray(C).ravel()
+    H_flat, sign_flat = H.ravel(), sign.ravel()
     done = np.zeros(n, dtype=bool)
     live = np.arange(n)
     bound = alpha * (1 + tol)
@@ -378,40 +381,35 @@ def _feature_sign(C, G, H, alpha, positive, tol, max_steps):
             if not live.size:
                 break
         # 2. the restricted solve of every live row, rows grouped by their
-        # support size (padded with identity rows to a power of two above 4)
+        # support size; entries gathered by flat index (row * k + atom)
         S = sign[live] != 0
         counts = S.sum(axis=1)
         optimal[live[counts == 0]] = True
-        padded = counts
         failed = []
-        for M in np.unique(padded[counts > 0]):
-            sel = np.flatnonzero((padded == M) & (counts > 0))
+        for m in np.unique(counts[counts > 0]):
+            sel = np.flatnonzero(counts == m)
             rows = live[sel]
-            if M == k or M > k:
-                M = k
-            # the support's atoms first (increasing), then padding atoms
-            idx = np.argsort(~S[sel], axis=1, kind="stable")[:, :M]
-            valid = np.arange(M) < counts[sel, None]
-            sg = np.where(valid, np.take_along_axis(sign[rows], idx, axis=1), 0)
-            rhs = np.where(valid, np.take_along_axis(C[rows], idx, axis=1) - alpha * sg, 0)
+            idx = np.nonzero(S[sel])[1].reshape(-1, m)
+            flat = rows[:, None] * k + idx
+            sg = sign_flat.take(flat)
+            c_s = C_flat.take(flat)
             Gs = Gflat.take(idx[:, :, None] * k + idx[:, None, :])
-            pair = valid[:, :, None] & valid[:, None, :]
-            Gs = np.where(pair, Gs, np.eye(M, dtype=Gs.dtype))
             try:
-                hn = np.linalg.solve(Gs, rhs[..., None])[..., 0]
+                hn = np.linalg.solve(Gs, (c_s - alpha * sg)[..., None])[..., 0]
             except np.linalg.LinAlgError:
                 failed.append(rows)
                 continue
-            ho = np.take_along_axis(H[rows], idx, axis=1)
-            flip = valid & (hn * sg <= 0)
+            ho = H_flat.take(flat)
+            flip = hn * sg <= 0
             good = ~flip.any(axis=1)
             # consistent: take the solution
             if good.any():
-                H[rows[good]] = _scatter(idx[good], np.where(valid[good], hn[good], 0), k, H.dtype)
+                H[rows[good]] = 0
+                H_flat[flat[good]] = hn[good]
                 optimal[rows[good]] = True
             bad = ~good
             if bad.any():
-                ho, hn, fl, ib, sb = ho[bad], hn[bad], flip[bad], idx[bad], sg[bad]
+                ho, hn, fl, sb = ho[bad], hn[bad], flip[bad], sg[bad]
                 # first zero crossing along ho -> hn (ho has the signs sg or is 0)
                 with np.errstate(divide="ignore", invalid="ignore"):
                     t = np.where(fl & (ho * sb > 0), ho / (ho - hn), np.inf)
@@ -422,28 +420,29 @@ def _feature_sign(C, G, H, alpha, positive, tol, max_steps):
                 hm[np.arange(hm.shape[0]), jt] = 0
                 # a coordinate that would leave its orthant at once is dropped
                 hm[hm * sb <= 0] = 0
-                rb = rows[bad]
-                Hr = _scatter(ib, hm, k, H.dtype)
-                # the move decreases the objective unless the restricted
+                # the move decreases the objective (restricted to the
+                # support, where both codes live) unless the restricted
                 # system was singular: such rows stop here
-                worse = ~(_code_objective(Hr, C[rb], G, alpha)
-                          <= _code_objective(H[rb], C[rb], G, alpha))
+                Gb, cb = Gs[bad], c_s[bad]
+                worse = ~(_restricted_objective(hm, Gb, cb, alpha)
+                          <= _restricted_objective(ho, Gb, cb, alpha))
+                keep = ~worse
                 if worse.any():
-                    failed.append(rb[worse])
-                    rb, Hr = rb[~worse], Hr[~worse]
-                H[rb] = Hr
-                sign[rb] = np.where(Hr != 0, sign[rb], 0)
-                optimal[rb] = False
+                    failed.append(rows[bad][worse])
+                fb = flat[bad][keep]
+                H_flat[fb] = hm[keep]
+                sign_flat[fb] = np.where(hm[keep] != 0, sb[keep], 0)
+                optimal[rows[bad][keep]] = False
         if failed:
             live = np.setdiff1d(live, np.concatenate(failed))
     return H, done
 
 
-def _code_objective(H, C, G, alpha):
-    """The lasso objective of codes ``H`` up to the rows' constant
-    :math:`\\tfrac12\\|x\\|^2`: :math:`\\tfrac12 hGh - hc + \\alpha\\|h\\|_1`."""
-    return (np.einsum("ij,ij->i", H @ G, H) / 2 - np.einsum("ij,ij->i", H, C)
-            + alpha * np.abs(H).sum(axis=1))
+def _restricted_objective(h, Gs, c, alpha):
+    """The lasso objective of codes on their supports, up to the rows'
+    constant: :math:`\\tfrac12 h G_{SS} h - c_S h + \\alpha\\|h\\|_1`."""
+    return (np.einsum("ri,rij,rj->r", h, Gs, h) / 2 - np.einsum("ri,ri->r", h, c)
+            + alpha * np.abs(h).sum(axis=1))
 
 
 def _gap_from_corr(sq_norms, C, H, corr, alpha, positive, tol):

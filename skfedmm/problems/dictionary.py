@@ -93,26 +93,33 @@ def batch_lasso_cd(
     (checked every ``gap_every`` sweeps, from the residual correlations of
     the sweep's start, which bound the gap at its end) its duality gap is at
     most ``tol`` times its objective; or ``max_iter`` sweeps. The result of
-    a row never depends on the other rows.
+    a row never depends on the other rows (up to the rounding of the
+    products with the rows, which BLAS may sum in another order for another
+    batch).
 
-    With ``solver="active_set"`` most rows are solved exactly instead, on
-    their active set (support and signs): with no starting code, every row
-    whose solution has one atom is found at once (the atom of largest
+    With ``solver="active_set"`` the rows are solved exactly instead, on
+    their active set (support and signs), as a homotopy or LARS solver
+    would but vectorized over rows: with no starting code, every row whose
+    solution has one atom is found at once (the atom of largest
     correlation, accepted when the lasso's optimality conditions hold),
-    and the other rows are finished by feature-sign search
-    (:func:`_feature_sign`: exact solves on the support, vectorized over
-    rows of equal support size, adding the most violating atom or dropping
-    one whose sign flips, until the optimality conditions hold to
-    ``tol``). From a starting code, coordinate descent runs and each row
-    moves to feature-sign search once its signs hold for a sweep, or after
-    two sweeps. Rows are only accepted at the lasso's optimality
-    conditions (violations at most ``tol`` times ``alpha``), so the codes
-    are more accurate than coordinate descent's; any row the search cannot
-    finish (a singular system) returns to coordinate descent. ``"auto"``
-    picks ``"active_set"`` for overcomplete dictionaries (more atoms than
-    features: a singular Gram matrix, coherent atoms, on which coordinate
-    descent crawls while the codes stay sparse) and ``"cd"`` otherwise; the
-    choice depends only on the dictionary's shape, never on the rows.
+    and the other rows are finished by feature-sign search (Lee, Battle,
+    Raina, Ng, 2007: exact solves on the support, batched over rows of
+    equal support size; the most violating atom joins, an atom whose sign
+    flips leaves at the first zero crossing, so that the objective
+    decreases at every step). ``code_init`` is then not used (the solves
+    are exact, so a start would not change the codes, and measured slower
+    on image patches). A row is only accepted at the lasso's
+    optimality conditions (violations at most ``tol`` times ``alpha``),
+    so its code is at least as accurate as coordinate descent's; a row the
+    search cannot finish (a singular restricted system: duplicated atoms,
+    or as many atoms as features) returns to coordinate descent. On image
+    patches (100 atoms in dimension 64) this is about five times faster
+    than coordinate descent, which crawls on the coherent atoms of an
+    overcomplete dictionary while the codes stay sparse; on
+    undercomplete dictionaries with dense codes coordinate descent is
+    faster. ``"auto"`` picks ``"active_set"`` when the dictionary has more
+    atoms than features, ``"cd"`` otherwise: the choice depends on the
+    dictionary's shape only, never on the rows.
 
     Parameters
     ----------
@@ -135,6 +142,7 @@ def batch_lasso_cd(
         dictionary; projected onto the nonnegative orthant when
         ``positive``); zeros when None. Not modified. The codes are still
         computed to ``tol``, so the start changes them only within it.
+        Coordinate descent only (see ``solver``), or when ``max_iter`` is 0.
     solver : {"auto", "cd", "active_set"}, default="auto"
         See above.
 
@@ -167,31 +175,21 @@ def batch_lasso_cd(
     if solver not in ("cd", "active_set"):
         raise ValueError(f"solver must be 'auto', 'cd' or 'active_set', got {solver!r}.")
     # sweeps after which a row moves to feature-sign search (None: never)
-    exact_after = None
-    if solver == "active_set" and max_iter > 0:
-        exact_after = 2
-        if code_init is None:
-            exact_after = 0
-            rows = rows[~_greedy_active_set(C, G, alpha, positive, tol, 1, usable, H)]
+    exact = solver == "active_set" and max_iter > 0
+    if exact:
+        # exact solves from zero: a start would not change the codes, and
+        # measured slower (coordinate descent from it, then the search)
+        H[:] = 0
+        rows = rows[~_greedy_active_set(C, G, alpha, positive, tol, 1, usable, H)]
+    if exact and rows.size:
+        Hx, finished = _feature_sign(C[rows], G, H[rows], alpha, positive, tol, max_steps=4 * k + 10)
+        H[rows] = Hx  # what is left (singular restricted systems): coordinate descent from there
+        rows = rows[~finished]
     sweep = 0
     # codes and correlations of the running rows, transposed (atoms x rows)
     Ht = np.ascontiguousarray(H[rows].T)
     Ct = np.ascontiguousarray(C[rows].T)
     lo, hi = -alpha, alpha
-    # each row's signs at the previous sweep: once they hold for a sweep,
-    # the row is finished exactly (feature-sign search from its code)
-    signs = np.sign(Ht)
-    tried = np.zeros(rows.size, dtype=bool)
-    if exact_after == 0 and rows.size and max_iter > 0:
-        Hx, finished = _feature_sign(
-            np.ascontiguousarray(Ct.T), G, np.ascontiguousarray(Ht.T), alpha, positive, tol,
-            max_steps=4 * k + 10,
-        )
-        H[rows[finished]] = Hx[finished]
-        keep = ~finished
-        rows, Ht, Ct = rows[keep], np.ascontiguousarray(Hx[keep].T), Ct[:, keep]
-        signs, tried = np.sign(Ht), tried[keep]
-        exact_after = None  # what is left: coordinate descent
     while rows.size and sweep < max_iter:
         check = (sweep + 1) % gap_every == 0
         # the residual correlations C - HG at the sweep's start give the
@@ -227,28 +225,10 @@ def batch_lasso_cd(
         done = max_change <= tol * np.abs(Ht).max(axis=0)
         if check:
             done |= _gap_from_corr(sq_norms[rows], Ct, start, corr, alpha, positive, tol)
-        if exact_after is None:
-            exact = None
-        else:
-            new_signs = np.sign(Ht)
-            exact = ~done & ((sweep >= exact_after) | np.all(new_signs == signs, axis=0))
-            # once per row, and only on a support that can be independent
-            exact &= ~tried & (np.count_nonzero(new_signs, axis=0) <= X.shape[1])
-            tried |= exact
-            signs = new_signs
-        if exact is not None and exact.any():
-            Hx, finished = _feature_sign(
-                np.ascontiguousarray(Ct[:, exact].T), G, np.ascontiguousarray(Ht[:, exact].T),
-                alpha, positive, tol, max_steps=4 * k + 10,
-            )
-            Ht[:, exact] = Hx.T
-            signs[:, exact] = np.sign(Hx.T)
-            done[np.flatnonzero(exact)[finished]] = True
         if done.any():
             H[rows[done]] = Ht[:, done].T
             keep = ~done
-            rows, Ht, Ct, signs = rows[keep], Ht[:, keep], Ct[:, keep], signs[:, keep]
-            tried = tried[keep]
+            rows, Ht, Ct = rows[keep], Ht[:, keep], Ct[:, keep]
     H[rows] = Ht.T
     return H
 
@@ -328,7 +308,8 @@ def _scatter(idx, values, k, dtype):
 def _feature_sign(C, G, H, alpha, positive, tol, max_steps):
     r"""Exact lasso solutions of a few rows by feature-sign search.
 
-    Lee, Battle, Raina, Ng (2007), vectorized over rows: each row keeps
+    Lee, Battle, Raina, Ng, Efficient sparse coding algorithms (NIPS
+    2007), vectorized over rows: each row keeps
     a support :math:`S` and signs :math:`\sigma` (from its start code
     ``H``, row-major, not modified). A step solves the lasso restricted to
     :math:`(S, \sigma)` exactly; when a sign flips, the row moves from its
@@ -762,7 +743,9 @@ class DictionaryLearningProblem(MMProblem):
     n_features : int
         Dimension of the rows.
     fit_algorithm : {"batch_cd", "cd", "lars"}, default="batch_cd"
-        The clients' sparse coder: :func:`batch_lasso_cd` (all rows at once),
+        The clients' sparse coder: :func:`batch_lasso_cd` (all rows at once;
+        coordinate descent, or exact active-set solves for overcomplete
+        dictionaries),
         or scikit-learn's :func:`~sklearn.decomposition.sparse_encode` with
         ``"lasso_cd"`` / ``"lasso_lars"``.
     positive_code, positive_dict : bool, default=False

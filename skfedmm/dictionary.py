@@ -144,7 +144,10 @@ class FederatedDictionaryLearning(
         they stay in memory, but with process or Dask workers the state
         travels with every round's task (``n_rows x n_components`` values
         per client and round), and a problem's ``local_statistic`` is then
-        not what runs after the initial round; hence opt-in.
+        not what runs after the initial round; hence opt-in. With more atoms
+        than features the coder solves each row exactly on its active set,
+        from zero (faster there than from the cached code), so the cache
+        then changes nothing.
     """ + FEDERATED_PARAMS_DOC + r"""
     Attributes
     ----------

@@ -777,7 +777,9 @@ class DictionaryLearningProblem(MMProblem):
         every round. ``"auto"``: when the client's codes take at most 64
         MiB, and, with minibatches, a batch is at least a sixteenth of the
         client's rows (rows come back often enough, and the copy costs at
-        most 16 batches' codes); ``True``: always; ``False``: never.
+        most 16 batches' codes); ``True``: always; ``False``: never. With
+        more atoms than features, :func:`batch_lasso_cd`'s exact active-set
+        solver starts from zero and the cached codes change nothing.
     atom_restart : {"auto", "residual", "random"}, default="auto"
         Where the server re-places dead atoms (unused, or duplicating
         another atom; see :func:`update_dict`). ``"residual"``: clients add

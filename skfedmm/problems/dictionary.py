@@ -99,8 +99,8 @@ def batch_lasso_cd(
 
     With ``solver="active_set"`` the rows are solved exactly instead, on
     their active set (support and signs), as a homotopy or LARS solver
-    would but vectorized over rows: with no starting code, every row whose
-    solution has one atom is found at once (the atom of largest
+    would but vectorized over rows: every row whose solution has one atom
+    is found at once (the atom of largest
     correlation, accepted when the lasso's optimality conditions hold),
     and the other rows are finished by feature-sign search (Lee, Battle,
     Raina, Ng, 2007: exact solves on the support, batched over rows of
@@ -113,8 +113,8 @@ def batch_lasso_cd(
     so its code is at least as accurate as coordinate descent's; a row the
     search cannot finish (a singular restricted system: duplicated atoms,
     or as many atoms as features) returns to coordinate descent. On image
-    patches (100 atoms in dimension 64) this is about five times faster
-    than coordinate descent, which crawls on the coherent atoms of an
+    patches (100 atoms in dimension 64) this is several times faster than
+    coordinate descent, which crawls on the coherent atoms of an
     overcomplete dictionary while the codes stay sparse; on
     undercomplete dictionaries with dense codes coordinate descent is
     faster. ``"auto"`` picks ``"active_set"`` when the dictionary has more
@@ -174,7 +174,6 @@ def batch_lasso_cd(
         solver = "active_set" if k > X.shape[1] else "cd"
     if solver not in ("cd", "active_set"):
         raise ValueError(f"solver must be 'auto', 'cd' or 'active_set', got {solver!r}.")
-    # sweeps after which a row moves to feature-sign search (None: never)
     exact = solver == "active_set" and max_iter > 0
     if exact:
         # exact solves from zero: a start would not change the codes, and
@@ -244,8 +243,9 @@ def _greedy_active_set(C, G, alpha, positive, tol, steps, usable, H):
     atom has :math:`|\rho_j| \le \alpha (1 + \mathrm{tol})`: the
     optimality conditions of the lasso, so the code is the row's solution
     (up to a change of the objective below :math:`(\mathrm{tol}\,
-    \alpha)^2 / 2` per atom). A row whose signs disagree stops here and is
-    left to coordinate descent. Accepted codes are written to ``H``.
+    \alpha)^2 / 2` per atom). The other rows are left to
+    :func:`_feature_sign` (a row whose signs disagree stops at once).
+    Accepted codes are written to ``H``.
 
     Returns
     -------

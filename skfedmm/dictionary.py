@@ -63,10 +63,12 @@ class FederatedDictionaryLearning(
         Stop when the exact objective decreases by less than ``tol`` times its
         value between two evaluated rounds (as scikit-learn).
     fit_algorithm : {"batch_cd", "cd", "lars"}, default="batch_cd"
-        The clients' sparse coder during the fit: a batched coordinate
-        descent over all rows at once (fast), or scikit-learn's
-        ``sparse_encode`` with ``"lasso_cd"`` / ``"lasso_lars"`` (exactly
-        scikit-learn's coders).
+        The clients' sparse coder during the fit: a batched solver over all
+        rows at once (fast; coordinate descent, or, for overcomplete
+        dictionaries, exact active-set solves; see
+        :func:`~skfedmm.problems.dictionary.batch_lasso_cd`), or
+        scikit-learn's ``sparse_encode`` with ``"lasso_cd"`` /
+        ``"lasso_lars"`` (exactly scikit-learn's coders).
     transform_algorithm : {"lasso_lars", "lasso_cd", "lars", "omp", "threshold"}, default="omp"
         Coder of :meth:`transform`, through
         :func:`sklearn.decomposition.sparse_encode`.
@@ -142,7 +144,10 @@ class FederatedDictionaryLearning(
         they stay in memory, but with process or Dask workers the state
         travels with every round's task (``n_rows x n_components`` values
         per client and round), and a problem's ``local_statistic`` is then
-        not what runs after the initial round; hence opt-in.
+        not what runs after the initial round; hence opt-in. With more atoms
+        than features the coder solves each row exactly on its active set,
+        from zero (faster there than from the cached code), so the cache
+        then changes nothing.
     """ + FEDERATED_PARAMS_DOC + r"""
     Attributes
     ----------

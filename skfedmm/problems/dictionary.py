@@ -70,9 +70,9 @@ def lasso_objective(X, code, dictionary, alpha):
 
 def batch_lasso_cd(
     X, dictionary, alpha, *, positive=False, tol=1e-4, max_iter=1000, gram=None, cov=None,
-    block_size=8, gap_every=5, code_init=None,
+    block_size=8, gap_every=5, code_init=None, solver="auto",
 ):
-    r"""Lasso codes of all rows at once by block coordinate descent.
+    r"""Lasso codes of all rows at once, by coordinate descent or active sets.
 
     Solves, for every row :math:`x` of ``X`` independently,
 
@@ -93,7 +93,33 @@ def batch_lasso_cd(
     (checked every ``gap_every`` sweeps, from the residual correlations of
     the sweep's start, which bound the gap at its end) its duality gap is at
     most ``tol`` times its objective; or ``max_iter`` sweeps. The result of
-    a row never depends on the other rows.
+    a row never depends on the other rows (up to the rounding of the
+    products with the rows, which BLAS may sum in another order for another
+    batch).
+
+    With ``solver="active_set"`` the rows are solved exactly instead, on
+    their active set (support and signs), as a homotopy or LARS solver
+    would but vectorized over rows: every row whose solution has one atom
+    is found at once (the atom of largest
+    correlation, accepted when the lasso's optimality conditions hold),
+    and the other rows are finished by feature-sign search (Lee, Battle,
+    Raina, Ng, 2007: exact solves on the support, batched over rows of
+    equal support size; the most violating atom joins, an atom whose sign
+    flips leaves at the first zero crossing, so that the objective
+    decreases at every step). ``code_init`` is then not used (the solves
+    are exact, so a start would not change the codes, and measured slower
+    on image patches). A row is only accepted at the lasso's
+    optimality conditions (violations at most ``tol`` times ``alpha``),
+    so its code is at least as accurate as coordinate descent's; a row the
+    search cannot finish (a singular restricted system: duplicated atoms,
+    or as many atoms as features) returns to coordinate descent. On image
+    patches (100 atoms in dimension 64) this is several times faster than
+    coordinate descent, which crawls on the coherent atoms of an
+    overcomplete dictionary while the codes stay sparse; on
+    undercomplete dictionaries with dense codes coordinate descent is
+    faster. ``"auto"`` picks ``"active_set"`` when the dictionary has more
+    atoms than features, ``"cd"`` otherwise: the choice depends on the
+    dictionary's shape only, never on the rows.
 
     Parameters
     ----------
@@ -116,6 +142,9 @@ def batch_lasso_cd(
         dictionary; projected onto the nonnegative orthant when
         ``positive``); zeros when None. Not modified. The codes are still
         computed to ``tol``, so the start changes them only within it.
+        Coordinate descent only (see ``solver``), or when ``max_iter`` is 0.
+    solver : {"auto", "cd", "active_set"}, default="auto"
+        See above.
 
     Returns
     -------
@@ -141,10 +170,24 @@ def batch_lasso_cd(
     blocks = [np.arange(s, min(s + block_size, k)) for s in range(0, k, block_size)]
     sq_norms = np.einsum("ij,ij->i", X, X)
     rows = np.arange(n)
+    if solver == "auto":
+        solver = "active_set" if k > X.shape[1] else "cd"
+    if solver not in ("cd", "active_set"):
+        raise ValueError(f"solver must be 'auto', 'cd' or 'active_set', got {solver!r}.")
+    exact = solver == "active_set" and max_iter > 0
+    if exact:
+        # exact solves from zero: a start would not change the codes, and
+        # measured slower (coordinate descent from it, then the search)
+        H[:] = 0
+        rows = rows[~_greedy_active_set(C, G, alpha, positive, tol, 1, usable, H)]
+    if exact and rows.size:
+        Hx, finished = _feature_sign(C[rows], G, H[rows], alpha, positive, tol, max_steps=4 * k + 10)
+        H[rows] = Hx  # what is left (singular restricted systems): coordinate descent from there
+        rows = rows[~finished]
     sweep = 0
     # codes and correlations of the running rows, transposed (atoms x rows)
-    Ht = np.ascontiguousarray(H.T)
-    Ct = np.ascontiguousarray(C.T)
+    Ht = np.ascontiguousarray(H[rows].T)
+    Ct = np.ascontiguousarray(C[rows].T)
     lo, hi = -alpha, alpha
     while rows.size and sweep < max_iter:
         check = (sweep + 1) % gap_every == 0
@@ -187,6 +230,200 @@ def batch_lasso_cd(
             rows, Ht, Ct = rows[keep], Ht[:, keep], Ct[:, keep]
     H[rows] = Ht.T
     return H
+
+
+def _greedy_active_set(C, G, alpha, positive, tol, steps, usable, H):
+    r"""Rows whose lasso solution has at most ``steps`` atoms, found greedily.
+
+    From the zero code, each step adds to every unfinished row's support
+    the atom of largest residual correlation :math:`|\rho_j|` (with the
+    sign of :math:`\rho_j`), solves the lasso restricted to that support
+    and those signs exactly (:math:`h_S = G_{SS}^{-1}(c_S - \alpha
+    \sigma)`), and accepts the row when the signs agree and every other
+    atom has :math:`|\rho_j| \le \alpha (1 + \mathrm{tol})`: the
+    optimality conditions of the lasso, so the code is the row's solution
+    (up to a change of the objective below :math:`(\mathrm{tol}\,
+    \alpha)^2 / 2` per atom). The other rows are left to
+    :func:`_feature_sign` (a row whose signs disagree stops at once).
+    Accepted codes are written to ``H``.
+
+    Returns
+    -------
+    done : ndarray of bool of shape (n_samples,)
+    """
+    n, k = C.shape
+    done = np.zeros(n, dtype=bool)
+    live = np.arange(n)
+    corr = C
+    idx = np.empty((n, 0), dtype=np.intp)
+    sign = np.empty((n, 0), dtype=C.dtype)
+    h = sign
+    bound = alpha * (1 + tol)
+    Gflat = G.ravel()
+    for step in range(steps + 1):
+        score = corr if positive else np.abs(corr)
+        if step or not usable.all():
+            score = score.copy()
+            score[:, ~usable] = -np.inf
+            np.put_along_axis(score, idx, -np.inf, axis=1)
+        j = np.argmax(score, axis=1)
+        ok = np.take_along_axis(score, j[:, None], axis=1)[:, 0] <= bound
+        if ok.any():
+            done[live[ok]] = True
+            if step:
+                H[live[ok]] = _scatter(idx[ok], h[ok], k, H.dtype)
+        if step == steps:
+            break
+        keep = ~ok
+        live, idx, sign, corr, j = live[keep], idx[keep], sign[keep], corr[keep], j[keep]
+        if not live.size:
+            break
+        s = np.take_along_axis(corr, j[:, None], axis=1)
+        s = np.ones_like(s) if positive else np.sign(s)
+        idx = np.concatenate([idx, j[:, None]], axis=1)
+        sign = np.concatenate([sign, s], axis=1)
+        m = step + 1
+        rhs = np.take_along_axis(C[live], idx, axis=1) - alpha * sign
+        if m == 1:
+            h = rhs / Gflat.take(idx * (k + 1))
+        else:
+            try:
+                h = np.linalg.solve(Gflat.take(idx[:, :, None] * k + idx[:, None, :]), rhs[..., None])[..., 0]
+            except np.linalg.LinAlgError:
+                break
+        consistent = np.all(h * sign > 0, axis=1)
+        live, idx, sign, h = live[consistent], idx[consistent], sign[consistent], h[consistent]
+        if not live.size:
+            break
+        corr = C[live] - np.einsum("nm,nmk->nk", h, G[idx])
+    return done
+
+
+def _scatter(idx, values, k, dtype):
+    out = np.zeros((idx.shape[0], k), dtype=dtype)
+    np.put_along_axis(out, idx, values, axis=1)
+    return out
+
+
+def _feature_sign(C, G, H, alpha, positive, tol, max_steps):
+    r"""Exact lasso solutions of a few rows by feature-sign search.
+
+    Lee, Battle, Raina, Ng, Efficient sparse coding algorithms (NIPS
+    2007), vectorized over rows: each row keeps
+    a support :math:`S` and signs :math:`\sigma` (from its start code
+    ``H``, row-major, not modified). A step solves the lasso restricted to
+    :math:`(S, \sigma)` exactly; when a sign flips, the row moves from its
+    code towards that solution only until the first coordinate reaches
+    zero, and drops it (the objective decreases along the way, since it is
+    the restricted quadratic there); when the signs agree, the row is
+    optimal on :math:`S`, and either every other atom has :math:`|\rho_j|
+    \le \alpha (1 + \mathrm{tol})` (done: the lasso's optimality
+    conditions) or the most violating atom joins :math:`S`. Rows of equal
+    support size are solved together; a row's steps use only its own data.
+
+    Returns
+    -------
+    H : ndarray of shape (n, k)
+        The codes (each no worse than its start).
+    done : ndarray of bool of shape (n,)
+        Rows that reached the optimality conditions within ``max_steps``.
+    """
+    n, k = C.shape
+    H = np.array(H, copy=True, order="C")
+    sign = np.sign(H)
+    if positive:
+        sign = (H > 0).astype(H.dtype)
+    # flat views for gathers and scatters by (row * k + atom)
+    C_flat = np.ascontiguousarray(C).ravel()
+    H_flat, sign_flat = H.ravel(), sign.ravel()
+    done = np.zeros(n, dtype=bool)
+    live = np.arange(n)
+    bound = alpha * (1 + tol)
+    Gflat = G.ravel()
+    optimal = np.zeros(n, dtype=bool)  # optimal on its support: check the others
+    for _ in range(max_steps):
+        if not live.size:
+            break
+        # 1. rows optimal on their support: the optimality conditions off it
+        chk = live[optimal[live]]
+        if chk.size:
+            corr = C[chk] - H[chk] @ G
+            score = corr if positive else np.abs(corr)
+            score = np.where(sign[chk] != 0, -np.inf, score)
+            j = np.argmax(score, axis=1)
+            ok = score[np.arange(chk.size), j] <= bound
+            done[chk[ok]] = True
+            # the most violating atom joins the support
+            add = chk[~ok]
+            ja = j[~ok]
+            sign[add, ja] = 1.0 if positive else np.sign(corr[~ok, ja])
+            optimal[add] = False
+            live = live[~done[live]]
+            if not live.size:
+                break
+        # 2. the restricted solve of every live row, rows grouped by their
+        # support size; entries gathered by flat index (row * k + atom)
+        S = sign[live] != 0
+        counts = S.sum(axis=1)
+        optimal[live[counts == 0]] = True
+        failed = []
+        for m in np.unique(counts[counts > 0]):
+            sel = np.flatnonzero(counts == m)
+            rows = live[sel]
+            idx = np.nonzero(S[sel])[1].reshape(-1, m)
+            flat = rows[:, None] * k + idx
+            sg = sign_flat.take(flat)
+            c_s = C_flat.take(flat)
+            Gs = Gflat.take(idx[:, :, None] * k + idx[:, None, :])
+            try:
+                hn = np.linalg.solve(Gs, (c_s - alpha * sg)[..., None])[..., 0]
+            except np.linalg.LinAlgError:
+                failed.append(rows)
+                continue
+            ho = H_flat.take(flat)
+            flip = hn * sg <= 0
+            good = ~flip.any(axis=1)
+            # consistent: take the solution
+            if good.any():
+                H[rows[good]] = 0
+                H_flat[flat[good]] = hn[good]
+                optimal[rows[good]] = True
+            bad = ~good
+            if bad.any():
+                ho, hn, fl, sb = ho[bad], hn[bad], flip[bad], sg[bad]
+                # first zero crossing along ho -> hn (ho has the signs sg or is 0)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    t = np.where(fl & (ho * sb > 0), ho / (ho - hn), np.inf)
+                jt = np.argmin(t, axis=1)
+                tt = t[np.arange(t.shape[0]), jt]
+                tt = np.where(np.isfinite(tt), tt, 0.0)[:, None]
+                hm = ho + tt * (hn - ho)
+                hm[np.arange(hm.shape[0]), jt] = 0
+                # a coordinate that would leave its orthant at once is dropped
+                hm[hm * sb <= 0] = 0
+                # the move decreases the objective (restricted to the
+                # support, where both codes live) unless the restricted
+                # system was singular: such rows stop here
+                Gb, cb = Gs[bad], c_s[bad]
+                worse = ~(_restricted_objective(hm, Gb, cb, alpha)
+                          <= _restricted_objective(ho, Gb, cb, alpha))
+                keep = ~worse
+                if worse.any():
+                    failed.append(rows[bad][worse])
+                fb = flat[bad][keep]
+                H_flat[fb] = hm[keep]
+                sign_flat[fb] = np.where(hm[keep] != 0, sb[keep], 0)
+                optimal[rows[bad][keep]] = False
+        if failed:
+            live = np.setdiff1d(live, np.concatenate(failed))
+    return H, done
+
+
+def _restricted_objective(h, Gs, c, alpha):
+    """The lasso objective of codes on their supports, up to the rows'
+    constant: :math:`\\tfrac12 h G_{SS} h - c_S h + \\alpha\\|h\\|_1`."""
+    return (np.einsum("ri,rij,rj->r", h, Gs, h) / 2 - np.einsum("ri,ri->r", h, c)
+            + alpha * np.abs(h).sum(axis=1))
 
 
 def _gap_from_corr(sq_norms, C, H, corr, alpha, positive, tol):
@@ -506,7 +743,9 @@ class DictionaryLearningProblem(MMProblem):
     n_features : int
         Dimension of the rows.
     fit_algorithm : {"batch_cd", "cd", "lars"}, default="batch_cd"
-        The clients' sparse coder: :func:`batch_lasso_cd` (all rows at once),
+        The clients' sparse coder: :func:`batch_lasso_cd` (all rows at once;
+        coordinate descent, or exact active-set solves for overcomplete
+        dictionaries),
         or scikit-learn's :func:`~sklearn.decomposition.sparse_encode` with
         ``"lasso_cd"`` / ``"lasso_lars"``.
     positive_code, positive_dict : bool, default=False
@@ -538,7 +777,9 @@ class DictionaryLearningProblem(MMProblem):
         every round. ``"auto"``: when the client's codes take at most 64
         MiB, and, with minibatches, a batch is at least a sixteenth of the
         client's rows (rows come back often enough, and the copy costs at
-        most 16 batches' codes); ``True``: always; ``False``: never.
+        most 16 batches' codes); ``True``: always; ``False``: never. With
+        more atoms than features, :func:`batch_lasso_cd`'s exact active-set
+        solver starts from zero and the cached codes change nothing.
     atom_restart : {"auto", "residual", "random"}, default="auto"
         Where the server re-places dead atoms (unused, or duplicating
         another atom; see :func:`update_dict`). ``"residual"``: clients add

@@ -22,6 +22,23 @@ def dask_client():
     cluster.close()
 
 
+
+def count_sent_bytes(monkeypatch):
+    """The sizes of the messages Dask's TCP comms write from now on (a list
+    that grows as they are written)."""
+    from distributed.comm import tcp
+
+    sent = []
+    real_write = tcp.TCP.write
+
+    async def counting_write(self, msg, serializers=None, on_error="message"):
+        n = await real_write(self, msg, serializers=serializers, on_error=on_error)
+        sent.append(n)
+        return n
+
+    monkeypatch.setattr(tcp.TCP, "write", counting_write)
+    return sent
+
 def test_dask_fit_is_bitwise_the_local_fit(dask_client):
     clients, _ = make_sparse_coded_clients(n_clients=4, n_samples=80, n_features=10,
                                            n_components=8, atoms_per_client=3, random_state=0)
@@ -36,17 +53,7 @@ def test_dask_fit_is_bitwise_the_local_fit(dask_client):
 
 def test_rows_are_scattered_once(dask_client, monkeypatch):
     """Per round, what crosses the scheduler is far smaller than the rows."""
-    from distributed.comm import tcp
-
-    sent = []
-    real_write = tcp.TCP.write
-
-    async def counting_write(self, msg, serializers=None, on_error="message"):
-        n = await real_write(self, msg, serializers=serializers, on_error=on_error)
-        sent.append(n)
-        return n
-
-    monkeypatch.setattr(tcp.TCP, "write", counting_write)
+    sent = count_sent_bytes(monkeypatch)
     rng = np.random.default_rng(0)
     clients = [rng.standard_normal((4000, 20)) for _ in range(2)]  # 640 kB each
     data_bytes = sum(c.nbytes for c in clients)
@@ -92,16 +99,6 @@ def test_missing_dask_says_how_to_install(monkeypatch):
 
 def test_client_caches_stay_on_the_dask_workers(dask_client, monkeypatch):
     """Warm-start codes stay on the workers; the model is that of n_jobs=1."""
-    from distributed.comm import tcp
-
-    sent = []
-    real_write = tcp.TCP.write
-
-    async def counting_write(self, msg, serializers=None, on_error="message"):
-        n = await real_write(self, msg, serializers=serializers, on_error=on_error)
-        sent.append(n)
-        return n
-
     rng = np.random.default_rng(1)
     clients = [rng.standard_normal((3000, 10)) for _ in range(2)]
     kwargs = dict(n_components=8, alpha=0.3, max_iter=4, tol=0, random_state=0,
@@ -109,7 +106,7 @@ def test_client_caches_stay_on_the_dask_workers(dask_client, monkeypatch):
     local = FederatedDictionaryLearning(n_jobs=1, **kwargs).fit(clients)
     codes = sum(c.cache["codes"].nbytes for c in local.fedmm_state_.clients)
     marks = []
-    monkeypatch.setattr(tcp.TCP, "write", counting_write)
+    sent = count_sent_bytes(monkeypatch)
     with parallel_config(backend="dask"):
         remote = FederatedDictionaryLearning(callback=lambda info: marks.append(sum(sent)),
                                              **kwargs).fit(clients)

@@ -316,17 +316,7 @@ def test_history_and_bits(small_clients):
     assert np.all(h["time"][1:] >= h["time"][:-1])
 
 
-def test_verbose_reports_rounds(small_clients, capsys, monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_tqdm(name, *args, **kwargs):
-        if name.startswith("tqdm"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+def test_verbose_reports_rounds(small_clients, capsys, no_tqdm):
     clients, _ = small_clients
     FederatedDictionaryLearning(n_components=4, alpha=0.1, max_iter=2, verbose=1,
                                 random_state=0).fit(clients)

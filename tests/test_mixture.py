@@ -288,18 +288,8 @@ def test_results_do_not_depend_on_n_jobs(data):
     np.testing.assert_array_equal(a.means_, b.means_)
 
 
-def test_verbose_interval_spaces_the_reports(capsys, monkeypatch):
+def test_verbose_interval_spaces_the_reports(capsys, no_tqdm):
     """verbose_interval, as in scikit-learn: a report every that many rounds."""
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_tqdm(name, *args, **kwargs):
-        if name.startswith("tqdm"):
-            raise ImportError(name)
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_tqdm)
     X = np.random.default_rng(0).normal(size=(60, 2))
     lines = {}
     for interval in (1, 3):

@@ -139,20 +139,34 @@ def _labels(X, centres):
     return _nearest(X, centres)[0]
 
 
-def _nearest_two(X, x_sq, centres, labels=None):
+def _nearest_two(X, x_sq, centres, labels=None, hint=None):
     r"""Nearest centre of every row, the distance to it and to the next nearest.
 
-    Labels from :func:`_labels` unless given; distances from one matrix
-    product, :math:`\|x - c\|^2 = \|x\|^2 - 2 x \cdot c + \|c\|^2` (clipped at
-    0), laid out ``(k, n)`` so that the reduction runs over contiguous rows.
-    With given labels, a row whose computed distances put another centre
-    nearer (a near tie) gets a second distance below the first.
+    Distances from one matrix product, :math:`\|x - c\|^2 = \|x\|^2 - 2 x
+    \cdot c + \|c\|^2` (clipped at 0), laid out ``(k, n)`` so that the
+    reductions run over contiguous rows. Labels: ``labels`` when given (a
+    row whose computed distances put another centre nearer, a near tie,
+    then gets a second distance below the first); else the first nearest
+    centre by these distances, found from ``hint`` (each row's previous
+    centre: kept where it is the only nearest one, the argmin computed for
+    the other rows only); else from :func:`_labels`.
     """
     k, n = centres.shape[0], X.shape[0]
-    if labels is None:
+    if labels is None and hint is None:
         labels = _labels(X, centres)
     d2 = (-2.0 * centres) @ X.T
     d2 += np.einsum("ij,ij->i", centres, centres)[:, None]
+    if labels is None:
+        nearest = d2.min(axis=0)
+        flat = hint * n
+        flat += np.arange(n)
+        # the hint stands where it reaches the minimum and no other centre does
+        check = np.flatnonzero((np.take(d2, flat) > nearest)
+                               | (np.count_nonzero(d2 == nearest, axis=0) > 1))
+        labels = hint
+        if check.size:
+            labels = hint.copy()
+            labels[check] = np.argmin(d2[:, check], axis=0)
     flat = labels * n
     flat += np.arange(n)
     first = np.take(d2, flat)
@@ -170,6 +184,9 @@ def _nearest_two(X, x_sq, centres, labels=None):
     return labels, np.sqrt(first, out=first), second
 
 
+_CHUNK = 8192
+
+
 def _bounds_memory(X, x_sq, centres, labels):
     r"""The bounds of every row at ``centres`` (after a full pass gave ``labels``).
 
@@ -178,8 +195,11 @@ def _bounds_memory(X, x_sq, centres, labels):
     start at 0). A near tie that the full pass labelled otherwise gets a
     negative key (its distances are computed next round).
     """
-    _, upper, lower = _nearest_two(X, x_sq, centres, labels)
-    lower = lower.astype(np.float64)
+    n = X.shape[0]
+    upper, lower = np.empty(n, dtype=X.dtype), np.empty(n)
+    for start in range(0, n, _CHUNK):  # (in chunks: small temporaries)
+        part = slice(start, min(start + _CHUNK, n))
+        _, upper[part], lower[part] = _nearest_two(X[part], x_sq[part], centres, labels[part])
     return dict(lower=lower, keys=lower - upper, drift=np.zeros(centres.shape[0]),
                 total=np.zeros(1))
 
@@ -232,7 +252,7 @@ def _bounded_pass(X, centres, memory):
     own = np.take(labels, todo)
     Xt = np.take(X, todo, axis=0)
     xt_sq = np.take(x_sq, todo)
-    new, upper, lower_t = _nearest_two(Xt, xt_sq, centres)
+    new, upper, lower_t = _nearest_two(Xt, xt_sq, centres, hint=own)
     lower = memory["lower"].copy()
     lower[todo] = lower_t
     lower[todo] += total[0]
@@ -480,7 +500,7 @@ class KMeansProblem(MMProblem):
     def _remembered_statistic(self, X, theta, memory):
         """The statistic from distance bounds kept since the client's last round.
 
-        Once the assignments settle (at most one row in twenty changed
+        Once the assignments settle (at most one row in fifty changed
         cluster in a full pass), the client remembers each row's label and
         Hamerly's bounds (an upper bound on its distance to its centre, a
         lower bound on its distance to the others) with its per-cluster
@@ -519,7 +539,7 @@ class KMeansProblem(MMProblem):
                 wait, backoff = backoff, 2 * backoff
             elif wait > 0:
                 wait -= 1
-            elif valid and np.count_nonzero(labels != memory["labels"]) <= n // 20:
+            elif valid and np.count_nonzero(labels != memory["labels"]) <= n // 50:
                 # settled: the bounds may pay from the next round on
                 bounds = _bounds_memory(X, x_sq, theta, labels)
         memory = dict(labels=labels, centres=np.array(theta, copy=True), x_sq=x_sq,

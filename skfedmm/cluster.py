@@ -432,7 +432,7 @@ class FederatedKMeans(
 
         self._best_of(self._seeds(self._n_init), run, lambda a, b: a < b)
         if self.labels_ is not None:
-            distinct = np.unique(self.labels_).size
+            distinct = np.count_nonzero(np.bincount(self.labels_, minlength=self.n_clusters))
             if distinct < self.n_clusters:
                 warnings.warn(
                     f"Number of distinct clusters ({distinct}) found smaller than "

@@ -463,7 +463,10 @@ class KMeansProblem(MMProblem):
 
     # ----------------------------------------------------------- clients
     def init_statistic(self, X):
-        stat = {"mean": X.mean(axis=0), "sq": (X * X).mean(axis=0)}
+        # (float64: no n x d temporary; float32 keeps NumPy's pairwise sum)
+        sq = (np.einsum("ij,ij->j", X, X) / X.shape[0] if X.dtype == np.float64
+              else (X * X).mean(axis=0))
+        stat = {"mean": X.mean(axis=0), "sq": sq}
         if not self._given_init() and self.init == "k-means++":
             centres, mass, _ = local_kmeans_summary(
                 X, self.n_clusters, _client_rng(self.random_seed, X), max_iter=self.local_max_iter

@@ -148,36 +148,41 @@ def _nearest_two(X, x_sq, centres, labels=None, hint=None):
     row whose computed distances put another centre nearer, a near tie,
     then gets a second distance below the first); else the first nearest
     centre by these distances, found from ``hint`` (each row's previous
-    centre: kept where it is the only nearest one, the argmin computed for
-    the other rows only); else from :func:`_labels`.
+    centre: kept where it is strictly nearer than every other, the argmin
+    computed for the other rows only); else from :func:`_labels`.
     """
     k, n = centres.shape[0], X.shape[0]
     if labels is None and hint is None:
         labels = _labels(X, centres)
     d2 = (-2.0 * centres) @ X.T
     d2 += np.einsum("ij,ij->i", centres, centres)[:, None]
-    if labels is None:
-        nearest = d2.min(axis=0)
-        flat = hint * n
-        flat += np.arange(n)
-        # the hint stands where it reaches the minimum and no other centre does
-        check = np.flatnonzero((np.take(d2, flat) > nearest)
-                               | (np.count_nonzero(d2 == nearest, axis=0) > 1))
-        labels = hint
-        if check.size:
-            labels = hint.copy()
-            labels[check] = np.argmin(d2[:, check], axis=0)
-    flat = labels * n
+    given = hint if labels is None else labels
+    flat = given * n
     flat += np.arange(n)
     first = np.take(d2, flat)
     if k > 1:
         np.put(d2, flat, np.inf)
         second = d2.min(axis=0)
+        if labels is None:
+            labels = hint
+            # rows whose previous centre is not strictly the nearest any more
+            redo = np.flatnonzero(second <= first)
+            if redo.size:
+                np.put(d2, flat[redo], first[redo])
+                sub = d2[:, redo]
+                cols = np.arange(redo.size)
+                new = np.argmin(sub, axis=0)  # (the first nearest, as argmin)
+                labels = hint.copy()
+                labels[redo] = new
+                first[redo] = sub[new, cols]
+                sub[new, cols] = np.inf
+                second[redo] = sub.min(axis=0)
         second += x_sq
         np.maximum(second, 0, out=second)
-        # (one cluster: no other centre; a finite bound keeps the memory finite)
         np.sqrt(second, out=second)
     else:
+        labels = given
+        # (one cluster: no other centre; a finite bound keeps the memory finite)
         second = np.full(n, np.finfo(d2.dtype).max, dtype=d2.dtype)
     first += x_sq
     np.maximum(first, 0, out=first)

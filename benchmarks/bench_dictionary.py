@@ -288,9 +288,10 @@ def bench_one_client(cfg, seed):
         score_check = abs(-model.score(X) - fed_final)
         hist = model.history_["objective"]
         # history row r (r >= 1) is the exact objective at the dictionary
-        # broadcast in round r; marks[r - 1] is the time when round r ended.
+        # broadcast in round r; marks[r] is the time when round r ended
+        # (marks[0]: the initial round's end; the callback sees it too).
         reached = [r for r in range(1, len(hist)) if hist[r] <= sk_final]
-        t_reach = marks[reached[0] - 1] if reached else np.nan
+        t_reach = marks[reached[0]] if reached else np.nan
         r_reach = reached[0] if reached else None
         rows.append([
             "sklearn DictionaryLearning (cd)", label, f"{t_sk:.2f}", "-", "-",

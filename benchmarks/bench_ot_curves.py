@@ -62,7 +62,8 @@ def curve(est_kwargs, data, Y, X_test, truth, n_rounds, seed):
     errors = [float(np.mean(np.sum((problem.barycentric_map(X_test, g) - truth) ** 2, axis=1)))
               for g in thetas]
     h = est.history_
-    bits = np.cumsum(h["bits_up"] + h["bits_down"])[1:]
+    # (thetas[t]: after round t, the initial round 0 included, as history row t)
+    bits = np.cumsum(h["bits_up"] + h["bits_down"])
     return np.array(errors), bits, est.epsilon_
 
 
@@ -120,7 +121,7 @@ def main(argv=None):
     for name, res in results.items():
         E = np.array(res["errors"])
         mean, std = E.mean(axis=0), E.std(axis=0)
-        rounds = np.arange(1, E.shape[1] + 1)
+        rounds = np.arange(E.shape[1])  # (0: the initial round)
         style = "--" if name == "pooled solver" else "-"  # exact FedMM overlaps it
         axes[0].plot(rounds, mean, style, color=colors[name],
                      label=f"{name} ({runs} run{'s' if runs > 1 else ''})")

@@ -21,7 +21,17 @@ class Boom(Exception):
     pass
 
 
-class FaultyKMeans(KMeansProblem):
+class _FailsOnce:
+    """A problem whose server M-step raises once, at round ``at`` (None: never)."""
+
+    def minimize(self, stat, theta_prev, rng=None):
+        self.minimize_calls += 1
+        if self.at is not None and self.minimize_calls == self.at + 1:
+            raise Boom("the server failed")
+        return super().minimize(stat, theta_prev, rng)
+
+
+class FaultyKMeans(_FailsOnce, KMeansProblem):
     """k-means whose server M-step raises once, at round ``at``."""
 
     def __init__(self, n_clusters, at=None, **kwargs):
@@ -29,26 +39,14 @@ class FaultyKMeans(KMeansProblem):
         self.at = at
         self.minimize_calls = 0
 
-    def minimize(self, stat, theta_prev, rng=None):
-        self.minimize_calls += 1
-        if self.at is not None and self.minimize_calls == self.at + 1:
-            raise Boom("the server failed")
-        return super().minimize(stat, theta_prev, rng)
 
-
-class FaultyDictionary(DictionaryLearningProblem):
+class FaultyDictionary(_FailsOnce, DictionaryLearningProblem):
     """Dictionary learning with warm-start codes; its M-step raises once, at round ``at``."""
 
     def __init__(self, at=None):
         super().__init__(6, 0.2, 5, code_cache=True, coder_tol=1e-2)
         self.at = at
         self.minimize_calls = 0
-
-    def minimize(self, stat, theta_prev, rng=None):
-        self.minimize_calls += 1
-        if self.at is not None and self.minimize_calls == self.at + 1:
-            raise Boom("the server failed")
-        return super().minimize(stat, theta_prev, rng)
 
 
 PROBLEMS = {

@@ -26,9 +26,7 @@ Usage::
     python benchmarks/bench_caches.py --quick
 """
 
-import argparse
 import contextlib
-import io
 import os
 import pickle
 import time
@@ -37,24 +35,11 @@ import numpy as np
 from joblib import parallel_config
 
 from skfedmm import FedMM, FederatedDictionaryLearning, FederatedKMeans
-from skfedmm.federation import local
 from skfedmm.federation.transport import LocalTransport
 
+from bench_clients import always_on_workers, load, recorder
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def load():
-    return "loadavg " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-@contextlib.contextmanager
-def always_on_workers():
-    real = local._Scheduler.parallel
-    local._Scheduler.parallel = lambda self, task, n: self.n_workers > 1 and n > 1
-    try:
-        yield
-    finally:
-        local._Scheduler.parallel = real
 
 
 class _CountingParallel:
@@ -175,18 +160,7 @@ def run(case, backend, counting):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--output", default=os.path.join(HERE, "results", "bench_caches.txt"))
-    args = parser.parse_args(argv)
-    buffer = io.StringIO()
-
-    def out(line=""):
-        print(line, flush=True)
-        buffer.write(line + "\n")
-
-    out(f"# benchmarks/bench_caches.py{' --quick' if args.quick else ''} -- recorded "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    args, out, save = recorder("bench_caches", argv, __doc__.splitlines()[0])
     out(load())
     out("fit (s): one fit with the workers already started (a loaded machine inflates it)")
     backends = [("loky", counting_loky)]
@@ -229,9 +203,7 @@ def main(argv=None):
         if client is not None:
             client.close()
             cluster.close()
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as fh:
-        fh.write(buffer.getvalue())
+    save()
 
 
 if __name__ == "__main__":

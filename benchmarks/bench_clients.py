@@ -40,7 +40,7 @@ The load average is printed: other processes on the machine inflate times.
 Usage::
 
     python benchmarks/bench_clients.py           # writes benchmarks/results/bench_clients.txt
-    python benchmarks/bench_clients.py --quick
+    python benchmarks/bench_clients.py --quick   # writes benchmarks/results/bench_clients_quick.txt
 """
 
 import argparse
@@ -456,19 +456,34 @@ def part2(out, repeats, rounds):
             f"{'yes' if same else 'NO'}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def recorder(name, argv, description):
+    """Parse ``--quick``/``--output``; return the arguments, a printer that
+    also keeps every line, and the function that writes them to the results
+    file (``results/<name>.txt``, ``<name>_quick.txt`` with ``--quick``)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--output", default=os.path.join(HERE, "results", "bench_clients.txt"))
+    parser.add_argument("--output", default=None)
     args = parser.parse_args(argv)
+    output = args.output or os.path.join(
+        HERE, "results", f"{name}_quick.txt" if args.quick else f"{name}.txt")
     buffer = io.StringIO()
 
     def out(line=""):
         print(line, flush=True)
         buffer.write(line + "\n")
 
-    out(f"# benchmarks/bench_clients.py{' --quick' if args.quick else ''} -- recorded "
+    def save():
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+        with open(output, "w") as fh:
+            fh.write(buffer.getvalue())
+
+    out(f"# benchmarks/{name}.py{' --quick' if args.quick else ''} -- recorded "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    return args, out, save
+
+
+def main(argv=None):
+    args, out, save = recorder("bench_clients", argv, __doc__.splitlines()[0])
     out(machine())
     out(load())
     if scheduling():
@@ -488,9 +503,7 @@ def main(argv=None):
         part2(out, repeats=3, rounds=5)
     out("")
     out(load())
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as fh:
-        fh.write(buffer.getvalue())
+    save()
 
 
 if __name__ == "__main__":

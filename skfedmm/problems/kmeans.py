@@ -111,7 +111,7 @@ def _lloyd_pass(X, centres):
     often sees only some of the clusters). NumPy otherwise.
     """
     k = centres.shape[0]
-    if _LLOYD is not None and X.dtype in (np.float32, np.float64) and X.flags.c_contiguous:
+    if _compiled(X):
         dtype = X.dtype
         centres_old = np.ascontiguousarray(centres, dtype=dtype)
         centres_new = np.zeros_like(centres_old)
@@ -128,10 +128,15 @@ def _lloyd_pass(X, centres):
     return labels, np.bincount(labels, minlength=k).astype(X.dtype), _cluster_sums(X, labels, k)
 
 
+def _compiled(X):
+    """Whether scikit-learn's compiled Lloyd step can take ``X``."""
+    return _LLOYD is not None and X.dtype in (np.float32, np.float64) and X.flags.c_contiguous
+
+
 def _labels(X, centres):
     """Nearest centre of every row: scikit-learn's compiled Lloyd step without
     the update (one thread) when it is available, NumPy otherwise."""
-    if _LLOYD is not None and X.dtype in (np.float32, np.float64) and X.flags.c_contiguous:
+    if _compiled(X):
         labels = np.full(X.shape[0], -1, dtype=np.int32)
         _LLOYD(X, np.ones(X.shape[0], dtype=X.dtype), np.ascontiguousarray(centres, dtype=X.dtype),
                None, None, labels, np.zeros(centres.shape[0], dtype=X.dtype), 1, update_centers=False)
@@ -258,10 +263,10 @@ def _bounded_pass(X, centres, memory):
     Xt = np.take(X, todo, axis=0)
     xt_sq = np.take(x_sq, todo)
     new, upper, lower_t = _nearest_two(Xt, xt_sq, centres, hint=own)
+    lower_t = lower_t.astype(np.float64) + total[0]  # (the bounds in float64)
     lower = memory["lower"].copy()
     lower[todo] = lower_t
-    lower[todo] += total[0]
-    new_keys = lower[todo] + np.take(drift, new) - upper
+    new_keys = lower_t + np.take(drift, new) - upper
     count, sums, sq = memory["count"], memory["sums"], memory["sq"]
     moved = np.flatnonzero(new != own)
     if moved.size:

@@ -906,8 +906,9 @@ class _Scheduler:
     sending its state, collecting its answer; learned per backend across
     fits, the first call of a process, which may start the workers,
     excepted). The first call of
-    a kind measures its first clients here (for about ``probe`` seconds)
-    before deciding for the rest. Where a client runs does not change its
+    a kind measures its first clients here (for about ``probe`` seconds,
+    and at least three unless they take ``20 * probe`` together) before
+    deciding for the rest. Where a client runs does not change its
     answer (BLAS runs on one thread in both places), only the time.
 
     Parameters

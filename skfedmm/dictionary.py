@@ -129,25 +129,24 @@ class FederatedDictionaryLearning(
         aggregation when the second moment is sent anyway or costs at most
         one round's statistic (``n_features**2 <= n_components**2 +
         n_features * n_components``), else ``"random"``.
-    code_cache : {"auto", True, False}, default=False
+    code_cache : {"auto", True, False}, default="auto"
         Warm-start each training row's code (``fit_algorithm="batch_cd"``)
-        from its code at the previous round: each client keeps its rows'
-        last codes (never sent) and the coder starts from them. A row starts
-        only from its own last code, and only while the row is unchanged,
-        so its code never depends on other rows; codes are still computed
-        to the coder's tolerance. With minibatches a row starts from its
-        code at the last round it was drawn. ``"auto"``: when a client's
-        codes take at most 64 MiB and, with minibatches, ``batch_size`` is
-        at least a sixteenth of the client's rows; ``True``: always;
-        ``False`` (the default): every code starts at zero. The codes are
-        part of the client's state: in-process (``n_jobs=1`` or threads)
-        they stay in memory, but with process or Dask workers the state
-        travels with every round's task (``n_rows x n_components`` values
-        per client and round), and a problem's ``local_statistic`` is then
-        not what runs after the initial round; hence opt-in. With more atoms
-        than features the coder solves each row exactly on its active set,
-        from zero (faster there than from the cached code), so the cache
-        then changes nothing.
+        from its codes at the previous rounds: each client keeps its rows'
+        last codes and their last move (never sent), and the coder starts
+        each row at its last code plus its last move. A row starts only
+        from its own codes, and only while the row is unchanged, so its
+        code never depends on other rows; codes are still computed to the
+        coder's tolerance, so the cache changes the model only within it.
+        With minibatches a row starts from its code at the last round it
+        was drawn. ``"auto"`` (the default): when a client's cache takes at
+        most 64 MiB and, with minibatches, ``batch_size`` is at least a
+        sixteenth of the client's rows; ``True``: always; ``False``: every
+        code starts at zero. The cache is part of the client's state and
+        stays where the client's rows are (in memory in-process, next to
+        the rows' file on process workers, on the worker with Dask, on the
+        node with Flower). With more atoms than features the coder solves
+        each row exactly on its active set, from zero (faster there than
+        from the cached code), so the cache then changes nothing.
     """ + FEDERATED_PARAMS_DOC + r"""
     Attributes
     ----------
@@ -259,7 +258,7 @@ class FederatedDictionaryLearning(
         transform_max_iter=1000,
         init="pca",
         atom_restart="auto",
-        code_cache=False,
+        code_cache="auto",
         aggregation="surrogate",
         participation=1.0,
         participation_scheme="bernoulli",

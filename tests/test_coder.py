@@ -74,6 +74,11 @@ def test_warm_started_rows_are_independent():
     full = batch_lasso_cd(X, D, 0.05, code_init=init)
     part = batch_lasso_cd(X[37:61], D, 0.05, code_init=init[37:61])
     np.testing.assert_allclose(full[37:61], part, rtol=1e-10, atol=1e-12)
+    # rows stop at different sweeps (a stopped row stays in the arrays for
+    # a while, its later updates discarded): each row alone gives its code
+    for i in (0, 5, 77, 149):
+        alone = batch_lasso_cd(X[i:i + 1], D, 0.05, code_init=init[i:i + 1])
+        np.testing.assert_allclose(full[i:i + 1], alone, rtol=1e-10, atol=1e-12)
 
 
 def test_max_iter_bounds_the_work():
@@ -111,7 +116,7 @@ def test_cache_warm_starts_only_unchanged_rows():
     ref_stat, ref_loss = problem.local_statistic(X, D)
     np.testing.assert_array_equal(stat["A"], ref_stat["A"])
     assert loss == ref_loss
-    np.testing.assert_array_equal(cache["codes"], batch_lasso_cd(X, D, 0.1))
+    np.testing.assert_array_equal(cache["codes_t"].T, batch_lasso_cd(X, D, 0.1))
     # other rows at the same positions: no warm start, exactly cold codes
     Y = sparse_rows(rng, 60, D)
     stat, loss, new = problem.cached_statistic(Y, D, cache, None)
@@ -119,10 +124,49 @@ def test_cache_warm_starts_only_unchanged_rows():
     np.testing.assert_array_equal(stat["B"], ref_stat["B"])
     assert loss == ref_loss
     # the given cache is not modified
-    np.testing.assert_array_equal(cache["codes"], batch_lasso_cd(X, D, 0.1))
+    np.testing.assert_array_equal(cache["codes_t"].T, batch_lasso_cd(X, D, 0.1))
     # a cache for another number of rows is ignored
     stat, loss, _ = problem.cached_statistic(Y[:30], D, cache, None)
     assert loss == problem.local_statistic(Y[:30], D)[1]
+
+
+def test_cache_continues_each_rows_last_move(monkeypatch):
+    rng = np.random.default_rng(9)
+    D0 = unit_rows(rng, 12, 8)
+    X = sparse_rows(rng, 60, D0)
+    path = [D0 + 0.05 * t * unit_rows(np.random.default_rng(t), 12, 8) for t in range(3)]
+    problem = DictionaryLearningProblem(12, 0.1, 8)  # code_cache="auto" by default
+    starts = []
+    real = dictionary_module._lasso_codes_t
+
+    def spy(X, D, alpha, **kwargs):
+        starts.append(None if kwargs.get("init_t") is None else np.array(kwargs["init_t"]))
+        return real(X, D, alpha, **kwargs)
+
+    monkeypatch.setattr(dictionary_module, "_lasso_codes_t", spy)
+    cache = problem.client_cache(X)
+    _, _, first = problem.cached_statistic(X, path[0], cache, None)
+    assert "prev_t" not in first and starts[-1] is None
+    _, _, second = problem.cached_statistic(X, path[1], first, None)
+    np.testing.assert_array_equal(starts[-1], first["codes_t"])  # no move known yet
+    np.testing.assert_array_equal(second["prev_t"], first["codes_t"])
+    stat, loss, _ = problem.cached_statistic(X, path[2], second, None)
+    np.testing.assert_allclose(starts[-1], 2 * second["codes_t"] - first["codes_t"], rtol=1e-12,
+                               atol=1e-15)
+    # the start changes the codes only within the coder's tolerance
+    ref_stat, ref_loss = problem.local_statistic(X, path[2])
+    assert abs(loss - ref_loss) <= 1e-4 * ref_loss
+    np.testing.assert_allclose(stat["A"], ref_stat["A"], rtol=1e-2, atol=1e-4)
+    # a changed row starts from zero, and has no last move afterwards; the
+    # other rows' starts do not depend on it
+    Y = X.copy()
+    Y[3] += 1.0
+    _, _, third = problem.cached_statistic(Y, path[2], second, None)
+    assert np.all(starts[-1][:, 3] == 0)
+    np.testing.assert_allclose(starts[-1][:, 4], 2 * second["codes_t"][:, 4] - first["codes_t"][:, 4],
+                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(third["prev_t"][:, 3], third["codes_t"][:, 3])
+    np.testing.assert_array_equal(third["prev_t"][:, 4], second["codes_t"][:, 4])
 
 
 def test_minibatch_cache_updates_the_drawn_rows_only():
@@ -134,24 +178,29 @@ def test_minibatch_cache_updates_the_drawn_rows_only():
     stat, loss, cache = problem.cached_statistic(X, D, {}, rows)
     ref_stat, ref_loss = problem.local_statistic(X[rows], D)
     np.testing.assert_array_equal(stat["A"], ref_stat["A"])
-    codes = cache["codes"]
+    codes = cache["codes_t"].T
     np.testing.assert_array_equal(codes[rows], batch_lasso_cd(X[rows], D, 0.1))
     others = np.setdiff1d(np.arange(40), rows)
     assert np.all(codes[others] == 0)
     # "auto" leaves small minibatches (below a sixteenth of the rows) uncached
     auto = DictionaryLearningProblem(10, 0.1, 8, code_cache="auto")
     assert auto.cached_statistic(X, D, {}, rows[:2])[2] == {}
-    assert auto.cached_statistic(X, D, {}, rows)[2]["codes"].shape == (40, 10)
+    assert auto.cached_statistic(X, D, {}, rows)[2]["codes_t"].shape == (10, 40)
 
 
 def test_cache_size_rule():
     X = np.zeros((10, 4))
     assert DictionaryLearningProblem(3, 0.1, 4, code_cache="auto").client_cache(X) == {}
-    assert DictionaryLearningProblem(3, 0.1, 4).client_cache(X) is None  # off by default
+    assert DictionaryLearningProblem(3, 0.1, 4).client_cache(X) == {}  # "auto" by default
     assert DictionaryLearningProblem(3, 0.1, 4, code_cache=False).client_cache(X) is None
     assert DictionaryLearningProblem(3, 0.1, 4, fit_algorithm="lars").client_cache(X) is None
     big = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(10**7, 4), strides=(0, 0))
-    assert DictionaryLearningProblem(8, 0.1, 4, code_cache="auto").client_cache(big) is None  # 640 MB of codes
+    assert DictionaryLearningProblem(8, 0.1, 4, code_cache="auto").client_cache(big) is None  # 1.3 GB
+    # the codes and their last move: 2 x 2**20 rows x 4 atoms x 8 bytes = 64 MiB
+    edge = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(2**20, 4), strides=(0, 0))
+    assert DictionaryLearningProblem(4, 0.1, 4).client_cache(edge) == {}
+    over = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(2**20 + 1, 4), strides=(0, 0))
+    assert DictionaryLearningProblem(4, 0.1, 4).client_cache(over) is None
     assert DictionaryLearningProblem(8, 0.1, 4, code_cache=True).client_cache(big) == {}
 
 
@@ -161,9 +210,9 @@ def test_cached_fit_is_within_the_coder_tolerance_of_the_cold_fit():
     clients = [sparse_rows(rng, 80, D) for _ in range(3)]
     kwargs = dict(n_components=10, alpha=0.1, max_iter=8, tol=0, random_state=0)
     warm = FederatedDictionaryLearning(code_cache="auto", **kwargs).fit(clients)
-    cold = FederatedDictionaryLearning(**kwargs).fit(clients)  # (off by default)
+    cold = FederatedDictionaryLearning(code_cache=False, **kwargs).fit(clients)
     np.testing.assert_allclose(warm.error_, cold.error_, rtol=1e-4)
-    assert all(c.cache and c.cache["codes"].shape == (80, 10) for c in warm.fedmm_state_.clients)
+    assert all(c.cache and c.cache["codes_t"].shape == (10, 80) for c in warm.fedmm_state_.clients)
     assert all(c.cache is None for c in cold.fedmm_state_.clients)
 
 

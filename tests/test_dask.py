@@ -104,7 +104,7 @@ def test_client_caches_stay_on_the_dask_workers(dask_client, monkeypatch):
     kwargs = dict(n_components=8, alpha=0.3, max_iter=4, tol=0, random_state=0,
                   code_cache=True, warm_start=True)
     local = FederatedDictionaryLearning(n_jobs=1, **kwargs).fit(clients)
-    codes = sum(c.cache["codes"].nbytes for c in local.fedmm_state_.clients)
+    codes = sum(c.cache["codes_t"].nbytes for c in local.fedmm_state_.clients)
     marks = []
     sent = count_sent_bytes(monkeypatch)
     with parallel_config(backend="dask"):
@@ -114,7 +114,7 @@ def test_client_caches_stay_on_the_dask_workers(dask_client, monkeypatch):
     assert np.all(per_round < 0.2 * codes), (per_round, codes)
     np.testing.assert_array_equal(remote.components_, local.components_)
     for a, b in zip(remote.fedmm_state_.clients, local.fedmm_state_.clients):
-        np.testing.assert_array_equal(a.cache["codes"], b.cache["codes"])
+        np.testing.assert_array_equal(a.cache["codes_t"], b.cache["codes_t"])
     # continued fits start from the caches read back at the end of the fit
     with parallel_config(backend="dask"):
         remote.fit(clients)

@@ -68,6 +68,8 @@ def lasso_objective(X, code, dictionary, alpha):
     return 0.5 * np.einsum("ij,ij->i", residual, residual) + alpha * np.abs(code).sum(axis=1)
 
 
+
+
 def batch_lasso_cd(
     X, dictionary, alpha, *, positive=False, tol=1e-4, max_iter=1000, gram=None, cov=None,
     block_size=8, gap_every=5, code_init=None, solver="auto",
@@ -150,86 +152,178 @@ def batch_lasso_cd(
     -------
     code : ndarray of shape (n_samples, n_components)
     """
+    if code_init is not None:
+        code_init = np.asarray(code_init)
+        if code_init.shape != (X.shape[0], dictionary.shape[0]):
+            raise ValueError(
+                f"code_init has shape {code_init.shape}; expected {(X.shape[0], dictionary.shape[0])}."
+            )
+        code_init = code_init.T
+    code_t = _lasso_codes_t(
+        X, dictionary, alpha, positive=positive, tol=tol, max_iter=max_iter, gram=gram,
+        cov_t=None if cov is None else cov.T, block_size=block_size, gap_every=gap_every,
+        init_t=code_init, solver=solver,
+    )
+    return np.ascontiguousarray(code_t.T)
+
+
+def _lasso_codes_t(X, dictionary, alpha, *, positive, tol, max_iter, gram=None, cov_t=None,
+                   block_size=8, gap_every=5, init_t=None, solver="auto"):
+    """:func:`batch_lasso_cd` on transposed codes: ``init_t`` and the
+    result are ``n_components x n_samples`` (C-contiguous), the layout the
+    coordinate descent works in, so that no transposed copy is made."""
     dtype = X.dtype
     G = dictionary @ dictionary.T if gram is None else gram
-    C = X @ dictionary.T if cov is None else cov
-    n, k = C.shape
-    if code_init is None:
-        H = np.zeros((n, k), dtype=dtype)
+    # correlations X D^T, transposed (atoms x rows)
+    Ct = dictionary @ X.T if cov_t is None else np.ascontiguousarray(cov_t)
+    k, n = Ct.shape
+    if init_t is None:
+        Ht = np.zeros((k, n), dtype=dtype)
     else:
-        H = np.array(code_init, dtype=dtype, copy=True)
-        if H.shape != (n, k):
-            raise ValueError(f"code_init has shape {H.shape}; expected {(n, k)}.")
+        Ht = np.array(init_t, dtype=dtype, order="C", copy=True)
         if positive:
-            np.maximum(H, 0, out=H)
+            np.maximum(Ht, 0, out=Ht)
     diag = np.diag(G).copy()
     usable = diag > 0
-    H[:, ~usable] = 0
+    Ht[~usable] = 0
     inv_diag = np.where(usable, 1.0 / np.where(usable, diag, 1.0), 0.0).astype(dtype)
     alpha = dtype.type(alpha)
-    blocks = [np.arange(s, min(s + block_size, k)) for s in range(0, k, block_size)]
     sq_norms = np.einsum("ij,ij->i", X, X)
-    rows = np.arange(n)
     if solver == "auto":
         solver = "active_set" if k > X.shape[1] else "cd"
     if solver not in ("cd", "active_set"):
         raise ValueError(f"solver must be 'auto', 'cd' or 'active_set', got {solver!r}.")
-    exact = solver == "active_set" and max_iter > 0
-    if exact:
+    if max_iter <= 0:
+        return Ht
+    if solver == "active_set":
         # exact solves from zero: a start would not change the codes, and
         # measured slower (coordinate descent from it, then the search)
-        H[:] = 0
+        C = np.ascontiguousarray(Ct.T)
+        H = np.zeros((n, k), dtype=dtype)
+        rows = np.arange(n)
         rows = rows[~_greedy_active_set(C, G, alpha, positive, tol, 1, usable, H)]
-    if exact and rows.size:
-        Hx, finished = _feature_sign(C[rows], G, H[rows], alpha, positive, tol, max_steps=4 * k + 10)
-        H[rows] = Hx  # what is left (singular restricted systems): coordinate descent from there
-        rows = rows[~finished]
+        if rows.size:
+            Hx, finished = _feature_sign(C[rows], G, H[rows], alpha, positive, tol, max_steps=4 * k + 10)
+            H[rows] = Hx  # what is left (singular restricted systems): coordinate descent from there
+            rows = rows[~finished]
+        Ht = np.ascontiguousarray(H.T)
+        if rows.size:
+            Ht[:, rows] = _coordinate_descent(
+                Ct[:, rows], Ht[:, rows], G, alpha, positive, tol, max_iter, sq_norms[rows],
+                inv_diag, block_size, gap_every,
+            )
+        return Ht
+    return _coordinate_descent(
+        Ct, Ht, G, alpha, positive, tol, max_iter, sq_norms, inv_diag, block_size, gap_every,
+    )
+
+
+def _coordinate_descent(Ct, Ht, G, alpha, positive, tol, max_iter, sq_norms, inv_diag, block_size,
+                        gap_every):
+    """Cyclic coordinate descent of :func:`batch_lasso_cd` on transposed
+    correlations ``Ct`` (``D X^T``) from transposed codes ``Ht`` (both
+    atoms x rows, C-contiguous, owned: modified).
+
+    Returns the transposed codes. A row stops at the end of a sweep by its
+    own numbers only; its code is final then, and its later updates (while
+    it still sits in the arrays, until enough rows have stopped to make
+    dropping them worth a copy) are discarded.
+    """
+    k, n = Ct.shape
+    dtype = Ct.dtype
+    out = Ht  # columns of stopped rows are final once the arrays are compacted
+    rows = None  # None: the arrays hold every row, in order
+    sq = sq_norms
+    finished = np.zeros(n, dtype=bool)  # stopped, still in the arrays
+    blocks = [(s, min(s + block_size, k)) for s in range(0, k, block_size)]
+    # atoms of (numerically) unit norm need no rescaling
+    one = np.abs(inv_diag - 1) <= 4 * np.finfo(dtype).eps
+    scale = [None if one[j] else inv_diag[j] for j in range(k)]
+    diag = np.diag(G)
+    diag_blocks = [None if one[s:e].all() else diag[s:e, None] for s, e in blocks]
+    bounds = np.full((2, n), alpha, dtype=dtype)
+    bounds[0] *= -1
+    work = np.empty(n, dtype=dtype)
+    saved = None  # final columns of stopped rows while they stay in the arrays
     sweep = 0
-    # codes and correlations of the running rows, transposed (atoms x rows)
-    Ht = np.ascontiguousarray(H[rows].T)
-    Ct = np.ascontiguousarray(C[rows].T)
-    lo, hi = -alpha, alpha
-    while rows.size and sweep < max_iter:
+    m = n
+    while m and sweep < max_iter:
+        lo, hi, tmp = bounds[0, :m], bounds[1, :m], work[:m]
         check = (sweep + 1) % gap_every == 0
         # the residual correlations C - HG at the sweep's start give the
         # duality gap there, which bounds the gap at its end
         corr = Ct - G @ Ht if check and len(blocks) > 1 else None
         start = Ht.copy() if check else None
         max_change = None
-        for blk in blocks:
-            # residual correlations r_j = C_j - sum_l H_l G_lj for the block,
-            # from one product; then corrected for changes made in the block.
-            R = Ct[blk] - G[blk] @ Ht
+        for (s, e), dg in zip(blocks, diag_blocks):
+            # residual correlations r_j = C_j - sum_{l != j} H_l G_lj for the
+            # block, from one product; then corrected for changes made in
+            # the block
+            R = G[s:e] @ Ht
+            np.subtract(Ct[s:e], R, out=R)
             if check and corr is None:
                 corr = R.copy()
-            R += diag[blk, None] * Ht[blk]
-            changes = np.empty((blk.size, rows.size), dtype=dtype)
-            for jj, j in enumerate(blk):
+            if dg is None:
+                R += Ht[s:e]
+            else:
+                R += dg * Ht[s:e]
+            changes = np.empty((e - s, m), dtype=dtype)
+            for jj in range(e - s):
+                j = s + jj
                 r = R[jj]
                 if jj:
-                    r = r - G[j, blk[:jj]] @ changes[:jj]
+                    r -= G[j, s:j] @ changes[:jj]
                 if positive:
-                    new = np.maximum(r - alpha, 0)
+                    np.subtract(r, hi, out=tmp)
+                    np.maximum(tmp, 0, out=tmp)
                 else:  # soft thresholding: r - clip(r, -alpha, alpha)
-                    new = np.maximum(r, lo)
-                    np.minimum(new, hi, out=new)
-                    np.subtract(r, new, out=new)
-                if inv_diag[j] != 1:
-                    new *= inv_diag[j]
-                np.subtract(new, Ht[j], out=changes[jj])
-                Ht[j] = new
-            change = np.abs(changes).max(axis=0)
-            max_change = change if max_change is None else np.maximum(max_change, change)
+                    np.maximum(r, lo, out=tmp)
+                    np.minimum(tmp, hi, out=tmp)
+                    np.subtract(r, tmp, out=tmp)
+                if scale[j] is not None:
+                    tmp *= scale[j]
+                np.subtract(tmp, Ht[j], out=changes[jj])
+                Ht[j] = tmp
+            np.abs(changes, out=changes)
+            change = changes.max(axis=0)
+            max_change = change if max_change is None else np.maximum(max_change, change, out=max_change)
         sweep += 1
         done = max_change <= tol * np.abs(Ht).max(axis=0)
         if check:
-            done |= _gap_from_corr(sq_norms[rows], Ct, start, corr, alpha, positive, tol)
-        if done.any():
-            H[rows[done]] = Ht[:, done].T
-            keep = ~done
-            rows, Ht, Ct = rows[keep], Ht[:, keep], Ct[:, keep]
-    H[rows] = Ht.T
-    return H
+            done |= _gap_from_corr(sq, Ct, start, corr, alpha, positive, tol)
+        done &= ~finished
+        if not done.any():
+            continue
+        idx = np.flatnonzero(done) if rows is None else rows[done]
+        finished |= done
+        # drop the stopped rows once they are a quarter of the arrays
+        if 4 * np.count_nonzero(finished) >= m:
+            if rows is None:  # first compaction: ``out`` becomes a copy
+                out = Ht.copy()
+                rows = np.arange(n)
+            else:
+                out[:, rows[finished]] = Ht[:, finished]
+            keep = ~finished
+            if saved is not None:
+                out[:, saved[0]] = saved[1]
+                saved = None
+            rows, Ht, Ct, sq = rows[keep], Ht[:, keep], Ct[:, keep], sq[keep]
+            finished = finished[keep]
+            m = rows.size
+        else:
+            vals = Ht[:, done]
+            saved = (idx, vals) if saved is None else (
+                np.concatenate([saved[0], idx]), np.concatenate([saved[1], vals], axis=1))
+    if rows is None:
+        out = Ht
+        if saved is not None:
+            out[:, saved[0]] = saved[1]
+    else:
+        live = ~finished
+        out[:, rows[live]] = Ht[:, live]
+        if saved is not None:
+            out[:, saved[0]] = saved[1]
+    return out
 
 
 def _greedy_active_set(C, G, alpha, positive, tol, steps, usable, H):
@@ -714,6 +808,10 @@ _AUTO_MIN_DRAWN = 16
 #: Size of the coder's row chunks (see ``DictionaryLearningProblem._chunk_rows``).
 _CHUNK_BYTES = 4 * 2**20
 
+#: A cached warm start continues each row's last move by this factor.
+_EXTRAPOLATE = 1.0
+
+
 
 def _fingerprint(X):
     r"""One number per row, :math:`\langle x, v\rangle` for a fixed vector
@@ -763,23 +861,26 @@ class DictionaryLearningProblem(MMProblem):
     dict_max_sweeps : int, default=10
         Sweep cap of the dictionary M-step.
     dict_tol : float, default=1e-6
-    code_cache : {"auto", True, False}, default=False
+    code_cache : {"auto", True, False}, default="auto"
         Warm-start each row's code from its code at the previous round
-        (``"batch_cd"`` only): the client keeps its rows' last codes
-        (:meth:`client_cache`, ``n_rows x n_components`` plus one
-        fingerprint per row, never sent). A row is warm-started only from
-        its own last code, and only while its fingerprint
-        (:math:`\\langle x, v\\rangle` for a fixed vector :math:`v`) is
-        unchanged, so its code never depends on other rows; each code is
-        still computed to the coder's tolerance, so warm starts change
-        codes only within it. With minibatches a row starts from its code
-        at the last round it was drawn, and the client copies its codes
-        every round. ``"auto"``: when the client's codes take at most 64
-        MiB, and, with minibatches, a batch is at least a sixteenth of the
-        client's rows (rows come back often enough, and the copy costs at
-        most 16 batches' codes); ``True``: always; ``False``: never. With
-        more atoms than features, :func:`batch_lasso_cd`'s exact active-set
-        solver starts from zero and the cached codes change nothing.
+        (``"batch_cd"`` only): the client keeps its rows' last codes and
+        their last move (:meth:`client_cache`, twice ``n_rows x
+        n_components`` values plus one fingerprint per row, never sent),
+        and a full pass starts each row at its last code plus its last
+        move (the codes follow the dictionary's path). A row is
+        warm-started only from its own codes, and only while its
+        fingerprint (:math:`\\langle x, v\\rangle` for a fixed vector
+        :math:`v`) is unchanged, so its code never depends on other rows;
+        each code is still computed to the coder's tolerance, so warm
+        starts change codes only within it. With minibatches a row starts
+        from its code at the last round it was drawn, and the client
+        copies its codes every round. ``"auto"``: when the client's cache
+        takes at most 64 MiB, and, with minibatches, a batch is at least a
+        sixteenth of the client's rows (rows come back often enough, and
+        the copy costs at most 16 batches' codes); ``True``: always;
+        ``False``: never. With more atoms than features,
+        :func:`batch_lasso_cd`'s exact active-set solver starts from zero
+        and the cached codes change nothing.
     atom_restart : {"auto", "residual", "random"}, default="auto"
         Where the server re-places dead atoms (unused, or duplicating
         another atom; see :func:`update_dict`). ``"residual"``: clients add
@@ -816,7 +917,7 @@ class DictionaryLearningProblem(MMProblem):
         dict_max_sweeps=10,
         dict_tol=1e-6,
         atom_restart="auto",
-        code_cache=False,
+        code_cache="auto",
     ):
         self.n_components = n_components
         self.alpha = alpha
@@ -852,10 +953,8 @@ class DictionaryLearningProblem(MMProblem):
         """Sparse codes of the rows of ``X`` with the fit-time coder
         (``"batch_cd"`` starts from ``code_init`` when given)."""
         if self.fit_algorithm == "batch_cd":
-            return batch_lasso_cd(
-                X, dictionary, self.alpha, positive=self.positive_code,
-                tol=self.coder_tol, max_iter=self.coder_max_iter, code_init=code_init,
-            )
+            init_t = None if code_init is None else np.asarray(code_init).T
+            return np.ascontiguousarray(self._encode_t(X, dictionary, init_t).T)
         algorithm = {"cd": "lasso_cd", "lars": "lasso_lars"}[self.fit_algorithm]
         code = sparse_encode(
             X, dictionary, algorithm=algorithm, alpha=self.alpha,
@@ -863,12 +962,24 @@ class DictionaryLearningProblem(MMProblem):
         )
         return code.astype(X.dtype, copy=False)
 
+    def _encode_t(self, X, dictionary, init_t=None):
+        """:meth:`encode`'s codes transposed (atoms x rows), from transposed
+        starting codes ``init_t``; for ``"batch_cd"`` no transposed copy is
+        made."""
+        if self.fit_algorithm == "batch_cd":
+            return _lasso_codes_t(
+                X, dictionary, self.alpha, positive=self.positive_code,
+                tol=self.coder_tol, max_iter=self.coder_max_iter, init_t=init_t,
+            )
+        return self.encode(X, dictionary).T
+
     def client_cache(self, X):
         """An empty code cache when ``code_cache`` is on for ``X``, else None."""
         if self.fit_algorithm != "batch_cd" or self.code_cache is False:
             return None
         if self.code_cache == "auto":
-            size = X.shape[0] * self.n_components * X.dtype.itemsize
+            # the codes and their last move
+            size = 2 * X.shape[0] * self.n_components * X.dtype.itemsize
             return {} if size <= _AUTO_CACHE_BYTES else None
         if self.code_cache is True:
             return {}
@@ -884,27 +995,36 @@ class DictionaryLearningProblem(MMProblem):
         if rows is not None and self.code_cache == "auto" and rows.size * _AUTO_MIN_DRAWN < n:
             stat, loss = self.local_statistic(X[rows], theta)
             return stat, loss, cache
-        codes, marks = cache.get("codes"), cache.get("fingerprint")
-        if codes is None or codes.shape != (n, k) or marks.shape != (n,):
+        # the codes are kept transposed (atoms x rows), the coder's layout
+        codes, marks = cache.get("codes_t"), cache.get("fingerprint")
+        if codes is None or codes.shape != (k, n) or marks.shape != (n,):
             codes = marks = None
         batch = X if rows is None else X[rows]
         mark = _fingerprint(batch)
-        init = None
+        init = same = None
         if codes is not None:
             same = marks if rows is None else marks[rows]
             same = same == mark
             if same.any():
-                init = codes if rows is None else codes[rows]
-                init = np.where(same[:, None], init, 0).astype(X.dtype, copy=False)
+                init = codes if rows is None else codes[:, rows]
+                prev = cache.get("prev_t") if rows is None else None
+                if prev is not None and prev.shape == codes.shape:
+                    # each row's last move, continued: a closer start
+                    init = init + _EXTRAPOLATE * (init - prev)
+                if not same.all():
+                    init = np.where(same, init, 0).astype(X.dtype, copy=False)
         stat, loss, code = self._coded_statistic(batch, theta, init, keep_codes=True)
         if rows is None:
-            return stat, loss, {"codes": code, "fingerprint": mark}
-        codes = np.zeros((n, k), dtype=X.dtype) if codes is None else codes.copy()
+            out = {"codes_t": code, "fingerprint": mark}
+            if init is not None:  # the rows' last move (none for a changed row)
+                out["prev_t"] = codes if same.all() else np.where(same, codes, code)
+            return stat, loss, out
+        codes = np.zeros((k, n), dtype=X.dtype) if codes is None else codes.copy()
         # unseen rows: zero codes, so a matching zero mark is a cold start
         marks = np.zeros(n, dtype=X.dtype) if marks is None else marks.copy()
-        codes[rows] = code
+        codes[:, rows] = code
         marks[rows] = mark
-        return stat, loss, {"codes": codes, "fingerprint": marks}
+        return stat, loss, {"codes_t": codes, "fingerprint": marks}
 
     def init_statistic(self, X, code=None):
         """The client's second moment ``M`` (PCA init, residual rule) and,
@@ -963,28 +1083,43 @@ class DictionaryLearningProblem(MMProblem):
         return stat, loss
 
     def _coded_statistic(self, X, theta, code_init=None, keep_codes=False):
-        """Statistic and mean loss of ``X``'s codes, coded in chunks of rows.
+        r"""Statistic and mean loss of ``X``'s codes, coded in chunks of rows.
 
         Rows are coded ``_chunk_rows`` at a time (a row's code does not
         depend on the others), so that the coder's temporaries stay small
-        however many rows a client has; the codes are kept only when
-        ``keep_codes``.
+        however many rows a client has; the codes (transposed, atoms x rows,
+        as ``code_init``) are kept only when ``keep_codes``.
+
+        The loss of float64 rows comes from the statistic,
+        :math:`\tfrac12 \overline{\|x\|^2} - \langle B, D^\top\rangle +
+        \tfrac12 \langle A, D D^\top\rangle + \alpha \overline{\|h\|_1}`, with
+        no residual formed; float32 rows, whose statistic is rounded to
+        float32, sum the rows' residuals instead.
         """
         n, k = X.shape[0], self.n_components
         step = self._chunk_rows(X)
         A = np.zeros((k, k), dtype=X.dtype)
         B = np.zeros((X.shape[1], k), dtype=X.dtype)
-        total = 0.0
-        codes = np.empty((n, k), dtype=X.dtype) if keep_codes else None
+        total = sq_norms = l1 = 0.0
+        codes = np.empty((k, n), dtype=X.dtype) if keep_codes else None
+        exact = X.dtype == np.float64
         for start in range(0, n, step):
             part = slice(start, min(start + step, n))
             Xc = X[part]
-            code = self.encode(Xc, theta, code_init=None if code_init is None else code_init[part])
-            A += code.T @ code
-            B += Xc.T @ code
-            total += float(np.sum(lasso_objective(Xc, code, theta, self.alpha)))
+            code = self._encode_t(Xc, theta, None if code_init is None else code_init[:, part])
+            A += code @ code.T
+            B += Xc.T @ code.T
+            if exact:
+                sq_norms += float(np.einsum("ij,ij->", Xc, Xc))
+                l1 += float(np.abs(code).sum())
+            else:
+                total += float(np.sum(lasso_objective(Xc, code.T, theta, self.alpha)))
             if keep_codes:
-                codes[part] = code
+                codes[:, part] = code
+        if exact:  # the residuals' sum is nonnegative (up to rounding)
+            fit = sq_norms / 2 - float(np.einsum("ij,ji->", B, theta)) \
+                + float(np.einsum("ij,ij->", A, theta @ theta.T)) / 2
+            total = max(fit, 0.0) + self.alpha * l1
         return {"A": A / n, "B": B / n}, total / n, codes
 
     def _chunk_rows(self, X):

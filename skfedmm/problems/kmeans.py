@@ -575,7 +575,9 @@ class KMeansProblem(MMProblem):
         # the same statistic in standardized coordinates z = (x - shift) / scale
         # (exact algebra on the sums: no per-row pass)
         shifted = sums - np.outer(count, shift)
-        sq = (sq - 2 * sums @ shift + count * np.dot(shift, shift)) / scale**2
+        # (einsum, not ``@``: the float32 product once raised a spurious
+        # "invalid value" flag on finite numbers under load)
+        sq = (sq - 2 * np.einsum("ij,j->i", sums, shift) + count * np.dot(shift, shift)) / scale**2
         stat = {"count": count / n, "sum": shifted / (scale * n), "sq": np.maximum(sq, 0) / n}
         return stat, loss
 

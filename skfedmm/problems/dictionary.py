@@ -244,11 +244,15 @@ def _coordinate_descent(Ct, Ht, G, alpha, positive, tol, max_iter, sq_norms, inv
     bounds = np.full((2, n), alpha, dtype=dtype)
     bounds[0] *= -1
     work = np.empty(n, dtype=dtype)
+    # scratch for the blocks' correlations and changes and for |H|, reused
+    # every sweep (fresh large arrays would be page-faulted in each time)
+    scratch = np.empty((2 * block_size + k) * n, dtype=dtype)
     saved = None  # final columns of stopped rows while they stay in the arrays
     sweep = 0
     m = n
     while m and sweep < max_iter:
         lo, hi, tmp = bounds[0, :m], bounds[1, :m], work[:m]
+        size = block_size * m
         check = (sweep + 1) % gap_every == 0
         # the residual correlations C - HG at the sweep's start give the
         # duality gap there, which bounds the gap at its end
@@ -259,7 +263,7 @@ def _coordinate_descent(Ct, Ht, G, alpha, positive, tol, max_iter, sq_norms, inv
             # residual correlations r_j = C_j - sum_{l != j} H_l G_lj for the
             # block, from one product; then corrected for changes made in
             # the block
-            R = G[s:e] @ Ht
+            R = np.matmul(G[s:e], Ht, out=scratch[:(e - s) * m].reshape(e - s, m))
             np.subtract(Ct[s:e], R, out=R)
             if check and corr is None:
                 corr = R.copy()
@@ -267,7 +271,7 @@ def _coordinate_descent(Ct, Ht, G, alpha, positive, tol, max_iter, sq_norms, inv
                 R += Ht[s:e]
             else:
                 R += dg * Ht[s:e]
-            changes = np.empty((e - s, m), dtype=dtype)
+            changes = scratch[size:size + (e - s) * m].reshape(e - s, m)
             for jj in range(e - s):
                 j = s + jj
                 r = R[jj]
@@ -288,7 +292,7 @@ def _coordinate_descent(Ct, Ht, G, alpha, positive, tol, max_iter, sq_norms, inv
             change = changes.max(axis=0)
             max_change = change if max_change is None else np.maximum(max_change, change, out=max_change)
         sweep += 1
-        done = max_change <= tol * np.abs(Ht).max(axis=0)
+        done = max_change <= tol * np.abs(Ht, out=scratch[2 * size:2 * size + k * m].reshape(k, m)).max(axis=0)
         if check:
             done |= _gap_from_corr(sq, Ct, start, corr, alpha, positive, tol)
         done &= ~finished
@@ -977,6 +981,8 @@ class DictionaryLearningProblem(MMProblem):
         """An empty code cache when ``code_cache`` is on for ``X``, else None."""
         if self.fit_algorithm != "batch_cd" or self.code_cache is False:
             return None
+        if self.n_components > X.shape[1]:  # the exact active-set solver: no use for starts
+            return None
         if self.code_cache == "auto":
             # the codes and their last move
             size = 2 * X.shape[0] * self.n_components * X.dtype.itemsize
@@ -1101,7 +1107,7 @@ class DictionaryLearningProblem(MMProblem):
         A = np.zeros((k, k), dtype=X.dtype)
         B = np.zeros((X.shape[1], k), dtype=X.dtype)
         total = sq_norms = l1 = 0.0
-        codes = np.empty((k, n), dtype=X.dtype) if keep_codes else None
+        codes = np.empty((k, n), dtype=X.dtype) if keep_codes and step < n else None
         exact = X.dtype == np.float64
         for start in range(0, n, step):
             part = slice(start, min(start + step, n))
@@ -1114,7 +1120,9 @@ class DictionaryLearningProblem(MMProblem):
                 l1 += float(np.abs(code).sum())
             else:
                 total += float(np.sum(lasso_objective(Xc, code.T, theta, self.alpha)))
-            if keep_codes:
+            if keep_codes and step >= n:
+                codes = code  # one chunk: no copy
+            elif keep_codes:
                 codes[:, part] = code
         if exact:  # the residuals' sum is nonnegative (up to rounding)
             fit = sq_norms / 2 - float(np.einsum("ij,ji->", B, theta)) \

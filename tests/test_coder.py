@@ -106,9 +106,9 @@ def test_coder_keeps_float32():
 # ------------------------------------------------------------- the cache
 def test_cache_warm_starts_only_unchanged_rows():
     rng = np.random.default_rng(5)
-    D = unit_rows(rng, 12, 8)
+    D = unit_rows(rng, 8, 12)
     X = sparse_rows(rng, 60, D)
-    problem = DictionaryLearningProblem(12, 0.1, 8, code_cache="auto")
+    problem = DictionaryLearningProblem(8, 0.1, 12, code_cache="auto")
     cache = problem.client_cache(X)
     assert cache == {}
     stat, loss, cache = problem.cached_statistic(X, D, cache, None)
@@ -132,10 +132,10 @@ def test_cache_warm_starts_only_unchanged_rows():
 
 def test_cache_continues_each_rows_last_move(monkeypatch):
     rng = np.random.default_rng(9)
-    D0 = unit_rows(rng, 12, 8)
+    D0 = unit_rows(rng, 8, 12)
     X = sparse_rows(rng, 60, D0)
-    path = [D0 + 0.05 * t * unit_rows(np.random.default_rng(t), 12, 8) for t in range(3)]
-    problem = DictionaryLearningProblem(12, 0.1, 8)  # code_cache="auto" by default
+    path = [D0 + 0.05 * t * unit_rows(np.random.default_rng(t), 8, 12) for t in range(3)]
+    problem = DictionaryLearningProblem(8, 0.1, 12)  # code_cache="auto" by default
     starts = []
     real = dictionary_module._lasso_codes_t
 
@@ -171,9 +171,9 @@ def test_cache_continues_each_rows_last_move(monkeypatch):
 
 def test_minibatch_cache_updates_the_drawn_rows_only():
     rng = np.random.default_rng(6)
-    D = unit_rows(rng, 10, 8)
+    D = unit_rows(rng, 8, 10)
     X = sparse_rows(rng, 40, D)
-    problem = DictionaryLearningProblem(10, 0.1, 8, code_cache=True)
+    problem = DictionaryLearningProblem(8, 0.1, 10, code_cache=True)
     rows = np.array([1, 5, 6, 30])
     stat, loss, cache = problem.cached_statistic(X, D, {}, rows)
     ref_stat, ref_loss = problem.local_statistic(X[rows], D)
@@ -183,9 +183,9 @@ def test_minibatch_cache_updates_the_drawn_rows_only():
     others = np.setdiff1d(np.arange(40), rows)
     assert np.all(codes[others] == 0)
     # "auto" leaves small minibatches (below a sixteenth of the rows) uncached
-    auto = DictionaryLearningProblem(10, 0.1, 8, code_cache="auto")
+    auto = DictionaryLearningProblem(8, 0.1, 10, code_cache="auto")
     assert auto.cached_statistic(X, D, {}, rows[:2])[2] == {}
-    assert auto.cached_statistic(X, D, {}, rows)[2]["codes_t"].shape == (10, 40)
+    assert auto.cached_statistic(X, D, {}, rows)[2]["codes_t"].shape == (8, 40)
 
 
 def test_cache_size_rule():
@@ -194,14 +194,16 @@ def test_cache_size_rule():
     assert DictionaryLearningProblem(3, 0.1, 4).client_cache(X) == {}  # "auto" by default
     assert DictionaryLearningProblem(3, 0.1, 4, code_cache=False).client_cache(X) is None
     assert DictionaryLearningProblem(3, 0.1, 4, fit_algorithm="lars").client_cache(X) is None
-    big = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(10**7, 4), strides=(0, 0))
-    assert DictionaryLearningProblem(8, 0.1, 4, code_cache="auto").client_cache(big) is None  # 1.3 GB
+    big = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(10**7, 16), strides=(0, 0))
+    assert DictionaryLearningProblem(8, 0.1, 16, code_cache="auto").client_cache(big) is None  # 1.3 GB
     # the codes and their last move: 2 x 2**20 rows x 4 atoms x 8 bytes = 64 MiB
     edge = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(2**20, 4), strides=(0, 0))
     assert DictionaryLearningProblem(4, 0.1, 4).client_cache(edge) == {}
     over = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(2**20 + 1, 4), strides=(0, 0))
     assert DictionaryLearningProblem(4, 0.1, 4).client_cache(over) is None
-    assert DictionaryLearningProblem(8, 0.1, 4, code_cache=True).client_cache(big) == {}
+    assert DictionaryLearningProblem(8, 0.1, 16, code_cache=True).client_cache(big) == {}
+    # more atoms than features: the exact solver, which starts from zero
+    assert DictionaryLearningProblem(20, 0.1, 16, code_cache=True).client_cache(big) is None
 
 
 def test_cached_fit_is_within_the_coder_tolerance_of_the_cold_fit():

@@ -260,6 +260,15 @@ def test_chunked_coding_equals_one_chunk(monkeypatch):
     for name in whole:
         np.testing.assert_allclose(parts[name], whole[name], rtol=1e-10, atol=1e-14)
     assert loss_parts == pytest.approx(loss, rel=1e-12)
+    # the cached codes of an undercomplete dictionary, chunked or not
+    D = unit_rows(rng, 6, 8)
+    problem = DictionaryLearningProblem(6, 0.1, 8)
+    monkeypatch.setattr(dictionary_module, "_CHUNK_BYTES", 2**30)
+    _, loss_one, one = problem.cached_statistic(X, D, {}, None)
+    monkeypatch.setattr(dictionary_module, "_CHUNK_BYTES", 1)
+    _, loss_parts, parts = problem.cached_statistic(X, D, {}, None)
+    np.testing.assert_allclose(parts["codes_t"], one["codes_t"], rtol=1e-10, atol=1e-14)
+    assert loss_parts == pytest.approx(loss_one, rel=1e-12)
 
 
 # ------------------------------------------------------- default step rule

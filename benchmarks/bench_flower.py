@@ -13,14 +13,16 @@ once with QSGD, and reports:
 - array bytes per round per client, up (the message) and down (the
   dictionary and the server statistic), against the formulas of
   ``doc/what_leaves_a_client.md``: ``k^2 + d k`` values up (the
-  compressor's bits for them: QSGD sends the norm and ``1 + ceil(log2(s +
-  1))`` bits per entry, packed), ``k d + k^2 + d k`` values down. The loss
-  (64 bits) and the bit count travel as config values besides.
+  compressor's bits for them: QSGD sends the norm and its levels,
+  Rice-coded by default, a variable length that the engine counts
+  exactly; at most ``1 + ceil(log2(s + 1))`` bits per entry with
+  ``coding="fixed"``), ``k d + k^2 + d k`` values down. The loss (64 bits)
+  and the bit count travel as config values besides.
 
 Usage::
 
-    python benchmarks/bench_flower.py            # 3 nodes x 2000 rows x 20 features, 4 rounds
-    python benchmarks/bench_flower.py --quick    # 3 nodes x 200 rows, 2 rounds
+    python benchmarks/bench_flower.py            # writes benchmarks/results/bench_flower.txt
+    python benchmarks/bench_flower.py --quick    # 3 nodes x 200 rows, 2 rounds (_quick.txt)
 """
 
 import argparse
@@ -55,10 +57,37 @@ def main():
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     n_rows, d, k, rounds = (200, 20, 8, 2) if args.quick else (2000, 20, 8, 4)
+    name = "bench_flower_quick.txt" if args.quick else "bench_flower.txt"
+    with open(os.path.join(REPO, "benchmarks", "results", name), "w") as record:
+        sys.stdout = _Tee(sys.__stdout__, record)
+        try:
+            run(n_rows, d, k, rounds)
+            print(f"# load average at end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        finally:
+            sys.stdout = sys.__stdout__
+
+
+class _Tee:
+    """Print to the terminal and to the record."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text):
+        for s in self.streams:
+            s.write(text)
+
+    def flush(self):
+        for s in self.streams:
+            s.flush()
+
+
+def run(n_rows, d, k, rounds):
     rng = np.random.default_rng(0)
     print(f"# bench_flower: 3 SuperNodes x {n_rows} rows x {d} features, "
           f"FederatedDictionaryLearning(n_components={k}), {rounds} rounds, participation 1")
-    print(f"# {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(f"# {platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
+          f"load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     import flwr
 
     print(f"# flwr {flwr.__version__}; SuperExec task poll interval "
@@ -108,9 +137,19 @@ def main():
                 steady = rounds_t[1:] or rounds_t
                 got_up = {r[5] / r[1] for r in steady}
                 got_down = {r[4] / r[1] for r in steady}
-                print(f"per round per client (rounds after the first): up {sorted(got_up)} bytes, "
-                      f"formula {up} (bits {int(est.history_['bits_up'][-1]) // 3 - 64} / 8, rounded "
-                      f"up); down {sorted(got_down)} bytes, formula {down}")
+                if compression is None:
+                    print(f"per round per client (rounds after the first): up {sorted(got_up)} "
+                          f"bytes, formula {up} (bits {int(est.history_['bits_up'][-1]) // 3 - 64} "
+                          f"/ 8, rounded up); down {sorted(got_down)} bytes, formula {down}")
+                else:  # Rice-coded levels: a variable length, counted exactly by the engine
+                    bits = np.asarray(est.history_["bits_up"])[-len(rounds_t):] / 3 - 64
+                    print("per round per client, up (the levels are Rice-coded: a variable length): "
+                          "bytes received " + ", ".join(f"{r[5] / r[1]:.1f}" for r in rounds_t)
+                          + "; the engine's count (bits / 8, mean over clients) "
+                          + ", ".join(f"{b / 8:.1f}" for b in bits)
+                          + " (each client's message rounded up to whole bytes); at most "
+                          f"{up} bytes with fixed-length levels; down {sorted(got_down)} bytes, "
+                          f"formula {down}")
                 print("the first round also sends each client its initial state once "
                       f"({size * 8} bytes of control variate) and the problem")
 

@@ -68,8 +68,6 @@ def lasso_objective(X, code, dictionary, alpha):
     return 0.5 * np.einsum("ij,ij->i", residual, residual) + alpha * np.abs(code).sum(axis=1)
 
 
-
-
 def batch_lasso_cd(
     X, dictionary, alpha, *, positive=False, tol=1e-4, max_iter=1000, gram=None, cov=None,
     block_size=8, gap_every=5, code_init=None, solver="auto",
@@ -814,7 +812,6 @@ _CHUNK_BYTES = 4 * 2**20
 
 #: A cached warm start continues each row's last move by this factor.
 _EXTRAPOLATE = 1.0
-
 
 
 def _fingerprint(X):

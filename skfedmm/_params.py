@@ -108,10 +108,9 @@ FEDERATED_PARAMETERS = (
     Server step size :math:`\\gamma_t`: a constant, or a callable of the
     round index such as :class:`~skfedmm.PolynomialDecay`. ``"auto"``: 1
     without compression and with full participation (batch MM);
-    otherwise measured on each round's messages, the excess of the
-    server's update direction over twice its estimated compression and
-    participation noise (in squared norm, relative to the direction's),
-    never below
+    otherwise measured on each round's messages, the share of the
+    server's update direction above its estimated compression and
+    participation noise, never below
     :math:`1 / (1 + \\omega + (1 - q) / (4 q))` for the compressor's
     :math:`\\omega` and participation :math:`q` (see
     :func:`skfedmm.schedules.auto_step_size`); with minibatches, that

@@ -57,18 +57,7 @@ class Compressor(ABC):
     ...         keep = rng.random(x.shape) < 0.5
     ...         bits = int(keep.sum()) * (64 + 32) + 64
     ...         return np.where(keep, 2 * x, 0), bits
-
-    Attributes
-    ----------
-    compress_initialization : bool
-        Whether a fit sends its initialization messages (the initialization
-        statistics and the initial full round) through the compressor. They
-        are sent once, before any control variate can learn their error:
-        a compressor whose error on them stays large sends them exactly
-        (counted at their dtype's precision) instead. True by default.
     """
-
-    compress_initialization = True
 
     @abstractmethod
     def omega(self, d):
@@ -458,17 +447,6 @@ class RandK(Compressor):
     :math:`\omega = d / k - 1`. The message is :math:`k` values and
     :math:`k` indices of :math:`\lceil \log_2 d \rceil` bits each.
 
-    A fit sends its initialization messages exactly
-    (``compress_initialization = False``): the error of random-k is
-    :math:`(d / k - 1) \|x\|^2` on every message, nine times the
-    message's own energy at ``ratio=0.1``, and its large scaled entries
-    leave the initialization (a principal-component start, the first
-    control variates) mostly noise that the control variates then take
-    many rounds to work off. Sent once, those messages cost about as many
-    bits as twenty compressed rounds (measured on dictionary learning on
-    the digits). Subclass and set ``compress_initialization = True`` to
-    compress them too.
-
     Parameters
     ----------
     k : int, default=None
@@ -476,8 +454,6 @@ class RandK(Compressor):
     ratio : float in (0, 1], default=None
         Fraction of entries kept; ``k = max(1, ceil(ratio * d))``.
     """
-
-    compress_initialization = False
 
     def __init__(self, k=None, ratio=None):
         self.k = k

@@ -788,13 +788,11 @@ class FedMM:
         itemsize = np.dtype(dtype).itemsize
         bits_up = 0
         failed = []
-        # With compression the initialization messages are compressed too
-        # (unless the compressor sends them exactly: compress_initialization),
+        # With compression the initialization messages are compressed too,
         # each client drawing from streams of its own (two seeds: the init
         # statistic, the initial full round); the control variates then
         # carry the compression error of the initial round into the next.
-        squeeze = (compressor is not None and type(compressor) is not Identity
-                   and bool(getattr(compressor, "compress_initialization", True)))
+        squeeze = compressor is not None and type(compressor) is not Identity
         squeeze_init = squeeze and bool(getattr(self.problem, "compress_init_statistic", False))
         squeeze_full = squeeze and bool(getattr(self.problem, "compress_first_round", True))
         if squeeze:
@@ -1036,13 +1034,8 @@ class FedMM:
             # S_hat + H estimates sbar(theta_t); project that estimate, then
             # move by gamma towards it (a convex combination of valid
             # statistics stays valid; exact rounds are unchanged).
-            if getattr(problem, "project_after_step", False):
-                # (or project the step's end: less bias from clipped noise)
-                s_new = layout.flatten(problem.project(layout.unflatten(s_old + gamma * H)),
-                                       s_old.dtype)
-            else:
-                s_est = layout.flatten(problem.project(layout.unflatten(s_old + H)), s_old.dtype)
-                s_new = s_old + gamma * (s_est - s_old)
+            s_est = layout.flatten(problem.project(layout.unflatten(s_old + H)), s_old.dtype)
+            s_new = s_old + gamma * (s_est - s_old)
             cv_new = state.cv
             if cfg.cv_rate != 0 and len(idx):
                 cv_new = aggregate(payloads, cfg.cv_rate * w_ans, out=state.cv.copy())

@@ -83,26 +83,18 @@ class _MeasuredStep:
     where :math:`a_i` is the weight of message :math:`c_i` in :math:`H_t`,
     :math:`q_i` the client's participation probability and :math:`v_i` the
     compressor's estimate of the message's compression error
-    (:meth:`~skfedmm.compression.Compressor.variance`). With
-    :math:`\|H_t\|^2 - N_t` the estimated energy of the mean field (the
-    signal), the step is
+    (:meth:`~skfedmm.compression.Compressor.variance`). The step is the
+    positive-part James-Stein factor of :math:`H_t`,
 
     .. math::
 
         \gamma_t = \max\big(\gamma_\text{floor},\;
-        \frac{(\|H_t\|^2 - N_t) - N_t}{\|H_t\|^2}\big)
-        = \max\big(\gamma_\text{floor},\; 1 - 2 N_t / \|H_t\|^2\big),
+        1 - N_t / \|H_t\|^2\big),
 
-    the signal's excess over the noise, relative to :math:`\|H_t\|^2`:
-    close to 1 when the control variates have made the messages small next
-    to the mean field, and the floor as soon as the noise is as large as the
-    signal. (The positive-part James-Stein factor :math:`1 - N_t /
-    \|H_t\|^2` is the best step for one round, but in rounds dominated by
-    noise it is itself a noisy estimate, its occasional large steps push
-    noise into the statistic faster than later rounds average it out, and
-    with random-k sparsification dictionary learning stalled well above
-    the uncompressed objective; the worst-case floor does not.) The floor
-    is the worst-case rule :func:`auto_step_size`. Everything is computed from the messages
+    which keeps the part of :math:`H_t` that stands above its noise: close
+    to 1 when the control variates have made the messages small next to the
+    mean field, smaller when noise dominates. The floor is the worst-case
+    rule :func:`auto_step_size`. Everything is computed from the messages
     the server receives, in client order: the step is a deterministic
     function of the run's random streams, whatever ``n_jobs``.
 
@@ -134,7 +126,7 @@ class _MeasuredStep:
             signal = float(np.dot(H, H))
         if not (np.isfinite(noise) and np.isfinite(signal)) or signal <= 0:
             return self.floor
-        return float(min(1.0, max(self.floor, 1.0 - 2.0 * noise / signal)))
+        return float(min(1.0, max(self.floor, 1.0 - noise / signal)))
 
 
 def minibatch_step_size(gamma, fraction, t, power=0.6):

@@ -89,18 +89,6 @@ class MMProblem(ABC):
     #: worse local optimum that later rounds do not leave (mixtures).
     compress_first_round = True
 
-    #: Where the server projects in a round (:meth:`project`). False (the
-    #: default): it projects its estimate :math:`\hat S_t + H_t` of the
-    #: mean statistic and moves by :math:`\gamma_t` towards it. True: it
-    #: projects the point it moves to, :math:`\hat S_t + \gamma_t H_t`
-    #: (projected stochastic approximation). The same in exact rounds with
-    #: :math:`\gamma_t = 1`; in noisy rounds the projection of the noisy
-    #: estimate moves it by about the size of its noise (a clipped
-    #: coordinate is pushed up by its noise, whatever :math:`\gamma_t`),
-    #: and the statistic keeps that bias, while the projection of the
-    #: small step leaves a bias about :math:`\gamma_t` times smaller.
-    project_after_step = False
-
     def init_statistic(self, X):
         """Statistic a client sends once to initialize :math:`\\theta_0`.
 

@@ -799,10 +799,6 @@ class DictionaryLearningProblem(MMProblem):
     # the second moment M only seeds the dictionary (PCA) and the
     # residual rule's directions: compressed when the messages are
     compress_init_statistic = True
-    # the projection clips A's diagonal at 0: projecting a noisy estimate
-    # pushes the diagonal of rarely used atoms up by the noise (compressed
-    # fits); the end of the step is seldom clipped
-    project_after_step = True
 
     def __init__(
         self,

@@ -10,7 +10,7 @@ One FedMM round (Dieuleveut, Fort, Hegazy, Wai, 2025), with server state
     c_i = Q(\Delta_i), \qquad V_i \leftarrow V_i + \alpha c_i
     \quad (i \in A_t), \\
     H_t &= V_t + \sum_{i \in A_t} \frac{w_i}{q_i} c_i, \\
-    \hat S_{t+1} &= \Pi(\hat S_t + \gamma_t H_t), \qquad
+    \hat S_{t+1} &= \hat S_t + \gamma_t \big(\Pi(\hat S_t + H_t) - \hat S_t\big), \qquad
     V_{t+1} = V_t + \alpha \sum_{i \in A_t} w_i c_i, \qquad
     \theta_{t+1} = T(\hat S_{t+1}),
 
@@ -22,7 +22,12 @@ where:
   its rows; :math:`w_i` its weight (:math:`\sum_i w_i = 1`);
 - :math:`Q` is an unbiased compressor, :math:`\alpha` the control-variate
   rate (``cv_rate``), :math:`\gamma_t` the step size;
-- :math:`\Pi` is the problem's ``project`` and :math:`T` its ``minimize``.
+- :math:`\Pi` is the problem's ``project`` and :math:`T` its ``minimize``
+  (:math:`\hat S_t + H_t` estimates the mean field's target
+  :math:`\bar S(\theta_t)`; projected, then approached by the step
+  :math:`\gamma_t`, it keeps :math:`\hat S_{t+1}` a convex combination of
+  valid statistics; with :math:`\gamma_t = 1` and exact rounds this is batch
+  MM).
 
 The same loop runs the parameter-averaging baseline
 (``aggregation="parameter"``): each active client runs ``local_steps`` MM

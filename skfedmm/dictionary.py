@@ -131,22 +131,21 @@ class FederatedDictionaryLearning(
         n_features * n_components``), else ``"random"``.
     code_cache : {"auto", True, False}, default="auto"
         Warm-start each training row's code (``fit_algorithm="batch_cd"``)
-        from its codes at the previous rounds: each client keeps its rows'
-        last codes and their last move (never sent), and the coder starts
-        each row at its last code plus its last move. A row starts only
-        from its own codes, and only while the row is unchanged, so its
-        code never depends on other rows; codes are still computed to the
-        coder's tolerance, so the cache changes the model only within it.
-        With minibatches a row starts from its code at the last round it
-        was drawn. ``"auto"`` (the default): when a client's cache takes at
+        from its code at the previous round: each client keeps its rows'
+        last codes (never sent) and the coder starts from them. A row starts
+        only from its own last code, and only while the row is unchanged,
+        so its code never depends on other rows; codes are still computed
+        to the coder's tolerance, so the cache changes the model only within
+        it. With minibatches a row starts from its code at the last round it
+        was drawn. ``"auto"`` (the default): when a client's codes take at
         most 64 MiB and, with minibatches, ``batch_size`` is at least a
         sixteenth of the client's rows; ``True``: always; ``False``: every
         code starts at zero. The cache is part of the client's state and
         stays where the client's rows are (in memory in-process, next to
         the rows' file on process workers, on the worker with Dask, on the
-        node with Flower). With more atoms than features the coder solves
-        each row exactly on its active set, from zero (faster there than
-        from the cached code), so the cache then changes nothing.
+        node with Flower). With more atoms than features there is no cache:
+        the coder solves each row exactly on its active set, from zero
+        (faster there than from a cached code).
     """ + FEDERATED_PARAMS_DOC + r"""
     Attributes
     ----------

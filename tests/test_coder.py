@@ -130,7 +130,7 @@ def test_cache_warm_starts_only_unchanged_rows():
     assert loss == problem.local_statistic(Y[:30], D)[1]
 
 
-def test_cache_continues_each_rows_last_move(monkeypatch):
+def test_cache_starts_each_row_at_its_last_code(monkeypatch):
     rng = np.random.default_rng(9)
     D0 = unit_rows(rng, 8, 12)
     X = sparse_rows(rng, 60, D0)
@@ -146,27 +146,19 @@ def test_cache_continues_each_rows_last_move(monkeypatch):
     monkeypatch.setattr(dictionary_module, "_lasso_codes_t", spy)
     cache = problem.client_cache(X)
     _, _, first = problem.cached_statistic(X, path[0], cache, None)
-    assert "prev_t" not in first and starts[-1] is None
-    _, _, second = problem.cached_statistic(X, path[1], first, None)
-    np.testing.assert_array_equal(starts[-1], first["codes_t"])  # no move known yet
-    np.testing.assert_array_equal(second["prev_t"], first["codes_t"])
-    stat, loss, _ = problem.cached_statistic(X, path[2], second, None)
-    np.testing.assert_allclose(starts[-1], 2 * second["codes_t"] - first["codes_t"], rtol=1e-12,
-                               atol=1e-15)
+    assert starts[-1] is None
+    stat, loss, second = problem.cached_statistic(X, path[1], first, None)
+    np.testing.assert_array_equal(starts[-1], first["codes_t"])
     # the start changes the codes only within the coder's tolerance
-    ref_stat, ref_loss = problem.local_statistic(X, path[2])
+    ref_stat, ref_loss = problem.local_statistic(X, path[1])
     assert abs(loss - ref_loss) <= 1e-4 * ref_loss
     np.testing.assert_allclose(stat["A"], ref_stat["A"], rtol=1e-2, atol=1e-4)
-    # a changed row starts from zero, and has no last move afterwards; the
-    # other rows' starts do not depend on it
+    # a changed row starts from zero; the other rows' starts do not depend on it
     Y = X.copy()
     Y[3] += 1.0
-    _, _, third = problem.cached_statistic(Y, path[2], second, None)
+    problem.cached_statistic(Y, path[2], second, None)
     assert np.all(starts[-1][:, 3] == 0)
-    np.testing.assert_allclose(starts[-1][:, 4], 2 * second["codes_t"][:, 4] - first["codes_t"][:, 4],
-                               rtol=1e-12, atol=1e-15)
-    np.testing.assert_array_equal(third["prev_t"][:, 3], third["codes_t"][:, 3])
-    np.testing.assert_array_equal(third["prev_t"][:, 4], second["codes_t"][:, 4])
+    np.testing.assert_array_equal(starts[-1][:, 4], second["codes_t"][:, 4])
 
 
 def test_minibatch_cache_updates_the_drawn_rows_only():
@@ -195,11 +187,11 @@ def test_cache_size_rule():
     assert DictionaryLearningProblem(3, 0.1, 4, code_cache=False).client_cache(X) is None
     assert DictionaryLearningProblem(3, 0.1, 4, fit_algorithm="lars").client_cache(X) is None
     big = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(10**7, 16), strides=(0, 0))
-    assert DictionaryLearningProblem(8, 0.1, 16, code_cache="auto").client_cache(big) is None  # 1.3 GB
-    # the codes and their last move: 2 x 2**20 rows x 4 atoms x 8 bytes = 64 MiB
-    edge = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(2**20, 4), strides=(0, 0))
+    assert DictionaryLearningProblem(8, 0.1, 16, code_cache="auto").client_cache(big) is None  # 640 MB of codes
+    # the codes: 2**21 rows x 4 atoms x 8 bytes = 64 MiB
+    edge = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(2**21, 4), strides=(0, 0))
     assert DictionaryLearningProblem(4, 0.1, 4).client_cache(edge) == {}
-    over = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(2**20 + 1, 4), strides=(0, 0))
+    over = np.lib.stride_tricks.as_strided(np.zeros(1), shape=(2**21 + 1, 4), strides=(0, 0))
     assert DictionaryLearningProblem(4, 0.1, 4).client_cache(over) is None
     assert DictionaryLearningProblem(8, 0.1, 16, code_cache=True).client_cache(big) == {}
     # more atoms than features: the exact solver, which starts from zero

@@ -810,9 +810,6 @@ _AUTO_MIN_DRAWN = 16
 #: Size of the coder's row chunks (see ``DictionaryLearningProblem._chunk_rows``).
 _CHUNK_BYTES = 4 * 2**20
 
-#: A cached warm start continues each row's last move by this factor.
-_EXTRAPOLATE = 1.0
-
 
 def _fingerprint(X):
     r"""One number per row, :math:`\langle x, v\rangle` for a fixed vector
@@ -864,24 +861,22 @@ class DictionaryLearningProblem(MMProblem):
     dict_tol : float, default=1e-6
     code_cache : {"auto", True, False}, default="auto"
         Warm-start each row's code from its code at the previous round
-        (``"batch_cd"`` only): the client keeps its rows' last codes and
-        their last move (:meth:`client_cache`, twice ``n_rows x
-        n_components`` values plus one fingerprint per row, never sent),
-        and a full pass starts each row at its last code plus its last
-        move (the codes follow the dictionary's path). A row is
-        warm-started only from its own codes, and only while its
-        fingerprint (:math:`\\langle x, v\\rangle` for a fixed vector
-        :math:`v`) is unchanged, so its code never depends on other rows;
-        each code is still computed to the coder's tolerance, so warm
-        starts change codes only within it. With minibatches a row starts
-        from its code at the last round it was drawn, and the client
-        copies its codes every round. ``"auto"``: when the client's cache
-        takes at most 64 MiB, and, with minibatches, a batch is at least a
-        sixteenth of the client's rows (rows come back often enough, and
-        the copy costs at most 16 batches' codes); ``True``: always;
-        ``False``: never. With more atoms than features,
-        :func:`batch_lasso_cd`'s exact active-set solver starts from zero
-        and the cached codes change nothing.
+        (``"batch_cd"`` only): the client keeps its rows' last codes
+        (:meth:`client_cache`, ``n_rows x n_components`` values, transposed,
+        plus one fingerprint per row, never sent). A row is warm-started
+        only from its own last code, and only while its fingerprint
+        (:math:`\\langle x, v\\rangle` for a fixed vector :math:`v`) is
+        unchanged, so its code never depends on other rows; each code is
+        still computed to the coder's tolerance, so warm starts change
+        codes only within it. With minibatches a row starts from its code
+        at the last round it was drawn, and the client copies its codes
+        every round. ``"auto"``: when the client's codes take at most 64
+        MiB, and, with minibatches, a batch is at least a sixteenth of the
+        client's rows (rows come back often enough, and the copy costs at
+        most 16 batches' codes); ``True``: always; ``False``: never. With
+        more atoms than features there is no cache: :func:`batch_lasso_cd`'s
+        exact active-set solver starts from zero, and cached codes would
+        change nothing.
     atom_restart : {"auto", "residual", "random"}, default="auto"
         Where the server re-places dead atoms (unused, or duplicating
         another atom; see :func:`update_dict`). ``"residual"``: clients add
@@ -981,8 +976,7 @@ class DictionaryLearningProblem(MMProblem):
         if self.n_components > X.shape[1]:  # the exact active-set solver: no use for starts
             return None
         if self.code_cache == "auto":
-            # the codes and their last move
-            size = 2 * X.shape[0] * self.n_components * X.dtype.itemsize
+            size = X.shape[0] * self.n_components * X.dtype.itemsize
             return {} if size <= _AUTO_CACHE_BYTES else None
         if self.code_cache is True:
             return {}
@@ -1004,24 +998,17 @@ class DictionaryLearningProblem(MMProblem):
             codes = marks = None
         batch = X if rows is None else X[rows]
         mark = _fingerprint(batch)
-        init = same = None
+        init = None
         if codes is not None:
             same = marks if rows is None else marks[rows]
             same = same == mark
             if same.any():
                 init = codes if rows is None else codes[:, rows]
-                prev = cache.get("prev_t") if rows is None else None
-                if prev is not None and prev.shape == codes.shape:
-                    # each row's last move, continued: a closer start
-                    init = init + _EXTRAPOLATE * (init - prev)
                 if not same.all():
                     init = np.where(same, init, 0).astype(X.dtype, copy=False)
         stat, loss, code = self._coded_statistic(batch, theta, init, keep_codes=True)
         if rows is None:
-            out = {"codes_t": code, "fingerprint": mark}
-            if init is not None:  # the rows' last move (none for a changed row)
-                out["prev_t"] = codes if same.all() else np.where(same, codes, code)
-            return stat, loss, out
+            return stat, loss, {"codes_t": code, "fingerprint": mark}
         codes = np.zeros((k, n), dtype=X.dtype) if codes is None else codes.copy()
         # unseen rows: zero codes, so a matching zero mark is a cold start
         marks = np.zeros(n, dtype=X.dtype) if marks is None else marks.copy()

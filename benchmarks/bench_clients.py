@@ -20,14 +20,21 @@ clients to the workers (what they cost or give, whatever the transport
 would choose). A second table fits heavier clients (whose own work
 dominates) with ``n_jobs=1`` and ``n_jobs=2``, with the workers started by
 the first table. Its robust-location statistic streams through memory (a
-few operations per value read), so two workers computing at once slow each
-other down; a third table (1c) fits compute-bound clients, dictionary
-learning with scikit-learn's single-threaded Cython coordinate-descent
-coder (``fit_algorithm="cd"``), and a fourth (1d) measures the clients' own
-work on one loky worker alone and on two at once (CPU time per client),
-which bounds what ``n_jobs=2`` can give whatever the transport does. Every
-fit of a problem gives bitwise the same parameter, whatever ``n_jobs`` and
-backend (checked).
+few operations per value read on temporaries as large as the rows); a
+third table (1c) fits compute-bound clients, dictionary learning with
+scikit-learn's single-threaded Cython coordinate-descent coder
+(``fit_algorithm="cd"``), and a fourth (1d) measures the clients' own work
+(CPU time per client, and page faults per call) in this process, then on
+one fresh loky worker alone and on two at once, which bounds what
+``n_jobs=2`` can give whatever the transport does. 1d compares workers with
+glibc's default malloc settings (a plain loky worker: the heap's top is
+given back to the system after every call, so the next call faults its
+temporaries in afresh, about 1,300 page faults and 1.6 times the CPU time
+of this process per robust-location client) with workers as skfedmm's
+tasks set them up (freed memory kept for the next client, see
+``skfedmm.federation.local._keep_freed_memory``). Every fit of a problem
+gives bitwise the same parameter, whatever ``n_jobs`` and backend
+(checked).
 
 Part 2, loaded machines. One client (BLAS runs on several threads unless
 the client's task is small) and ten clients (BLAS on one thread), quiet
@@ -401,18 +408,18 @@ def part1_why(out, robust_rows, dict_rows):
     clients = dictionary_clients(8, dict_rows)
     theta = np.linalg.qr(np.random.default_rng(0).standard_normal((40, 30)))[0].T.copy()
     cases.append((f"dictionary, 'cd' coder, 8 x {dict_rows} rows x 40", problem, clients, theta))
-    out(f"{'clients':<40} {'where':<34} {'alone (ms)':>10} {'faults/call':>11} "
+    out(f"{'clients':<42} {'where':<34} {'alone (ms)':>10} {'faults/call':>11} "
         f"{'two at once (ms)':>16} {'ratio':>6}")
     for name, problem, clients, theta in cases:
         here, faults = _own_work_cpu(problem, clients, theta, 3)
-        out(f"{name:<40} {'this process (arrays in memory)':<34} {1e3 * here:>10.3f} "
+        out(f"{name:<42} {'this process (arrays in memory)':<34} {1e3 * here:>10.3f} "
             f"{faults:>11.1f} {'':>16} {'':>6}")
         with tempfile.TemporaryDirectory() as folder:
             rows = local._RowsFile.save(os.path.join(folder, "rows"), clients)
             for keep, where in ((False, "worker, glibc's malloc defaults"),
                                 (True, "worker, as skfedmm's tasks")):
                 alone, both, faults = concurrency(problem, rows, len(clients), theta, keep)
-                out(f"{'':<40} {where:<34} {1e3 * alone:>10.3f} {faults:>11.1f} "
+                out(f"{'':<42} {where:<34} {1e3 * alone:>10.3f} {faults:>11.1f} "
                     f"{1e3 * both:>16.3f} {both / alone:>6.2f}")
     out(f"({load()})")
 

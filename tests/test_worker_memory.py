@@ -1,4 +1,5 @@
-"""Process workers keep freed memory for the next client (glibc's malloc).
+"""Process workers keep freed memory for the next client (glibc's malloc), and
+the rows' file is written without staging a copy of the rows.
 
 In a fresh worker, glibc gives the top of its heap back to the system as
 soon as a client's temporaries are freed, so every call faults them in
@@ -143,3 +144,23 @@ def test_loky_worker_tasks_reuse_their_temporaries(tmp_path):
     # (about 1300 per call in a fresh worker with glibc's defaults)
     assert max(faults for _, _, faults in answers) < 100
     assert local._MALLOC_KEPT == []  # never in the fit's process
+
+
+def test_the_rows_file_is_written_without_a_copy_of_the_rows(tmp_path):
+    """Large clients go to the file directly; small ones through one small
+    buffer, reused (fresh memory as large as the rows costs more than the
+    write: the system hands it over one page fault at a time)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((100_000, 3)) for _ in range(4)]  # 2.4 MB each
+    arrays += [rng.standard_normal((50, 3)) for _ in range(3000)]  # 3.6 MB in all
+    tracemalloc.start()
+    try:
+        handle = local._RowsFile.save(str(tmp_path / "clients.rows"), arrays)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 << 20  # (the buffer: 1 MiB)
+    rows = handle.open()
+    assert all(np.array_equal(rows[i], X) for i, X in enumerate(arrays))

@@ -833,22 +833,29 @@ class _RowsFile:
         self._pending = None  # arrays not written yet (see :meth:`later`)
 
     @classmethod
-    def save(cls, path, arrays, owner=None, buffer_bytes=1 << 24, write=True):
+    def save(cls, path, arrays, owner=None, buffer_bytes=1 << 20, write=True):
         """Write ``arrays`` (one dtype) to ``path`` and return the handle.
 
-        Small arrays are gathered into a buffer of at most ``buffer_bytes``
-        and written together; larger ones are written directly. With
-        ``write=False`` only the handle is made (nothing is written).
+        Small arrays are gathered into one buffer of at most
+        ``buffer_bytes``, reused, and written together; larger ones are
+        written directly (a buffer as large as the rows would cost more
+        than their copy: the system hands over its fresh pages one fault at
+        a time). With ``write=False`` only the handle is made (nothing is
+        written).
         """
         dtype = np.dtype(arrays[0].dtype) if len(arrays) else np.dtype(float)
         step = max(cls.ALIGN // dtype.itemsize, 1)  # 64 bytes, in elements
         blocks, end = {}, 0
         pending, start = [], 0
+        staging = []  # (the buffer, made once when first needed)
         with open(path, "wb") if write else contextlib.nullcontext() as f:
 
             def flush():
                 if pending and write:
-                    buf = np.zeros(end - start, dtype=dtype)
+                    if not staging:
+                        staging.append(np.empty(buffer_bytes // dtype.itemsize + 1, dtype=dtype))
+                    buf = staging[0][: end - start]
+                    buf.fill(0)  # (the gaps between arrays)
                     for at, flat in pending:
                         buf[at - start : at - start + flat.size] = flat
                     f.seek(start * dtype.itemsize)

@@ -104,8 +104,11 @@ def test_only_worker_tasks_change_malloc(monkeypatch, tmp_path):
     mine = local._RowsFile.save(str(tmp_path / "mine.rows"), arrays, owner=os.getpid())
     run(mine.subset([0, 1]))  # (a file of this process's own fit: not a worker)
     assert calls == []
-    theirs = local._RowsFile.save(str(tmp_path / "theirs.rows"), arrays, owner=None)
-    run(theirs.subset([0, 1]))  # a worker's task
+    unknown = local._RowsFile.save(str(tmp_path / "unknown.rows"), arrays, owner=None)
+    run(unknown.subset([0, 1]))  # (no fit's process known)
+    assert calls == []
+    theirs = local._RowsFile.save(str(tmp_path / "theirs.rows"), arrays, owner=-1)
+    run(theirs.subset([0, 1]))  # a worker's task (for the fit of another process)
     assert calls == [1]
 
 

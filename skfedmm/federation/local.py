@@ -698,7 +698,7 @@ def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None, gua
         The group's computing time (for the placement decisions).
     """
     start = time.perf_counter()
-    if isinstance(rows, _RowsFile) and os.getpid() != rows.owner:  # (a process worker)
+    if isinstance(rows, _RowsFile) and rows.owner not in (None, os.getpid()):  # (a worker)
         _keep_freed_memory()
     try:
         rows = rows.open() if isinstance(rows, _RowsFile) else rows

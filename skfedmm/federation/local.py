@@ -754,7 +754,8 @@ def _keep_freed_memory():
     every call faults its temporaries in afresh, page by page, each page
     zeroed by the kernel: a streaming statistic (a few operations per value
     read) then computes about 1.6 times slower on a worker than in the
-    fit's process, whose heap other objects keep from shrinking. Here the
+    fit's process (whose heap, holding the fit's other objects, was
+    measured to fault in next to nothing per call). Here the
     worker's malloc takes the settings its adaptive rule would reach after
     freeing a 32 MiB block (blocks below 32 MiB from the heap, which keeps
     up to 64 MiB free at its top), so temporaries reuse the pages of the

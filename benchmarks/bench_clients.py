@@ -20,14 +20,21 @@ clients to the workers (what they cost or give, whatever the transport
 would choose). A second table fits heavier clients (whose own work
 dominates) with ``n_jobs=1`` and ``n_jobs=2``, with the workers started by
 the first table. Its robust-location statistic streams through memory (a
-few operations per value read), so two workers computing at once slow each
-other down; a third table (1c) fits compute-bound clients, dictionary
-learning with scikit-learn's single-threaded Cython coordinate-descent
-coder (``fit_algorithm="cd"``), and a fourth (1d) measures the clients' own
-work on one loky worker alone and on two at once (CPU time per client),
-which bounds what ``n_jobs=2`` can give whatever the transport does. Every
-fit of a problem gives bitwise the same parameter, whatever ``n_jobs`` and
-backend (checked).
+few operations per value read on temporaries as large as the rows); a
+third table (1c) fits compute-bound clients, dictionary learning with
+scikit-learn's single-threaded Cython coordinate-descent coder
+(``fit_algorithm="cd"``), and a fourth (1d) measures the clients' own work
+(CPU time per client, and page faults per call) in this process, then on
+one fresh loky worker alone and on two at once, which bounds what
+``n_jobs=2`` can give whatever the transport does. 1d compares workers with
+glibc's default malloc settings (a plain loky worker: the heap's top is
+given back to the system after every call, so the next call faults its
+temporaries in afresh, about 1,300 page faults and 1.6 times the CPU time
+of this process per robust-location client) with workers as skfedmm's
+tasks set them up (freed memory kept for the next client, see
+``skfedmm.federation.local._keep_freed_memory``). Every fit of a problem
+gives bitwise the same parameter, whatever ``n_jobs`` and backend
+(checked).
 
 Part 2, loaded machines. One client (BLAS runs on several threads unless
 the client's task is small) and ten clients (BLAS on one thread), quiet
@@ -260,45 +267,69 @@ def part1_heavy(out, repeats, n_clients, n_rows, rounds):
             f"{np.median([r['parallel_calls'] for r in rs]):>16.0f}")
     forced = [a["wall"] / b["wall"] for a, b in zip(runs["n_jobs=1"], runs[
         "n_jobs=2, always on workers"])]
-    out(f"always on workers over n_jobs=1: median {np.median(forced):.2f}x")
+    out(f"always on workers over n_jobs=1: median {np.median(forced):.2f}x, best "
+        f"{max(forced):.2f}x")
     speedups = [a["wall"] / b["wall"] for a, b in zip(runs["n_jobs=1"], runs["n_jobs=2"])]
     same = all(np.array_equal(r["theta"], first["theta"]) for rs in runs.values() for r in rs)
-    out(f"speed-up n_jobs=2 over n_jobs=1: median {np.median(speedups):.2f}x (per repeat: "
+    out(f"speed-up n_jobs=2 over n_jobs=1: median {np.median(speedups):.2f}x, best "
+        f"{max(speedups):.2f}x (per repeat: "
         f"{', '.join(f'{x:.2f}' for x in speedups)}); same parameter bitwise: "
         f"{'yes' if same else 'NO'} ({load()})")
 
 
-def _own_work_cpu(problem, clients, theta, repeats):
-    """CPU seconds (this thread's) per client of ``local_statistic``, best of repeats."""
+def _own_work_cpu(problem, clients, theta, repeats, keep=False):
+    """CPU seconds (this thread's) per client of ``local_statistic``, best of
+    repeats, and minor page faults per call.
+
+    ``clients`` is a list of arrays or a ``_RowsFile`` (mapped here, as a
+    fit's task does); ``keep``: first take the malloc settings of skfedmm's
+    worker tasks (``local._keep_freed_memory``).
+    """
+    import resource
+
     from threadpoolctl import threadpool_limits
 
+    if keep:
+        local._keep_freed_memory()
+    if isinstance(clients, local._RowsFile):
+        rows = clients.open()
+        clients = [rows[i] for i in sorted(rows)]
     best = np.inf
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with threadpool_limits(limits=1, user_api="blas"):
         for _ in range(repeats):
             t0 = time.thread_time()
             for X in clients:
                 problem.local_statistic(X, theta)
             best = min(best, (time.thread_time() - t0) / len(clients))
-    return best
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (
+        repeats * len(clients))
+    return best, faults
 
 
-def concurrency(problem, clients, theta, repeats=3):
-    """The clients' own work on one loky worker alone, then on two at once.
+def concurrency(problem, rows, n_clients, theta, keep, repeats=3):
+    """The clients' own work on one fresh loky worker alone, then on two at once.
 
-    Returns the CPU time per client in both cases: CPU time that grows when
-    a second worker computes at the same time means the two share something
-    other than the cores (memory bandwidth, caches), which caps what a
-    second worker can give whatever the transport does.
+    The workers are new processes (not joblib's shared ones, which earlier
+    fits have set up), the rows mapped from a file as in a fit's tasks;
+    ``keep``: with the malloc settings of skfedmm's worker tasks. Returns the
+    CPU time per client alone and on two at once, and the page faults per
+    call alone: CPU time that grows when a second worker computes at the
+    same time means the two share something other than the cores (memory
+    bandwidth, caches), which caps what a second worker can give whatever
+    the transport does.
     """
-    from joblib import Parallel, delayed
+    from joblib.externals.loky import ProcessPoolExecutor
 
-    half = len(clients) // 2
-    parts = [clients[:half], clients[half:2 * half]]
-    with Parallel(n_jobs=2, backend="loky") as par:
-        par(delayed(_own_work_cpu)(problem, p, theta, 1) for p in parts)  # warm
-        alone = min(par(delayed(_own_work_cpu)(problem, parts[0], theta, repeats) for _ in [0]))
-        both = max(par(delayed(_own_work_cpu)(problem, p, theta, repeats) for p in parts))
-    return alone, both
+    half = n_clients // 2
+    parts = [rows.subset(range(half)), rows.subset(range(half, 2 * half))]
+    with ProcessPoolExecutor(max_workers=2) as ex:
+        warm = [ex.submit(_own_work_cpu, problem, p, theta, 1, keep) for p in parts]
+        [f.result() for f in warm]
+        alone, faults = ex.submit(_own_work_cpu, problem, parts[0], theta, repeats, keep).result()
+        both = [ex.submit(_own_work_cpu, problem, p, theta, repeats, keep) for p in parts]
+        both = max(f.result()[0] for f in both)
+    return alone, both, faults
 
 
 def dictionary_clients(n_clients, n_rows, seed=0):
@@ -356,13 +387,19 @@ def part1_compute(out, repeats, n_clients, n_rows, rounds):
 
 
 def part1_why(out, robust_rows, dict_rows):
-    """Why the robust-location clients gain little from a second worker."""
+    """What a second worker can give: the clients' own work, here and on workers."""
+    import tempfile
+
     out("")
     out("## 1d. What a second worker can give: the clients' own work (local_statistic, BLAS "
-        "on one thread) on one loky worker alone, then on two workers at once")
-    out("cells: CPU seconds per client (thread time, best of 3); a ratio above 1 means the "
-        "two workers slow each other down beyond sharing the cores (memory bandwidth, "
-        "caches): the best n_jobs=2 can give is about 2 / ratio")
+        "on one thread) in this process, and on one fresh loky worker alone, then on two at "
+        "once, the rows mapped from a file as in a fit's tasks")
+    out("cells: CPU seconds per client (thread time, best of 3) and minor page faults per call "
+        "(alone); workers with glibc's default malloc settings (a plain loky worker) and with "
+        "those of skfedmm's worker tasks (freed memory kept for the next client); a ratio "
+        "(two at once / alone) above 1 means the two workers slow each other down beyond "
+        "sharing the cores (memory bandwidth, caches): the best n_jobs=2 can give is about "
+        "2 / ratio times the worker's speed relative to this process")
     from skfedmm.problems.dictionary import DictionaryLearningProblem
 
     cases = [
@@ -373,10 +410,19 @@ def part1_why(out, robust_rows, dict_rows):
     clients = dictionary_clients(8, dict_rows)
     theta = np.linalg.qr(np.random.default_rng(0).standard_normal((40, 30)))[0].T.copy()
     cases.append((f"dictionary, 'cd' coder, 8 x {dict_rows} rows x 40", problem, clients, theta))
-    out(f"{'clients':<40} {'alone (ms)':>10} {'two at once (ms)':>16} {'ratio':>6}")
+    out(f"{'clients':<42} {'where':<34} {'alone (ms)':>10} {'faults/call':>11} "
+        f"{'two at once (ms)':>16} {'ratio':>6}")
     for name, problem, clients, theta in cases:
-        alone, both = concurrency(problem, clients, theta)
-        out(f"{name:<40} {1e3 * alone:>10.3f} {1e3 * both:>16.3f} {both / alone:>6.2f}")
+        here, faults = _own_work_cpu(problem, clients, theta, 3)
+        out(f"{name:<42} {'this process (arrays in memory)':<34} {1e3 * here:>10.3f} "
+            f"{faults:>11.1f} {'':>16} {'':>6}")
+        with tempfile.TemporaryDirectory() as folder:
+            rows = local._RowsFile.save(os.path.join(folder, "rows"), clients)
+            for keep, where in ((False, "worker, glibc's malloc defaults"),
+                                (True, "worker, as skfedmm's tasks")):
+                alone, both, faults = concurrency(problem, rows, len(clients), theta, keep)
+                out(f"{'':<42} {where:<34} {1e3 * alone:>10.3f} {faults:>11.1f} "
+                    f"{1e3 * both:>16.3f} {both / alone:>6.2f}")
     out(f"({load()})")
 
 
@@ -497,7 +543,7 @@ def main(argv=None):
         part2(out, repeats=1, rounds=3)
     else:
         part1(out, sizes=[1000, 10000], repeats=3, rounds=20)
-        part1_heavy(out, repeats=3, n_clients=40, n_rows=100_000, rounds=6)
+        part1_heavy(out, repeats=5, n_clients=40, n_rows=100_000, rounds=6)
         part1_compute(out, repeats=5, n_clients=8, n_rows=1000, rounds=4)
         part1_why(out, robust_rows=100_000, dict_rows=1000)
         part2(out, repeats=3, rounds=5)

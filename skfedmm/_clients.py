@@ -104,10 +104,13 @@ def check_clients(estimator, X, client_ids=None, *, dtype=(np.float64, np.float3
                     f"{type(Xi).__name__} of shape {np.shape(Xi)}."
                 )
             try:
-                Xi = validate_data(
-                    estimator, Xi, reset=reset and i == 0,
-                    dtype=dtype if i == 0 else clients[0].dtype,
-                )
+                # (a value too large for the dtype becomes inf in the cast,
+                # which validation then names: no numpy warning per value)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    Xi = validate_data(
+                        estimator, Xi, reset=reset and i == 0,
+                        dtype=dtype if i == 0 else clients[0].dtype,
+                    )
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{where}: {exc}") from exc
             if Xi.shape[0] == 0:

@@ -40,6 +40,9 @@ import numpy as np
 from skfedmm import FederatedDictionaryLearning
 from skfedmm.flower.loopback import LoopbackFederation
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_aggregation import Tee  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 APP = os.path.join(REPO, "examples", "flower_app")
 
@@ -59,27 +62,12 @@ def main():
     n_rows, d, k, rounds = (200, 20, 8, 2) if args.quick else (2000, 20, 8, 4)
     name = "bench_flower_quick.txt" if args.quick else "bench_flower.txt"
     with open(os.path.join(REPO, "benchmarks", "results", name), "w") as record:
-        sys.stdout = _Tee(sys.__stdout__, record)
+        sys.stdout = Tee(sys.__stdout__, record)
         try:
             run(n_rows, d, k, rounds)
             print(f"# load average at end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
         finally:
             sys.stdout = sys.__stdout__
-
-
-class _Tee:
-    """Print to the terminal and to the record."""
-
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text):
-        for s in self.streams:
-            s.write(text)
-
-    def flush(self):
-        for s in self.streams:
-            s.flush()
 
 
 def run(n_rows, d, k, rounds):

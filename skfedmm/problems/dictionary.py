@@ -166,10 +166,11 @@ def batch_lasso_cd(
 
 
 def _lasso_codes_t(X, dictionary, alpha, *, positive, tol, max_iter, gram=None, cov_t=None,
-                   block_size=8, gap_every=5, init_t=None, solver="auto"):
+                   block_size=8, gap_every=5, init_t=None, solver="auto", sq_norms=None):
     """:func:`batch_lasso_cd` on transposed codes: ``init_t`` and the
     result are ``n_components x n_samples`` (C-contiguous), the layout the
-    coordinate descent works in, so that no transposed copy is made."""
+    coordinate descent works in, so that no transposed copy is made;
+    ``sq_norms``: the rows' squared norms, when the caller has them."""
     dtype = X.dtype
     G = dictionary @ dictionary.T if gram is None else gram
     # correlations X D^T, transposed (atoms x rows)
@@ -186,7 +187,8 @@ def _lasso_codes_t(X, dictionary, alpha, *, positive, tol, max_iter, gram=None, 
     Ht[~usable] = 0
     inv_diag = np.where(usable, 1.0 / np.where(usable, diag, 1.0), 0.0).astype(dtype)
     alpha = dtype.type(alpha)
-    sq_norms = np.einsum("ij,ij->i", X, X)
+    if sq_norms is None:
+        sq_norms = np.einsum("ij,ij->i", X, X)
     if solver == "auto":
         solver = "active_set" if k > X.shape[1] else "cd"
     if solver not in ("cd", "active_set"):
@@ -958,14 +960,15 @@ class DictionaryLearningProblem(MMProblem):
         )
         return code.astype(X.dtype, copy=False)
 
-    def _encode_t(self, X, dictionary, init_t=None):
+    def _encode_t(self, X, dictionary, init_t=None, sq_norms=None):
         """:meth:`encode`'s codes transposed (atoms x rows), from transposed
-        starting codes ``init_t``; for ``"batch_cd"`` no transposed copy is
-        made."""
+        starting codes ``init_t`` (and the rows' squared norms, when known);
+        for ``"batch_cd"`` no transposed copy is made."""
         if self.fit_algorithm == "batch_cd":
             return _lasso_codes_t(
                 X, dictionary, self.alpha, positive=self.positive_code,
                 tol=self.coder_tol, max_iter=self.coder_max_iter, init_t=init_t,
+                sq_norms=sq_norms,
             )
         return self.encode(X, dictionary).T
 
@@ -1096,11 +1099,13 @@ class DictionaryLearningProblem(MMProblem):
         for start in range(0, n, step):
             part = slice(start, min(start + step, n))
             Xc = X[part]
-            code = self._encode_t(Xc, theta, None if code_init is None else code_init[:, part])
+            row_sq = np.einsum("ij,ij->i", Xc, Xc)  # (the coder's duality gap needs them too)
+            code = self._encode_t(Xc, theta, None if code_init is None else code_init[:, part],
+                                  row_sq)
             A += code @ code.T
             B += Xc.T @ code.T
             if exact:
-                sq_norms += float(np.einsum("ij,ij->", Xc, Xc))
+                sq_norms += float(row_sq.sum())
                 l1 += float(np.abs(code).sum())
             else:
                 total += float(np.sum(lasso_objective(Xc, code.T, theta, self.alpha)))

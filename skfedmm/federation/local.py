@@ -735,6 +735,76 @@ def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None, gua
     return answers, time.perf_counter() - start
 
 
+class _Nested:
+    """A group's task as a worker runs it: nested joblib calls inside it use
+    the backend joblib chooses for nesting (as in joblib's own tasks)."""
+
+    def __init__(self, task, nested):
+        self.task = task
+        self.nested = nested
+
+    def __call__(self):
+        from joblib import parallel_config
+
+        backend, n_jobs = self.nested
+        with parallel_config(backend=backend, n_jobs=n_jobs):
+            return self.task()
+
+
+def _call_groups(parallel, tasks):
+    """Run ``tasks`` (callables without arguments) on ``parallel``'s workers.
+
+    The answers, in order. joblib's :class:`~joblib.Parallel` collects
+    answers by polling every 10 ms, which costs about 5 ms per call on
+    average (measured: 11 ms for two tasks of 20 ms, against 2 ms when
+    waiting on the tasks themselves). For joblib's own loky, multiprocessing
+    and threading backends the tasks are submitted to the backend that
+    ``parallel`` configured and this thread sleeps until the last one
+    ends; for any other backend they go through ``parallel`` itself. An
+    exception raised by a task (a worker lost: clients' own exceptions are
+    answers) is raised once every task has ended.
+    """
+    from joblib import delayed
+    from joblib._parallel_backends import LokyBackend, MultiprocessingBackend, ThreadingBackend
+
+    backend = getattr(parallel, "_backend", None)
+    if (
+        type(backend) not in (LokyBackend, MultiprocessingBackend, ThreadingBackend)
+        or not callable(getattr(backend, "submit", None))
+        or not callable(getattr(backend, "retrieve_result_callback", None))
+        or len(tasks) < 2
+    ):
+        return parallel(delayed(task)() for task in tasks)
+    nested = backend.get_nested_backend()
+    done = threading.Event()
+    outs = [None] * len(tasks)
+    left = [len(tasks)]
+    lock = threading.Lock()
+
+    def callback(i):
+        def store(out):
+            outs[i] = out
+            with lock:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+
+        return store
+
+    for i, task in enumerate(tasks):
+        backend.submit(_Nested(task, nested), callback=callback(i))
+    done.wait()
+    answers, error = [], None
+    for out in outs:
+        try:
+            answers.append(backend.retrieve_result_callback(out))
+        except BaseException as exc:  # noqa: BLE001 - raised after every task ended
+            error = exc if error is None else error
+    if error is not None:
+        raise error
+    return answers
+
+
 #: glibc's malloc settings in process workers (see :func:`_keep_freed_memory`):
 #: the largest values its own adaptive rule reaches on 64-bit machines.
 MALLOC_MMAP_THRESHOLD = 32 << 20

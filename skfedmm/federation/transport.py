@@ -16,6 +16,7 @@ so the fitted model does not depend on the transport.
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 import time
@@ -29,6 +30,7 @@ from .caches import CacheStore, in_memory, split_cache
 from .client import CLIENT_TASKS
 from .local import (
     ClientFailure,
+    _call_groups,
     _client_guard,
     _dask_client,
     _guarded,
@@ -344,15 +346,15 @@ class LocalTransport(Transport):
             items = out_items
         groups = self._groups(items, scheduler.n_workers)
         start = time.perf_counter()
-        outs = parallel(
-            delayed(_run_group)(
-                fn, problem, args,
+        outs = _call_groups(parallel, [
+            functools.partial(
+                _run_group, fn, problem, args,
                 rows.subset([i for i, _, _ in g]) if isinstance(rows, _RowsFile) else rows,
                 g, self.pin, self.timeout, self._busy, _guarded,
                 caches.folder if states is not None else None,
             )
             for g in groups
-        )
+        ])
         scheduler.record_there(
             task, [len(g) for g in groups], [sec for _, sec in outs], time.perf_counter() - start
         )

@@ -63,3 +63,93 @@ def test_other_backends_go_through_parallel(monkeypatch):
     with parallel_config(backend="sequential"), Parallel(n_jobs=2) as parallel:
         out = _call_groups(parallel, [functools.partial(_fail, i) for i in (0, 2, 3)])
     assert out == [0, 2, 3] and calls == [1]
+
+
+def _wait_for(path, seconds=20.0):
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if os.path.exists(path):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_this_process_computes_while_the_groups_run(backend, tmp_path):
+    from skfedmm.federation.local import _start_groups
+
+    flag = tmp_path / "flag"
+    with parallel_config(backend=backend, n_jobs=2), Parallel() as parallel:
+        finish = _start_groups(parallel, [functools.partial(_wait_for, str(flag))] * 2)
+        flag.touch()  # (after submitting: a blocking submission would wait 20 s)
+        answers, _ = finish()
+    assert answers == [True, True]
+
+
+def test_a_parallel_call_computes_its_first_group_here(tmp_path, monkeypatch):
+    import numpy as np
+
+    from skfedmm import FedMM, MMProblem
+    from skfedmm.federation import local
+
+    class Where(MMProblem):
+        def init_statistic(self, X):
+            return None
+
+        def init_parameter(self, init_stat, rng):
+            return np.zeros(2)
+
+        def local_statistic(self, X, theta):
+            with open(tmp_path / "pids", "a") as f:
+                f.write(f"{os.getpid()}\n")
+            return {"m": X.mean(axis=0)}, float(np.mean((X - theta) ** 2))
+
+        def minimize(self, stat, theta_prev, rng=None):
+            return stat["m"]
+
+    monkeypatch.setattr(local._Scheduler, "parallel",
+                        lambda self, task, n: self.n_workers > 1 and n > 1)
+    rng = np.random.default_rng(0)
+    clients = [rng.standard_normal((20 + i, 2)) for i in range(6)]
+    ref = FedMM(Where(), max_iter=3, random_state=0, n_jobs=1).fit(clients)
+    (tmp_path / "pids").unlink()
+    with parallel_config(backend="loky", n_jobs=2):
+        par = FedMM(Where(), max_iter=3, random_state=0).fit(clients)
+    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+    here = sum(p == os.getpid() for p in pids)
+    # this process and a worker share every call (not only the first clients,
+    # which this process computes to measure them)
+    assert len(pids) / 3 < here < len(pids)
+    np.testing.assert_array_equal(par.theta, ref.theta)
+
+
+def test_rows_are_appended_to_the_file_when_a_task_first_needs_them(tmp_path):
+    import pickle
+
+    import numpy as np
+
+    from skfedmm.federation.local import _RowsFile
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((5 + i, 3)) for i in range(4)]
+    arrays[2] = np.asfortranarray(arrays[2])
+    path = tmp_path / "clients.rows"
+    rows = _RowsFile.later(str(path), arrays)
+    assert not path.exists()
+    one = pickle.loads(pickle.dumps(rows.subset([3])))
+    assert path.stat().st_size == arrays[3].nbytes  # client 3 alone
+    two = rows.subset([2, 3])  # client 2 appended, client 3 not written again
+    assert path.stat().st_size < sum(a.nbytes for a in arrays[2:]) + 64
+    for handle, ids in ((one, [3]), (two, [2, 3])):
+        opened = handle.open()
+        assert sorted(opened) == ids
+        for i in ids:
+            np.testing.assert_array_equal(opened[i], arrays[i])
+            assert opened[i].ctypes.data % 64 == opened[ids[0]].ctypes.data % 64
+    assert opened[2].flags.f_contiguous
+    pickle.dumps(rows)  # (a whole handle travels with every client's rows written)
+    assert sorted(rows.blocks) == [0, 1, 2, 3]
+    for i, X in rows.open().items():
+        np.testing.assert_array_equal(X, arrays[i])

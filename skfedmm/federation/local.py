@@ -8,9 +8,10 @@ backends (sequential, threads, loky or multiprocessing processes, Dask):
   statistics and client state (the clients' caches stay next to the rows,
   see :mod:`skfedmm.federation.caches`).
 - **Groups of clients** (:func:`_run_group`, :class:`_Scheduler`): one
-  task carries a group of clients (one group per worker), each client
-  guarded on its own; a call's clients run in the fit's process unless
-  groups on the workers are measured to be faster.
+  task carries a group of clients (one group per worker; the fit's
+  process computes the first group itself, :func:`_start_groups`), each
+  client guarded on its own; a call's clients run in the fit's process
+  unless groups on the workers are measured to be faster.
 - **BLAS limits** (:func:`blas_limited`, :class:`_ClientContext`): with
   several clients (or one client with few rows, see
   :func:`_single_blas_thread`), BLAS runs on one thread in every process
@@ -751,34 +752,44 @@ class _Nested:
             return self.task()
 
 
-def _call_groups(parallel, tasks):
-    """Run ``tasks`` (callables without arguments) on ``parallel``'s workers.
-
-    The answers, in order. joblib's :class:`~joblib.Parallel` collects
-    answers by polling every 10 ms, which costs about 5 ms per call on
-    average (measured: 11 ms for two tasks of 20 ms, against 2 ms when
-    waiting on the tasks themselves). For joblib's own loky, multiprocessing
-    and threading backends the tasks are submitted to the backend that
-    ``parallel`` configured and this thread sleeps until the last one
-    ends; for any other backend they go through ``parallel`` itself. An
-    exception raised by a task (a worker lost: clients' own exceptions are
-    answers) is raised once every task has ended.
-    """
-    from joblib import delayed
+def _submits(parallel):
+    """Whether tasks can be submitted to ``parallel``'s backend one by one
+    (:func:`_start_groups`): joblib's own loky, multiprocessing and
+    threading backends."""
     from joblib._parallel_backends import LokyBackend, MultiprocessingBackend, ThreadingBackend
 
     backend = getattr(parallel, "_backend", None)
-    if (
-        type(backend) not in (LokyBackend, MultiprocessingBackend, ThreadingBackend)
-        or not callable(getattr(backend, "submit", None))
-        or not callable(getattr(backend, "retrieve_result_callback", None))
-        or len(tasks) < 2
-    ):
-        return parallel(delayed(task)() for task in tasks)
+    return (
+        type(backend) in (LokyBackend, MultiprocessingBackend, ThreadingBackend)
+        and callable(getattr(backend, "submit", None))
+        and callable(getattr(backend, "retrieve_result_callback", None))
+    )
+
+
+def _start_groups(parallel, tasks):
+    """Submit ``tasks`` (callables without arguments) to ``parallel``'s workers.
+
+    joblib's :class:`~joblib.Parallel` collects answers by polling every
+    10 ms, which costs about 5 ms per call on average (measured: 11 ms
+    beyond the work for two tasks of 20 ms, against 2 ms when waiting on the
+    tasks themselves). Here the tasks are submitted to the backend that
+    ``parallel`` configured (which must pass :func:`_submits`) and the
+    returned function sleeps until the last one has ended, so this process
+    can compute meanwhile.
+
+    Returns
+    -------
+    finish : callable
+        Returns the answers in order and the time (``time.perf_counter``)
+        when the last task ended; an exception raised by a task (a worker
+        lost: clients' own exceptions are answers) is raised once every
+        task has ended.
+    """
+    backend = parallel._backend
     nested = backend.get_nested_backend()
     done = threading.Event()
     outs = [None] * len(tasks)
-    left = [len(tasks)]
+    left = [len(tasks), time.perf_counter()]
     lock = threading.Lock()
 
     def callback(i):
@@ -787,22 +798,42 @@ def _call_groups(parallel, tasks):
             with lock:
                 left[0] -= 1
                 if not left[0]:
+                    left[1] = time.perf_counter()
                     done.set()
 
         return store
 
     for i, task in enumerate(tasks):
         backend.submit(_Nested(task, nested), callback=callback(i))
-    done.wait()
-    answers, error = [], None
-    for out in outs:
-        try:
-            answers.append(backend.retrieve_result_callback(out))
-        except BaseException as exc:  # noqa: BLE001 - raised after every task ended
-            error = exc if error is None else error
-    if error is not None:
-        raise error
-    return answers
+    if not tasks:
+        done.set()
+
+    def finish():
+        done.wait()
+        answers, error = [], None
+        for out in outs:
+            try:
+                answers.append(backend.retrieve_result_callback(out))
+            except BaseException as exc:  # noqa: BLE001 - raised after every task ended
+                error = exc if error is None else error
+        if error is not None:
+            raise error
+        return answers, left[1]
+
+    return finish
+
+
+def _call_groups(parallel, tasks):
+    """Run ``tasks`` on ``parallel``'s workers; their answers, in order.
+
+    Submitted one by one (:func:`_start_groups`) where the backend allows,
+    else through ``parallel`` itself.
+    """
+    from joblib import delayed
+
+    if len(tasks) < 2 or not _submits(parallel):
+        return parallel(delayed(task)() for task in tasks)
+    return _start_groups(parallel, tasks)()[0]
 
 
 #: glibc's malloc settings in process workers (see :func:`_keep_freed_memory`):
@@ -874,15 +905,17 @@ def _with_cache(state, cache):
 
 
 class _RowsFile:
-    """All clients' rows in one file, written once per fit; tasks map it.
+    """The clients' rows in one file, each written once per fit; tasks map it.
 
     Each client's rows are one block of the file (its own memory order,
     starting on a 64-byte boundary, as freshly allocated arrays do, so that
-    vectorized kernels see the same alignment wherever a client runs). A
-    task carries only the path and the offsets of its own clients, and
-    maps the file once, read-only, for its whole group of clients; the
-    mapping goes with the task (a mapping kept across tasks would keep the
-    rows of a finished fit on disk until the next fit).
+    vectorized kernels see the same alignment wherever a client runs),
+    appended when a task first needs them (:meth:`later`): the rows of
+    clients that the fit's process computes never go to the file. A task
+    carries only the path and the offsets of its own clients, and maps the
+    file once, read-only, for its whole group of clients; the mapping goes
+    with the task (a mapping kept across tasks would keep the rows of a
+    finished fit on disk until the next fit).
 
     Parameters
     ----------
@@ -901,7 +934,8 @@ class _RowsFile:
         self.dtype = dtype
         self.blocks = blocks
         self.owner = owner
-        self._pending = None  # arrays not written yet (see :meth:`later`)
+        self._pending = None  # all the arrays, while some are not written (see :meth:`later`)
+        self._end = 0  # (the file's used length, in elements)
 
     @classmethod
     def save(cls, path, arrays, owner=None, buffer_bytes=1 << 20, write=True):
@@ -914,12 +948,20 @@ class _RowsFile:
         a time). With ``write=False`` only the handle is made (nothing is
         written).
         """
-        dtype = np.dtype(arrays[0].dtype) if len(arrays) else np.dtype(float)
-        step = max(cls.ALIGN // dtype.itemsize, 1)  # 64 bytes, in elements
-        blocks, end = {}, 0
-        pending, start = [], 0
+        handle = cls.later(path, arrays, owner)
+        handle._append(range(len(arrays)), buffer_bytes, write)
+        return handle
+
+    def _append(self, indices, buffer_bytes=1 << 20, write=True):
+        """Append the blocks of clients ``indices`` (of the pending arrays)."""
+        arrays = self._pending
+        dtype = np.dtype(self.dtype)
+        step = max(self.ALIGN // dtype.itemsize, 1)  # 64 bytes, in elements
+        end = self._end
+        pending, start = [], end
         staging = []  # (the buffer, made once when first needed)
-        with open(path, "wb") if write else contextlib.nullcontext() as f:
+        mode = "r+b" if end else "wb"
+        with open(self.path, mode) if write else contextlib.nullcontext() as f:
 
             def flush():
                 if pending and write:
@@ -933,11 +975,11 @@ class _RowsFile:
                     f.write(memoryview(buf).cast("B"))
                 pending.clear()
 
-            for i, X in enumerate(arrays):
-                X = np.asarray(X, dtype=dtype)
+            for i in indices:
+                X = np.asarray(arrays[i], dtype=dtype)
                 order = "F" if X.flags.f_contiguous and not X.flags.c_contiguous else "C"
                 at = -(-end // step) * step
-                blocks[i] = (at * dtype.itemsize, X.shape, order)
+                self.blocks[i] = (at * dtype.itemsize, X.shape, order)
                 flat = np.ravel(X, order=order) if write else X
                 if (at + flat.size - start) * dtype.itemsize > buffer_bytes:
                     flush()
@@ -951,28 +993,31 @@ class _RowsFile:
                 pending.append((at, flat))
                 end = at + flat.size
             flush()
-        return cls(path, dtype.str, blocks, owner)
+        self._end = end
+        if len(self.blocks) == len(arrays):
+            self._pending = None
 
     def __reduce__(self):  # (never the pending arrays: write them first)
         if self._pending is not None:
-            self.subset([])
+            self.subset(range(len(self._pending)))
         return _RowsFile, (self.path, self.dtype, self.blocks, self.owner)
 
     @classmethod
     def later(cls, path, arrays, owner=None):
-        """The handle of ``arrays``, written to ``path`` when first needed."""
-        handle = cls(path, None, None, owner)
-        handle._pending = arrays
+        """The handle of ``arrays``, each written to ``path`` when first needed."""
+        dtype = np.dtype(arrays[0].dtype) if len(arrays) else np.dtype(float)
+        handle = cls(path, dtype.str, {}, owner)
+        handle._pending = arrays if len(arrays) else None
         return handle
 
     def subset(self, indices):
         """The handle of some clients only (what one task carries)."""
-        pending = self._pending
-        if pending is not None:
+        indices = [int(i) for i in indices]
+        missing = [i for i in indices if i not in self.blocks]
+        if missing and self._pending is not None:
             # (a fit's folder gone: the fit is over and no task will read it)
             write = os.path.isdir(os.path.dirname(self.path) or ".")
-            written = _RowsFile.save(self.path, pending, self.owner, write=write)
-            self.dtype, self.blocks, self._pending = written.dtype, written.blocks, None
+            self._append(missing, write=write)
         return _RowsFile(self.path, self.dtype, {i: self.blocks[i] for i in indices}, self.owner)
 
     def open(self):

@@ -31,6 +31,8 @@ from .client import CLIENT_TASKS
 from .local import (
     ClientFailure,
     _call_groups,
+    _start_groups,
+    _submits,
     _client_guard,
     _dask_client,
     _guarded,
@@ -182,8 +184,10 @@ class LocalTransport(Transport):
     (:meth:`MMProblem.client_cache`) stays where its rows are (see
     :mod:`skfedmm.federation.caches`).
 
-    On one machine a call sends one task per worker, each with a group of
-    clients (each client guarded on its own), or runs the clients in this
+    On one machine a call splits its clients into one group per worker
+    (each client guarded on its own) and sends a task per group (but the
+    first, which this process computes meanwhile, with joblib's own
+    backends), or runs the clients in this
     process when that is measured to be faster (small clients; workers
     are started only when they pay). On Dask each client is one task, run
     where its rows are.
@@ -305,6 +309,7 @@ class LocalTransport(Transport):
             )
 
         answers = []
+        everyone = items
         if not scheduler.known(task) and scheduler.n_workers > 1:
             # the first clients run here (a few milliseconds), then decide
             start = time.perf_counter()
@@ -332,21 +337,34 @@ class LocalTransport(Transport):
             scheduler.record_here(task, len(items), seconds)
             return answers + out
         parallel, rows = self._workers()
+        # one group per worker; where tasks can be submitted one by one,
+        # this process computes the first group itself meanwhile (so that
+        # n_jobs processes compute), counting the clients it has already
+        # computed above
+        groups = self._groups(everyone, scheduler.n_workers)
+        done = len(everyone) - len(items)
+        groups = [g[max(done - sum(len(h) for h in groups[:k]), 0):]
+                  for k, g in enumerate(groups)]
+        mine = []
+        if _submits(parallel) and len(groups) > 1:
+            mine, groups = groups[0], groups[1:]
+        groups = [g for g in groups if g]
         caches = self._caches
         sent = {}
         if states is not None:
             # a client's cache goes as a reference to where it is stored
-            out_items = []
-            for i, head, tail in items:
-                outgoing = []
-                for s in head:
-                    carried, sent[i] = caches.outgoing(i, s.cache)
-                    outgoing.append(_state_with(s, carried))
-                out_items.append((i, tuple(outgoing), tail))
-            items = out_items
-        groups = self._groups(items, scheduler.n_workers)
-        start = time.perf_counter()
-        outs = _call_groups(parallel, [
+            out_groups = []
+            for g in groups:
+                out_items = []
+                for i, head, tail in g:
+                    outgoing = []
+                    for s in head:
+                        carried, sent[i] = caches.outgoing(i, s.cache)
+                        outgoing.append(_state_with(s, carried))
+                    out_items.append((i, tuple(outgoing), tail))
+                out_groups.append(out_items)
+            groups = out_groups
+        tasks = [
             functools.partial(
                 _run_group, fn, problem, args,
                 rows.subset([i for i, _, _ in g]) if isinstance(rows, _RowsFile) else rows,
@@ -354,9 +372,21 @@ class LocalTransport(Transport):
                 caches.folder if states is not None else None,
             )
             for g in groups
-        ])
+        ]
+        start = time.perf_counter()
+        if mine:
+            finish = _start_groups(parallel, tasks)
+            try:
+                out, seconds = here(mine)
+            finally:
+                outs, end = finish()  # (never leave the workers' answers behind)
+            scheduler.record_here(task, len(mine), seconds)
+            answers += out
+        else:
+            outs = _call_groups(parallel, tasks)
+            end = time.perf_counter()
         scheduler.record_there(
-            task, [len(g) for g in groups], [sec for _, sec in outs], time.perf_counter() - start
+            task, [len(g) for g in groups], [sec for _, sec in outs], end - start
         )
         for (out, _), g in zip(outs, groups):
             answers += [caches.incoming(a, sent.get(i)) for a, (i, _, _) in zip(out, g)]

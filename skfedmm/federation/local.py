@@ -490,7 +490,8 @@ def _place_clients(clients, n_jobs, stack, token=None):
       to one worker (not broadcast) and replaced by its future; Dask runs
       that client's tasks where its rows live.
     - Process-based backends (loky, multiprocessing) with several workers:
-      the arrays are written once to one file in a private folder (under
+      each array is written once, when a task first needs it, to one
+      file in a private folder (under
       joblib's ``temp_folder``, see :func:`_temp_root`), and tasks carry
       only its path and their clients' offsets (:class:`_RowsFile`); a task
       maps the file read-only while it runs (no mapping outlives its task,

@@ -15,9 +15,10 @@ rounds, participation 0.1, with 1,000 and 10,000 clients, ``n_jobs=1`` and
   - own work in the rounds) / active clients.
 
 Runs alternate between the settings (interleaved) and each cell is the
-median over repeats. "always on workers" sends every call of several
-clients to the workers (what they cost or give, whatever the transport
-would choose). A second table fits heavier clients (whose own work
+median over repeats. "always in parallel" runs every call of several
+clients in parallel, whatever the transport would choose: the fit's
+process computes the first group of clients and a worker the second
+(what that costs or gives). A second table fits heavier clients (whose own work
 dominates) with ``n_jobs=1`` and ``n_jobs=2``, with the workers started by
 the first table. Its robust-location statistic streams through memory (a
 few operations per value read on temporaries as large as the rows); a
@@ -195,24 +196,24 @@ def part1(out, sizes, repeats, rounds):
     problem = RobustLocation()
     params = dict(max_iter=rounds, participation=0.1)
     settings = [("n_jobs=1", 1, "loky", False), ("n_jobs=2", 2, "loky", False),
-                ("n_jobs=2, always on workers", 2, "loky", True)]
+                ("n_jobs=2, always in parallel", 2, "loky", True)]
     out(f"## 1. Clients are cheap: robust location, 50 rows per client, {rounds} rounds, "
         "participation 0.1")
     out("cells: median over repeats (interleaved); overhead = fit time minus the clients' own "
         "work (local_statistic timed alone), per client computation (initialization, initial "
         "full pass, active clients) or per active client of the rounds alone (rounds' time); "
         "CPU: the same with this process's CPU time (less sensitive to other processes; "
-        "meaningless for calls on workers)")
+        "meaningless for parallel calls)")
     header = (f"{'clients':>7}  {'setting':<28} {'fit (s)':>8} {'own work (s)':>12} "
               f"{'overhead/computation (ms)':>25} {'overhead/active client (ms)':>27} "
-              f"{'CPU overhead/computation (ms)':>29} {'calls on workers':>16}")
+              f"{'CPU overhead/computation (ms)':>29} {'parallel calls':>16}")
     # warm-up: imports, and the workers' start (reported)
     t0 = time.perf_counter()
     timed_fit(problem, make_clients(100, 50), 2, forced=True, max_iter=2, participation=0.1)
     out(f"warm-up fit on the workers (starts them): {time.perf_counter() - t0:.2f} s")
     for n_clients in sizes:
         clients = make_clients(n_clients, 50)
-        # (always on workers: shown for the smaller federation only, it is slow)
+        # (always in parallel: shown for the smaller federation only, it is slow)
         todo = settings if n_clients == min(sizes) else settings[:2]
         runs = {name: [] for name, *_ in todo}
         for _ in range(repeats):
@@ -255,19 +256,19 @@ def part1_heavy(out, repeats, n_clients, n_rows, rounds):
     out(f"first n_jobs=2 fit of this script at this size (the rows' file written, workers "
         f"warm from part 1): {time.perf_counter() - t0:.2f} s ({load()})")
     settings = {"n_jobs=1": (1, False), "n_jobs=2": (2, False),
-                "n_jobs=2, always on workers": (2, True)}
+                "n_jobs=2, always in parallel": (2, True)}
     runs = {name: [] for name in settings}
     for _ in range(repeats):
         for name, (n_jobs, forced) in settings.items():
             runs[name].append(timed_fit(problem, clients, n_jobs, forced=forced, **params))
-    out(f"{'setting':<28} {'fit (s)':>8} {'own work (s)':>12} {'calls on workers':>16}")
+    out(f"{'setting':<28} {'fit (s)':>8} {'own work (s)':>12} {'parallel calls':>16}")
     for name, rs in runs.items():
         out(f"{name:<28} {np.median([r['wall'] for r in rs]):>8.3f} "
             f"{np.median([r['work'] for r in rs]):>12.3f} "
             f"{np.median([r['parallel_calls'] for r in rs]):>16.0f}")
     forced = [a["wall"] / b["wall"] for a, b in zip(runs["n_jobs=1"], runs[
-        "n_jobs=2, always on workers"])]
-    out(f"always on workers over n_jobs=1: median {np.median(forced):.2f}x, best "
+        "n_jobs=2, always in parallel"])]
+    out(f"always in parallel over n_jobs=1: median {np.median(forced):.2f}x, best "
         f"{max(forced):.2f}x")
     speedups = [a["wall"] / b["wall"] for a, b in zip(runs["n_jobs=1"], runs["n_jobs=2"])]
     same = all(np.array_equal(r["theta"], first["theta"]) for rs in runs.values() for r in rs)
@@ -364,18 +365,18 @@ def part1_compute(out, repeats, n_clients, n_rows, rounds):
 
     fit(2)  # warm-up
     settings = {"n_jobs=1": (1, False), "n_jobs=2": (2, False),
-                "n_jobs=2, always on workers": (2, True)}
+                "n_jobs=2, always in parallel": (2, True)}
     runs = {name: [] for name in settings}
     for _ in range(repeats):
         for name, (n_jobs, forced) in settings.items():
             runs[name].append(fit(n_jobs, forced=forced))
     threads = fit(2, "threading")[1]
-    out(f"{'setting':<28} {'fit (s)':>8} {'calls on workers':>16}")
+    out(f"{'setting':<28} {'fit (s)':>8} {'parallel calls':>16}")
     for name, rs in runs.items():
         out(f"{name:<28} {np.median([r[0] for r in rs]):>8.3f} "
             f"{np.median([r[2] for r in rs]):>16.0f}")
-    forced = [a[0] / b[0] for a, b in zip(runs["n_jobs=1"], runs["n_jobs=2, always on workers"])]
-    out(f"always on workers over n_jobs=1: median {np.median(forced):.2f}x, best "
+    forced = [a[0] / b[0] for a, b in zip(runs["n_jobs=1"], runs["n_jobs=2, always in parallel"])]
+    out(f"always in parallel over n_jobs=1: median {np.median(forced):.2f}x, best "
         f"{max(forced):.2f}x")
     speedups = [a[0] / b[0] for a, b in zip(runs["n_jobs=1"], runs["n_jobs=2"])]
     ref = runs["n_jobs=1"][0][1]

@@ -30,7 +30,7 @@ def _no_poll(self, iterable):
 def test_answers_in_order_without_parallels_loop(backend, monkeypatch):
     with parallel_config(backend=backend, n_jobs=2), Parallel() as parallel:
         monkeypatch.setattr(Parallel, "__call__", _no_poll)
-        out = _call_groups(parallel, [functools.partial(_where, i) for i in range(5)])
+        out, _ = _call_groups(parallel, [functools.partial(_where, i) for i in range(5)])
     assert [i for i, _, _ in out] == list(range(5))
     pids = {pid for _, pid, _ in out}
     if backend == "threading":
@@ -48,7 +48,7 @@ def test_exception_raised_once_every_group_ended(backend):
         with pytest.raises(KeyError, match="group 1"):
             _call_groups(parallel, [functools.partial(_fail, i) for i in range(3)])
         # the workers still serve the next call
-        assert _call_groups(parallel, [functools.partial(_fail, i) for i in (0, 2)]) == [0, 2]
+        assert _call_groups(parallel, [functools.partial(_fail, i) for i in (0, 2)])[0] == [0, 2]
 
 
 def test_other_backends_go_through_parallel(monkeypatch):
@@ -61,8 +61,8 @@ def test_other_backends_go_through_parallel(monkeypatch):
 
     monkeypatch.setattr(Parallel, "__call__", counted)
     with parallel_config(backend="sequential"), Parallel(n_jobs=2) as parallel:
-        out = _call_groups(parallel, [functools.partial(_fail, i) for i in (0, 2, 3)])
-    assert out == [0, 2, 3] and calls == [1]
+        out, fresh = _call_groups(parallel, [functools.partial(_fail, i) for i in (0, 2, 3)])
+    assert out == [0, 2, 3] and calls == [1] and fresh is None
 
 
 def _wait_for(path, seconds=20.0):
@@ -84,7 +84,7 @@ def test_this_process_computes_while_the_groups_run(backend, tmp_path):
     with parallel_config(backend=backend, n_jobs=2), Parallel() as parallel:
         finish = _start_groups(parallel, [functools.partial(_wait_for, str(flag))] * 2)
         flag.touch()  # (after submitting: a blocking submission would wait 20 s)
-        answers, _ = finish()
+        answers, _, _ = finish()
     assert answers == [True, True]
 
 
@@ -153,3 +153,34 @@ def test_rows_are_appended_to_the_file_when_a_task_first_needs_them(tmp_path):
     assert sorted(rows.blocks) == [0, 1, 2, 3]
     for i, X in rows.open().items():
         np.testing.assert_array_equal(X, arrays[i])
+
+
+def test_a_fresh_workers_first_task_is_not_a_cost_of_later_calls():
+    """The first task of a new worker process (which imports modules while
+    unpickling it) is reported, and teaches the scheduler nothing about the
+    cost of a call."""
+    from joblib.externals.loky import get_reusable_executor
+
+    from skfedmm.federation import local
+
+    with parallel_config(backend="loky", n_jobs=2), Parallel() as parallel:
+        get_reusable_executor(max_workers=2).shutdown(wait=True)  # (fresh workers)
+    with parallel_config(backend="loky", n_jobs=2), Parallel() as parallel:
+        fresh = [_call_groups(parallel, [functools.partial(_where, i)])[1] for i in range(12)]
+    assert fresh[0] and sum(fresh) <= 2  # (two workers: at most two first tasks)
+
+    key = ("processes", 2)
+    scheduler = local._Scheduler(2, "processes")
+    before = dict(local._PER_CLIENT), set(local._WARM)
+    try:
+        local._WARM.add(key)
+        local._PER_CLIENT[key] = 1e-4
+        scheduler.record_there("surrogate", [4], [0.2], 1.4, fresh=True)
+        assert local._PER_CLIENT[key] == 1e-4
+        scheduler.record_there("surrogate", [4], [0.2], 1.4)
+        assert local._PER_CLIENT[key] > 1e-2
+    finally:
+        local._PER_CLIENT.clear()
+        local._PER_CLIENT.update(before[0])
+        local._WARM.clear()
+        local._WARM.update(before[1])

@@ -737,9 +737,17 @@ def _run_group(fn, problem, args, rows, items, pin, timeout=None, busy=None, gua
     return answers, time.perf_counter() - start
 
 
+_RAN = []  # (whether this process has run a group's task)
+
+
 class _Nested:
     """A group's task as a worker runs it: nested joblib calls inside it use
-    the backend joblib chooses for nesting (as in joblib's own tasks)."""
+    the backend joblib chooses for nesting (as in joblib's own tasks).
+
+    Returns the task's answer and whether this was the first task of the
+    process: a fresh worker imports the modules of the problem's class when
+    it unpickles its first task, which takes up to a second and is not part
+    of the cost of later calls."""
 
     def __init__(self, task, nested):
         self.task = task
@@ -748,9 +756,11 @@ class _Nested:
     def __call__(self):
         from joblib import parallel_config
 
+        fresh = not _RAN
+        _RAN.append(True) if fresh else None
         backend, n_jobs = self.nested
         with parallel_config(backend=backend, n_jobs=n_jobs):
-            return self.task()
+            return self.task(), fresh
 
 
 def _submits(parallel):
@@ -781,8 +791,9 @@ def _start_groups(parallel, tasks):
     Returns
     -------
     finish : callable
-        Returns the answers in order and the time (``time.perf_counter``)
-        when the last task ended; an exception raised by a task (a worker
+        Returns the answers in order, the time (``time.perf_counter``)
+        when the last task ended, and whether a task ran on a fresh worker
+        (see :class:`_Nested`); an exception raised by a task (a worker
         lost: clients' own exceptions are answers) is raised once every
         task has ended.
     """
@@ -811,30 +822,41 @@ def _start_groups(parallel, tasks):
 
     def finish():
         done.wait()
-        answers, error = [], None
+        answers, error, fresh = [], None, False
         for out in outs:
             try:
-                answers.append(backend.retrieve_result_callback(out))
+                answer, first = backend.retrieve_result_callback(out)
             except BaseException as exc:  # noqa: BLE001 - raised after every task ended
                 error = exc if error is None else error
+                continue
+            answers.append(answer)
+            fresh = fresh or first
         if error is not None:
             raise error
-        return answers, left[1]
+        return answers, left[1], fresh
 
     return finish
 
 
 def _call_groups(parallel, tasks):
-    """Run ``tasks`` on ``parallel``'s workers; their answers, in order.
+    """Run ``tasks`` on ``parallel``'s workers.
 
     Submitted one by one (:func:`_start_groups`) where the backend allows,
     else through ``parallel`` itself.
+
+    Returns
+    -------
+    answers : list
+        In order.
+    fresh : bool or None
+        Whether a task ran on a fresh worker (None: not known).
     """
     from joblib import delayed
 
-    if len(tasks) < 2 or not _submits(parallel):
-        return parallel(delayed(task)() for task in tasks)
-    return _start_groups(parallel, tasks)()[0]
+    if not _submits(parallel):
+        return parallel(delayed(task)() for task in tasks), None
+    answers, _, fresh = _start_groups(parallel, tasks)()
+    return answers, fresh
 
 
 #: glibc's malloc settings in process workers (see :func:`_keep_freed_memory`):
@@ -1148,8 +1170,10 @@ class _Scheduler:
         if n:
             self._mix(self.here, self.kind(task), seconds / n)
 
-    def record_there(self, task, sizes, seconds, wall):
-        """A parallel call: its groups' sizes and computing times, its wall time."""
+    def record_there(self, task, sizes, seconds, wall, fresh=False):
+        """A parallel call: its groups' sizes and computing times, its wall
+        time, and whether a group ran on a fresh worker (whose first task
+        imported modules: not a cost of later calls)."""
         n = sum(sizes)
         if not n:
             return
@@ -1162,7 +1186,7 @@ class _Scheduler:
             # clients computing faster there than measured here: the
             # measurement here was inflated (a first call, a busy moment)
             self.here[kind] = self.there[kind]
-        if self._key not in _WARM:  # this call may have started the workers
+        if self._key not in _WARM or fresh:  # this call may have started the workers
             _WARM.add(self._key)
             return
         fixed = _CALL_FIXED.get(self.backend, 0.01)

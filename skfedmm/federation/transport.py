@@ -379,14 +379,14 @@ class LocalTransport(Transport):
             try:
                 out, seconds = here(mine)
             finally:
-                outs, end = finish()  # (never leave the workers' answers behind)
+                outs, end, fresh = finish()  # (never leave the workers' answers behind)
             scheduler.record_here(task, len(mine), seconds)
             answers += out
         else:
-            outs = _call_groups(parallel, tasks)
+            outs, fresh = _call_groups(parallel, tasks)
             end = time.perf_counter()
         scheduler.record_there(
-            task, [len(g) for g in groups], [sec for _, sec in outs], end - start
+            task, [len(g) for g in groups], [sec for _, sec in outs], end - start, bool(fresh)
         )
         for (out, _), g in zip(outs, groups):
             answers += [caches.incoming(a, sent.get(i)) for a, (i, _, _) in zip(out, g)]

@@ -37,6 +37,14 @@ tasks set them up (freed memory kept for the next client, see
 gives bitwise the same parameter, whatever ``n_jobs`` and backend
 (checked).
 
+Part 1e repeats 1b and 1c with the transport of an earlier revision
+(``--baseline``, extracted with ``git archive``; the default is the last
+revision before the fit's process computed a group itself and answers
+were collected without joblib's polling), each version in its own
+processes, alternating: the machine's speed drifts between runs (a shared
+host), and the ratio of the two versions' speed-ups, measured side by
+side, is what shows the transport's share.
+
 Part 2, loaded machines. One client (BLAS runs on several threads unless
 the client's task is small) and ten clients (BLAS on one thread), quiet
 (as found) and with two busy-loop processes on the two cores that this
@@ -49,6 +57,7 @@ Usage::
 
     python benchmarks/bench_clients.py           # writes benchmarks/results/bench_clients.txt
     python benchmarks/bench_clients.py --quick   # writes benchmarks/results/bench_clients_quick.txt
+    python benchmarks/bench_clients.py --baseline REV  # part 1e against revision REV
 """
 
 import argparse
@@ -387,6 +396,69 @@ def part1_compute(out, repeats, n_clients, n_rows, rounds):
         f"model bitwise (n_jobs 1/2, loky, threads): {'yes' if same else 'NO'} ({load()})")
 
 
+BASELINE = "9dd1c3a"
+
+#: One process: speed-ups n_jobs=2 over n_jobs=1 of parts 1b and 1c (after
+#: two warm-up fits of each), for the skfedmm found first on sys.path.
+_AGAINST_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[2])
+import skfedmm
+assert skfedmm.__file__.startswith(sys.argv[2]), skfedmm.__file__
+import bench_clients as b
+from skfedmm import FedMM, FederatedDictionaryLearning
+rc, p = b.make_clients(40, 100_000, seed=1), b.RobustLocation()
+dc = b.dictionary_clients(8, 1000)
+def heavy(n):
+    t = time.perf_counter(); FedMM(p, max_iter=6, n_jobs=n, random_state=0).fit(rc)
+    return time.perf_counter() - t
+def compute(n):
+    t = time.perf_counter()
+    FederatedDictionaryLearning(n_components=30, alpha=0.1, fit_algorithm="cd", max_iter=4,
+                                random_state=0, n_jobs=n).fit(dc)
+    return time.perf_counter() - t
+for f in (heavy, heavy, compute, compute):
+    f(2)
+out = {"1b": [], "1c": []}
+for _ in range(int(sys.argv[1])):
+    out["1b"].append(heavy(1) / heavy(2))
+    out["1c"].append(compute(1) / compute(2))
+print(json.dumps(out))
+"""
+
+
+def part1_against(out, baseline, rounds, repeats):
+    """Parts 1b and 1c, this tree against ``baseline``, alternating processes."""
+    import json
+    import tempfile
+
+    root = os.path.dirname(HERE)
+    out("")
+    out(f"## 1e. Against the transport of revision {baseline}: parts 1b and 1c, each version in "
+        f"its own processes, alternating ({rounds} processes each, {repeats} speed-ups per "
+        f"process and part)")
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = subprocess.run(["git", "archive", baseline, "skfedmm"], cwd=root,
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        trees = {f"revision {baseline}": tmp, "this tree": root}
+        runs = {name: {"1b": [], "1c": []} for name in trees}
+        for _ in range(rounds):
+            for name, tree in trees.items():
+                res = subprocess.run(
+                    [sys.executable, "-c", _AGAINST_CHILD, str(repeats), tree],
+                    capture_output=True, text=True, check=True, cwd=HERE,
+                    env=dict(os.environ, PYTHONPATH=HERE))
+                got = json.loads(res.stdout.strip().splitlines()[-1])
+                for part in got:
+                    runs[name][part] += got[part]
+    out(f"{'version':<28} {'1b median':>9} {'1b best':>8} {'1c median':>9} {'1c best':>8}")
+    for name, r in runs.items():
+        out(f"{name:<28} {np.median(r['1b']):>8.2f}x {max(r['1b']):>7.2f}x "
+            f"{np.median(r['1c']):>8.2f}x {max(r['1c']):>7.2f}x")
+    out(f"(speed-ups n_jobs=2 over n_jobs=1; {load()})")
+
+
 def part1_why(out, robust_rows, dict_rows):
     """What a second worker can give: the clients' own work, here and on workers."""
     import tempfile
@@ -510,6 +582,8 @@ def recorder(name, argv, description):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output", default=None)
+    parser.add_argument("--baseline", default=BASELINE,
+                        help="git revision whose transport part 1e compares with this tree's")
     args = parser.parse_args(argv)
     output = args.output or os.path.join(
         HERE, "results", f"{name}_quick.txt" if args.quick else f"{name}.txt")
@@ -546,6 +620,7 @@ def main(argv=None):
         part1(out, sizes=[1000, 10000], repeats=3, rounds=20)
         part1_heavy(out, repeats=5, n_clients=40, n_rows=100_000, rounds=6)
         part1_compute(out, repeats=5, n_clients=8, n_rows=1000, rounds=4)
+        part1_against(out, args.baseline, rounds=4, repeats=3)
         part1_why(out, robust_rows=100_000, dict_rows=1000)
         part2(out, repeats=3, rounds=5)
     out("")

@@ -240,6 +240,7 @@ class LocalTransport(Transport):
                 "threads" if backend == "ThreadingBackend" else backend)
             self._scheduler = _Scheduler(n_workers, kind)
             self._parallel = None
+            self._problems = {}  # (Dask: id -> the problem and its future)
             if self._dask:
                 # one task per client on Dask, each where its rows are
                 self._parallel = stack.enter_context(Parallel(n_jobs=self.n_jobs, batch_size=1))
@@ -267,6 +268,7 @@ class LocalTransport(Transport):
         pool = getattr(getattr(self._parallel, "_backend", None), "_pool", None)
         threads = [t for t in getattr(pool, "_pool", None) or [] if isinstance(t, threading.Thread)]
         self._parallel = self._placed = None
+        self._problems = {}
         try:
             if stack is not None:
                 return stack.__exit__(*exc)
@@ -400,6 +402,16 @@ class LocalTransport(Transport):
         cuts = sorted(set(min(c, len(items)) for c in cuts))
         return [items[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
+    def _dask_problem(self, problem):
+        """The problem as Dask tasks take it: sent to every worker once per
+        fit (a future), not with every client's task (a prepared problem
+        holds aggregates, such as a second moment, that never change)."""
+        held = self._problems.get(id(problem))
+        if held is None or held[0] is not problem:
+            (future,) = _dask_client().scatter([problem], broadcast=True, hash=False)
+            held = self._problems[id(problem)] = (problem, future)
+        return held[1]
+
     def _run_dask_states(self, fn, indices, problem, args, states, per_client):
         """One Dask task per client; each client's cache stays on the workers.
 
@@ -415,6 +427,11 @@ class LocalTransport(Transport):
 
         client = _dask_client()
         caches = self._caches
+        problem = self._dask_problem(problem)
+        # the round's payload, the same for every client: to each worker once
+        args = list(args)
+        if len(indices) > 1:
+            (args,) = client.scatter([args], broadcast=True, hash=False)
         pending = []
         for i in indices:
             state = states[i]
@@ -427,7 +444,7 @@ class LocalTransport(Transport):
             tail = () if per_client is None else (per_client[i],)
             future = client.submit(
                 _dask_task, fn, problem, self._placed[i], _state_with(state, None), cache,
-                picked, unverified, list(args), list(tail), self.timeout,
+                picked, unverified, args, list(tail), self.timeout,
                 _client_guard(self._placed, i),
                 pure=False,
             )
@@ -462,6 +479,8 @@ class LocalTransport(Transport):
 
     def _run_per_client(self, fn, indices, problem, args, states, per_client):
         """One task per client (Dask: each runs where its rows were scattered)."""
+
+        problem = self._dask_problem(problem)
 
         def call(i):
             head = (problem, self._placed[i]) + (() if states is None else (states[i],))

@@ -120,3 +120,31 @@ def test_client_caches_stay_on_the_dask_workers(dask_client, monkeypatch):
         remote.fit(clients)
     local.fit(clients)
     np.testing.assert_array_equal(remote.components_, local.components_)
+
+
+def test_the_problem_and_the_payload_go_to_each_worker_once(dask_client, monkeypatch):
+    """A problem's constants travel once per fit, the round's payload once
+    per round and worker, not with every client's task."""
+    from skfedmm import FedMM
+
+    from ._helpers import CauchyLocation, make_clients
+
+    class Heavy(CauchyLocation):
+        """A problem holding a large constant (as a prepared aggregate would)."""
+
+        def __init__(self, c=1.0, dim=3, constant=None):
+            super().__init__(c, dim)
+            self.constant = np.zeros(100_000) if constant is None else constant  # 800 kB
+
+    clients = make_clients(n_clients=8)
+    local = FedMM(Heavy(), max_iter=3, tol=0, random_state=0, n_jobs=1).fit(clients)
+    marks = []
+    sent = count_sent_bytes(monkeypatch)
+    with parallel_config(backend="dask"):
+        remote = FedMM(Heavy(), max_iter=3, tol=0, random_state=0,
+                       callback=lambda info: marks.append(sum(sent))).fit(clients)
+    np.testing.assert_array_equal(remote.theta, local.theta)
+    per_round = np.diff(marks)
+    # (sent with each of the 8 clients' tasks, the constant alone would be
+    # 6.4 MB per round, twice: client to scheduler, scheduler to worker)
+    assert np.all(per_round < 400_000), per_round

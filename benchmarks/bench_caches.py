@@ -5,7 +5,8 @@ Two fits with a client cache (:meth:`MMProblem.client_cache`):
 - ``FederatedKMeans`` (each client keeps its rows' labels, Hamerly bounds
   and squared norms), 6 clients x 20,000 rows x 8 features, 8 clusters;
 - ``FederatedDictionaryLearning(code_cache=True)`` (each client keeps its
-  rows' last codes), 4 clients x 3,000 rows x 20 features, 30 atoms;
+  rows' last codes), 4 clients x 3,000 rows x 40 features, 30 atoms
+  (fewer atoms than features: the coder that warm starts from the codes);
 
 run with loky (``n_jobs=2``, every call of several clients sent to the
 workers) and on a local Dask cluster of 2 single-threaded worker processes.
@@ -111,15 +112,15 @@ def kmeans_case(quick):
 def dictionary_case(quick):
     n_clients, n_rows = (2, 2000) if quick else (4, 3000)
     rng = np.random.default_rng(1)
-    D = rng.standard_normal((30, 20))
+    D = rng.standard_normal((30, 40))
     clients = [(rng.standard_normal((n_rows, 30)) * (rng.random((n_rows, 30)) < 0.2)) @ D
-               + 0.1 * rng.standard_normal((n_rows, 20)) for _ in range(n_clients)]
+               + 0.1 * rng.standard_normal((n_rows, 40)) for _ in range(n_clients)]
 
     def make(n_jobs):
         return FederatedDictionaryLearning(n_components=30, alpha=0.1, max_iter=5, tol=0,
                                            random_state=0, n_jobs=n_jobs, code_cache=True)
 
-    return (f"FederatedDictionaryLearning(code_cache=True), {n_clients} x {n_rows} rows x 20, "
+    return (f"FederatedDictionaryLearning(code_cache=True), {n_clients} x {n_rows} rows x 40, "
             "30 atoms"), clients, make, lambda est: est.components_
 
 

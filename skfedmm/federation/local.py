@@ -757,7 +757,8 @@ class _Nested:
         from joblib import parallel_config
 
         fresh = not _RAN
-        _RAN.append(True) if fresh else None
+        if fresh:
+            _RAN.append(True)
         backend, n_jobs = self.nested
         with parallel_config(backend=backend, n_jobs=n_jobs):
             return self.task(), fresh

@@ -1064,7 +1064,10 @@ class _RowsFile:
 
 
 #: The cost of one parallel call beyond its clients' work: a fixed part
-#: (joblib's dispatch and its polling for answers) and a part per client
+#: (dispatch, and joblib's polling for answers where a call goes through
+#: :class:`~joblib.Parallel`; the fixed part is kept at that cost even where
+#: tasks are submitted one by one, about 4 ms measured, which errs towards
+#: keeping small clients here) and a part per client
 #: (sending its state and payload, collecting its answer), learned per
 #: joblib backend and number of workers from the calls of this process; the
 #: first call, which may have started the workers, is not measured (it puts

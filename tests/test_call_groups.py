@@ -91,33 +91,17 @@ def test_this_process_computes_while_the_groups_run(backend, tmp_path):
 def test_a_parallel_call_computes_its_first_group_here(tmp_path, monkeypatch):
     import numpy as np
 
-    from skfedmm import FedMM, MMProblem
-    from skfedmm.federation import local
+    from skfedmm import FedMM
 
-    class Where(MMProblem):
-        def init_statistic(self, X):
-            return None
+    from .test_local_transport import Mean, mean_clients, on_workers
 
-        def init_parameter(self, init_stat, rng):
-            return np.zeros(2)
-
-        def local_statistic(self, X, theta):
-            with open(tmp_path / "pids", "a") as f:
-                f.write(f"{os.getpid()}\n")
-            return {"m": X.mean(axis=0)}, float(np.mean((X - theta) ** 2))
-
-        def minimize(self, stat, theta_prev, rng=None):
-            return stat["m"]
-
-    monkeypatch.setattr(local._Scheduler, "parallel",
-                        lambda self, task, n: self.n_workers > 1 and n > 1)
-    rng = np.random.default_rng(0)
-    clients = [rng.standard_normal((20 + i, 2)) for i in range(6)]
-    ref = FedMM(Where(), max_iter=3, random_state=0, n_jobs=1).fit(clients)
-    (tmp_path / "pids").unlink()
+    pid_file = tmp_path / "pids"
+    clients = mean_clients(6)
+    ref = FedMM(Mean(), max_iter=3, random_state=0, n_jobs=1).fit(clients)
+    on_workers(monkeypatch)
     with parallel_config(backend="loky", n_jobs=2):
-        par = FedMM(Where(), max_iter=3, random_state=0).fit(clients)
-    pids = [int(p) for p in (tmp_path / "pids").read_text().split()]
+        par = FedMM(Mean(str(pid_file)), max_iter=3, random_state=0).fit(clients)
+    pids = [int(p) for p in pid_file.read_text().split()]
     here = sum(p == os.getpid() for p in pids)
     # this process and a worker share every call (not only the first clients,
     # which this process computes to measure them)
